@@ -110,4 +110,7 @@ class LogTable:
         live = {luid for (log_uuid, luid) in self.logs if log_uuid == uuid}
         for path in stale_state_files(self.state_dir, uuid, live):
             log.info("removing stale state file %s", path)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("cannot remove stale state file %s: %s", path, exc)

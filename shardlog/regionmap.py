@@ -463,12 +463,16 @@ def state_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
 
 
 def stale_state_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[Path]:
-    """State files of ``uuid`` that belong to none of ``live_luids``."""
+    """State files of ``uuid`` that belong to none of ``live_luids``.
+
+    Finding them is housekeeping: a directory that cannot be listed yields none (creating
+    the new state file then reports what is wrong with it).
+    """
     prefix = f"{quote(uuid, safe='')}@"
     stale = []
     try:
         entries = list((state_dir / "core").iterdir())
-    except FileNotFoundError:
+    except OSError:
         return []
     for path in entries:
         name = path.name

@@ -1,0 +1,342 @@
+"""Log life cycles through the log table: CTR, reconnect, reloads, unknown logs."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from shardlog import protocol
+from shardlog.dirtylog import Health, LogState
+from shardlog.logtable import LogTable
+from shardlog.protocol import RequestType as T
+from shardlog.regionmap import state_file_path
+
+from .conftest import Kernel
+
+CORE = "131072 core 1024"  # 128 regions
+NOSYNC = "131072 core 1024 nosync"
+
+
+def resumed(kernel: Kernel, ctr: str = CORE, **kw) -> Kernel:
+    assert kernel.ctr(ctr, **kw) == (0, b"")
+    kernel.ok(T.GET_REGION_SIZE, **kw)
+    kernel.ok(T.RESUME, **kw)
+    return kernel
+
+
+# -- construction ------------------------------------------------------------------------------
+
+
+def test_a_fresh_core_log_is_out_of_sync_and_nosync_is_in_sync(kernel):
+    assert kernel.ctr(CORE) == (0, b"")
+    assert kernel.ok(T.GET_REGION_SIZE) == protocol.pack_u64(1024)
+    assert kernel.sync_count() == 0
+    kernel.ok(T.RESUME)
+    assert kernel.in_sync(0) == 0 and kernel.sync_count() == 0
+    other = Kernel(kernel.table, uuid="other")
+    resumed(other, NOSYNC)
+    assert other.in_sync(127) == 1 and other.sync_count() == 128
+
+
+def test_bad_constructor_is_einval_and_creates_nothing(kernel, caplog):
+    assert kernel.ctr("131072 core 1000") == (-errno.EINVAL, b"")
+    assert "not a power of two" in caplog.text
+    assert kernel.table.logs == {}
+
+
+def test_a_re_sent_ctr_succeeds_without_resetting_the_log(kernel):
+    assert kernel.ctr(NOSYNC) == (0, b"")
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    assert kernel.ctr(NOSYNC) == (0, b"")  # the 15 s retry of a CTR whose reply was lost
+    assert kernel.table.logs[(kernel.uuid, kernel.luid)] is log
+
+
+def test_the_reconnect_ctr_of_a_known_log_succeeds_with_an_empty_reply(kernel):
+    resumed(kernel, NOSYNC)
+    kernel.ok(T.MARK_REGION, protocol.pack_regions([7]))
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    assert kernel.ctr(NOSYNC, reconnect=True) == (0, b"")
+    kernel.ok(T.RESUME)  # the reconnect loop's RESUME: a no-op for a live log
+    assert kernel.table.logs[(kernel.uuid, kernel.luid)] is log
+    assert log.state is LogState.RESUMED and not log.region_map.clean_bits[7]
+
+
+def test_a_first_ctr_for_a_resumed_instance_replaces_it(kernel, caplog):
+    resumed(kernel, NOSYNC)
+    old = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    assert kernel.ctr(CORE) == (0, b"")
+    assert "replaces a live instance" in caplog.text
+    new = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    assert new is not old and new.config.ctr_string == CORE and new.sync_count == 0
+
+
+def test_requests_for_an_unknown_log_are_esrch_so_the_kernel_reconnects(kernel):
+    for request_type in T:
+        if request_type is T.CTR:
+            continue
+        data = b""
+        if request_type in (T.IN_SYNC, T.IS_CLEAN, T.IS_REMOTE_RECOVERING):
+            data = protocol.pack_u64(0)
+        elif request_type is T.SET_REGION_SYNC:
+            data = protocol.pack_set_region_sync(0, True)
+        assert kernel.send(request_type, data) == (-errno.ESRCH, b""), request_type.name
+
+
+def test_version_2_ctr_of_a_block_device_log_returns_its_major_minor(kernel, loop_device):
+    st = os.stat(loop_device)
+    name = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    ctr = f"8192 disk {name} 1024"
+    assert kernel.ctr(ctr, version=2) == (0, f"{name}\0".encode())
+    assert kernel.ctr(ctr, version=2) == (0, f"{name}\0".encode())  # re-sent: same answer
+    assert kernel.ctr(ctr, reconnect=True) == (0, b"")  # no reply buffer on reconnect
+    v1 = Kernel(kernel.table, uuid="v1")
+    assert v1.ctr(ctr, version=1) == (0, b"")  # version 1 kernels take no device name
+
+
+# -- life cycle ----------------------------------------------------------------------------------
+
+
+def test_region_requests_before_resume_are_refused(kernel):
+    kernel.ctr(CORE)
+    assert kernel.regions(T.MARK_REGION, 1) == (-errno.EINVAL, b"")
+    assert kernel.send(T.IN_SYNC, protocol.pack_u64(1)) == (-errno.EINVAL, b"")
+
+
+def test_a_suspended_log_keeps_its_bits_and_refuses_changes(kernel, state_dir):
+    resumed(kernel, NOSYNC)
+    kernel.ok(T.MARK_REGION, protocol.pack_regions([3]))
+    kernel.ok(T.FLUSH)
+    kernel.ok(T.CLEAR_REGION, protocol.pack_regions([3]))
+    kernel.ok(T.PRESUSPEND)
+    assert kernel.resync_work() == (0, 0)  # recovery halted
+    kernel.ok(T.POSTSUSPEND)
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    assert log.state is LogState.SUSPENDED and not log.region_map.needs_commit
+    assert kernel.regions(T.MARK_REGION, 4) == (-errno.EINVAL, b"")
+    assert kernel.regions(T.FLUSH) == (0, b"")  # an empty FLUSH changes nothing
+    assert kernel.in_sync(3) == 1  # queries still answer
+    kernel.ok(T.RESUME)
+    assert kernel.sync_count() == 128 and log.state is LogState.RESUMED
+
+
+def test_a_core_log_keeps_its_sync_bits_across_suspend_like_the_kernels(kernel):
+    resumed(kernel)
+    assert kernel.resync_work() == (1, 0)
+    kernel.set_region_sync(0, True)
+    kernel.ok(T.CLEAR_REGION, protocol.pack_regions([0]))
+    kernel.set_region_sync(1, True)  # in sync, but its CLEAR has not come
+    for step in (T.PRESUSPEND, T.POSTSUSPEND, T.RESUME):
+        kernel.ok(step)
+    assert kernel.sync_count() == 2 and kernel.in_sync(1) == 1
+    assert kernel.resync_work() == (1, 2)
+
+
+def test_dtr_forgets_the_log_and_removes_its_state_file(kernel, state_dir):
+    resumed(kernel)
+    path = state_file_path(state_dir, kernel.uuid, kernel.luid)
+    assert path.exists()
+    kernel.ok(T.DTR)
+    assert not path.exists() and kernel.table.logs == {}
+    assert kernel.send(T.GET_SYNC_COUNT) == (-errno.ESRCH, b"")
+
+
+# -- table reloads: two live instances of one uuid ------------------------------------------------
+
+
+def test_a_core_reload_starts_the_new_instance_over_and_spares_the_old(kernel, state_dir):
+    old = resumed(kernel, NOSYNC)
+    old.ok(T.MARK_REGION, protocol.pack_regions([9]))
+    old.ok(T.FLUSH)
+    new = Kernel(kernel.table, uuid=kernel.uuid, luid=kernel.luid + 0x1000)
+    new.seq = old.seq
+    assert new.ctr(CORE) == (0, b"")  # the reload's table: a new leg may need resync
+    old.ok(T.CLEAR_REGION, protocol.pack_regions([9]))  # old still serving I/O
+    old.ok(T.FLUSH)
+    old.ok(T.PRESUSPEND)
+    old.ok(T.POSTSUSPEND)
+    new.ok(T.RESUME)
+    old.ok(T.DTR)
+    assert new.sync_count() == 0 and new.in_sync(9) == 0
+    assert not state_file_path(state_dir, old.uuid, old.luid).exists()
+    assert state_file_path(state_dir, new.uuid, new.luid).exists()
+
+
+def test_a_disk_reload_carries_the_device_bits_to_the_new_instance(kernel, tmp_path):
+    device = tmp_path / "logdev"
+    with open(device, "wb") as f:
+        f.truncate(1 << 20)
+    ctr = f"131072 disk {device} 1024"
+    old = resumed(kernel, ctr)
+    assert old.sync_count() == 0  # a wiped device: everything out of sync
+    for region in range(10):
+        assert old.resync_work() == (1, region)
+        old.set_region_sync(region, True)
+        old.ok(T.CLEAR_REGION, protocol.pack_regions([region]))
+    old.ok(T.FLUSH)
+    old.ok(T.MARK_REGION, protocol.pack_regions([4]))  # a write in flight at the reload
+    old.ok(T.FLUSH)
+    new = Kernel(kernel.table, uuid=kernel.uuid, luid=kernel.luid + 0x1000)
+    new.seq = old.seq
+    assert new.ctr(ctr) == (0, b"")
+    old.ok(T.CLEAR_REGION, protocol.pack_regions([4]))
+    old.ok(T.PRESUSPEND)
+    old.ok(T.POSTSUSPEND)
+    new.ok(T.RESUME)
+    old.ok(T.DTR)
+    assert new.sync_count() == 10
+    assert [new.in_sync(r) for r in range(12)] == [1] * 10 + [0, 0]
+    assert new.resync_work() == (1, 10)
+    assert device.exists()  # DTR of a disk log never touches the device's file
+
+
+def test_a_new_core_activation_removes_state_left_by_a_missed_dtr(state_dir):
+    stale = Kernel(LogTable(state_dir), uuid="u", luid=1)
+    resumed(stale)
+    stale_file = state_file_path(state_dir, "u", 1)
+    # The server restarts (the table is lost); the kernel removed the mirror meanwhile.
+    fresh = Kernel(LogTable(state_dir), uuid="u", luid=2)
+    resumed(fresh)
+    assert not stale_file.exists()
+    assert state_file_path(state_dir, "u", 2).exists()
+
+
+# -- restart: the reconnect CTR restores saved state ---------------------------------------------
+
+
+def test_a_restarted_server_restores_a_core_log_from_the_reconnect_ctr(state_dir):
+    before = resumed(Kernel(LogTable(state_dir)), NOSYNC)
+    before.set_region_sync(5, False)  # a leg write failed there
+    before.ok(T.FLUSH, protocol.pack_regions([1, 2]))  # two writes in flight
+    before.ok(T.CLEAR_REGION, protocol.pack_regions([2]))  # one completed (lazy clear)
+    # SIGKILL: nothing else is written.  A new server, the kernel's reconnect loop:
+    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
+    after.seq = before.seq
+    assert after.send(T.IN_SYNC, protocol.pack_u64(1)) == (-errno.ESRCH, b"")
+    assert after.ctr(NOSYNC, reconnect=True) == (0, b"")
+    after.ok(T.RESUME)
+    assert after.in_sync(1) == 0 and after.in_sync(5) == 0  # never "in sync" by mistake
+    assert after.in_sync(0) == 1 and after.in_sync(127) == 1  # and no full resync
+    assert after.sync_count() >= 125  # region 2's lazy clear may or may not have landed
+    assert after.resync_work() in ((1, 1), (1, 2))
+
+
+def test_a_reconnect_without_saved_state_resyncs_everything(state_dir, caplog):
+    kernel = Kernel(LogTable(state_dir))
+    assert kernel.ctr(NOSYNC, reconnect=True) == (0, b"")
+    kernel.ok(T.RESUME)
+    assert "no saved state" in caplog.text
+    assert kernel.sync_count() == 0  # even nosync: nothing is known about the legs
+
+
+def test_a_restarted_server_restores_a_disk_log_ignoring_nosync(state_dir, tmp_path):
+    device = tmp_path / "logdev"
+    with open(device, "wb") as f:
+        f.truncate(1 << 20)
+    ctr = f"131072 disk {device} 1024 nosync"
+    before = resumed(Kernel(LogTable(state_dir)), ctr)
+    assert before.sync_count() == 128
+    before.ok(T.FLUSH, protocol.pack_regions([3]))
+    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
+    assert after.ctr(ctr, reconnect=True) == (0, b"")
+    after.ok(T.RESUME)
+    # A new activation with nosync would call region 3 in sync; a reconnect must not.
+    assert after.in_sync(3) == 0 and after.sync_count() == 127
+
+
+# -- storage failures ---------------------------------------------------------------------------
+
+
+def test_an_unusable_state_dir_fails_the_ctr_and_spares_other_logs(tmp_path, caplog):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    kernel = Kernel(LogTable(not_a_dir))
+    error, _ = kernel.ctr(CORE)
+    assert error == -errno.ENOTDIR and "cannot create state file" in caplog.text
+    assert kernel.table.logs == {}
+
+
+def test_a_full_filesystem_fails_new_logs_and_spares_existing_ones(tmp_path, caplog):
+    from .conftest import requires_root
+
+    requires_root("mounting a tiny tmpfs")
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    os.system(f"mount -t tmpfs -o size=64k tmpfs {mount}")
+    try:
+        table = LogTable(mount)
+        first = resumed(Kernel(table, uuid="first"), NOSYNC)
+        results = [Kernel(table, uuid=f"log{i}").ctr(CORE)[0] for i in range(40)]
+        assert -errno.ENOSPC in results and "cannot allocate" in caplog.text
+        first.ok(T.FLUSH, protocol.pack_regions([1]))  # the existing log still works
+        assert first.in_sync(1) == 1
+    finally:
+        table.logs.clear()
+        os.system(f"umount {mount}")
+
+
+def test_a_failing_log_device_gives_eio_and_status_f_or_d(kernel, tmp_path, monkeypatch):
+    device = tmp_path / "logdev"
+    with open(device, "wb") as f:
+        f.truncate(1 << 20)
+    resumed(kernel, f"131072 disk {device} 1024 nosync")
+    assert kernel.status_info() == f"3 disk {device} A\0"
+
+    def fail(*args):
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fdatasync", fail)
+    assert kernel.send(T.FLUSH, protocol.pack_regions([1])) == (-errno.EIO, b"")
+    assert kernel.status_info() == f"3 disk {device} F\0"
+    monkeypatch.setattr(os, "pwritev", fail)
+    assert kernel.send(T.FLUSH) == (-errno.EIO, b"")
+    assert kernel.status_info() == f"3 disk {device} D\0"
+    monkeypatch.undo()
+    assert kernel.send(T.FLUSH) == (0, b"")  # the pending marks were kept and now land
+    other = Kernel(kernel.table, uuid="other")
+    resumed(other)  # other logs unaffected throughout
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    assert log.health is Health.DEVICE_FAILED  # sticky until the next RESUME
+
+
+def test_a_device_that_shrank_reads_as_failed_and_out_of_sync(kernel, tmp_path):
+    device = tmp_path / "logdev"
+    with open(device, "wb") as f:
+        f.truncate(1 << 20)
+    assert kernel.ctr(f"131072 disk {device} 1024 nosync") == (0, b"")
+    os.truncate(device, 10)
+    kernel.ok(T.RESUME)
+    assert kernel.status_info().startswith("3 disk") and kernel.status_info()[-2] == "D"
+    assert kernel.sync_count() == 128  # nosync: every region "in sync", as the kernel does
+
+
+def test_an_incompatible_device_version_fails_resume(kernel, tmp_path):
+    device = tmp_path / "logdev"
+    with open(device, "wb") as f:
+        f.write(b"\x72\x52\x69\x4d\x07\0\0\0" + b"\0" * 8)
+        f.truncate(1 << 20)
+    kernel.ctr(f"131072 disk {device} 1024")
+    assert kernel.send(T.RESUME) == (-errno.EINVAL, b"")
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    assert log.state is LogState.PENDING
+
+
+def test_a_bug_in_a_handler_is_answered_eio_not_raised(kernel, monkeypatch, caplog):
+    resumed(kernel)
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    monkeypatch.setattr(log, "handle", lambda request: 1 / 0)
+    assert kernel.send(T.GET_SYNC_COUNT) == (-errno.EIO, b"")
+    assert "ZeroDivisionError" in caplog.text
+
+
+@pytest.mark.parametrize("region", [128, 2**64 - 1])
+def test_every_region_is_bounds_checked(kernel, region):
+    resumed(kernel)
+    for request_type in (T.IN_SYNC, T.IS_CLEAN, T.IS_REMOTE_RECOVERING):
+        assert kernel.send(request_type, protocol.pack_u64(region))[0] == -errno.EINVAL
+    for request_type in (T.MARK_REGION, T.CLEAR_REGION, T.FLUSH):
+        assert kernel.regions(request_type, 0, region)[0] == -errno.EINVAL
+    assert kernel.set_region_sync(region, True)[0] == -errno.EINVAL
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    assert log.region_map.clean_bits.count(1) == 0 and log.sync_count == 0

@@ -1,0 +1,312 @@
+"""Region maps against the real kernel's disk-log images and the disk_resume rules."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from shardlog import regionmap
+from shardlog.regionmap import (
+    BITMAP_OFFSET,
+    MIRROR_MAGIC,
+    IncompatibleVersion,
+    RegionMap,
+    StoreError,
+    resolve_device,
+    stale_state_files,
+    state_file_path,
+)
+
+from .conftest import DISKLOG_IMAGES
+
+KERNEL_REGIONS = 128  # the golden images: 131072 sectors, region size 1024
+
+
+def golden(name: str) -> bytes:
+    return (DISKLOG_IMAGES / f"disklog-{name}.bin").read_bytes()
+
+
+def device_file(tmp_path: Path, content: bytes = b"", size: int = 4 << 20) -> Path:
+    """A regular file standing in for a log device, like the kernel's 4 MiB log device."""
+    path = tmp_path / "logdev"
+    with open(path, "wb") as f:
+        f.write(content)
+        f.truncate(size)
+    return path
+
+
+def header_of(data: bytes) -> tuple[int, int, int]:
+    return struct.unpack_from("<IIQ", data, 0)
+
+
+# -- layout -------------------------------------------------------------------------------------
+
+
+def test_a_new_in_sync_state_file_has_the_kernels_image(tmp_path):
+    path = tmp_path / "s.map"
+    rmap = RegionMap.create_state_file(path, KERNEL_REGIONS, clean=True)
+    rmap.close()
+    image = path.read_bytes()
+    assert image[: BITMAP_OFFSET + 16] == golden("insync")[: BITMAP_OFFSET + 16]
+    assert set(image[BITMAP_OFFSET + 16 :]) == {0}
+
+
+def test_a_new_out_of_sync_state_file_has_every_bit_dirty(tmp_path):
+    path = tmp_path / "s.map"
+    RegionMap.create_state_file(path, 100, clean=False).close()
+    image = path.read_bytes()
+    assert header_of(image) == (MIRROR_MAGIC, 2, 100)
+    assert set(image[BITMAP_OFFSET : BITMAP_OFFSET + 16]) == {0}
+
+
+def test_bits_past_the_last_region_stay_zero(tmp_path):
+    path = tmp_path / "s.map"
+    RegionMap.create_state_file(path, 100, clean=True).close()
+    bitmap = path.read_bytes()[BITMAP_OFFSET : BITMAP_OFFSET + 16]
+    # 100 regions: 12 whole bytes, then 4 bits of byte 12, then zeros to the u32 boundary.
+    assert bitmap == b"\xff" * 12 + b"\x0f" + b"\0" * 3
+
+
+def test_marking_region_5_writes_the_image_the_kernel_wrote(tmp_path):
+    device = device_file(tmp_path, golden("insync"))
+    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    rmap.resume(honor_saved=True, new_regions_clean=False)
+    rmap.mark(5)
+    assert rmap.commit()
+    assert device.read_bytes()[:8192] == golden("region5-dirty")
+    rmap.clear(5)
+    assert rmap.commit(everything=True)
+    assert device.read_bytes()[:8192] == golden("after-write")
+    rmap.close()
+
+
+# -- resume: dm-log.c disk_resume ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image", "dirty"),
+    [("insync", set()), ("region5-dirty", {5}), ("after-remove", set()),
+     ("nosync-fresh", set())],
+)
+def test_resume_reads_the_kernels_clean_bits(tmp_path, image, dirty):
+    rmap = RegionMap.open_device(device_file(tmp_path, golden(image)), KERNEL_REGIONS)
+    outcome = rmap.resume(honor_saved=True, new_regions_clean=False)
+    assert outcome.saved_regions == KERNEL_REGIONS
+    assert {r for r in range(KERNEL_REGIONS) if not rmap.clean_bits[r]} == dirty
+    rmap.close()
+
+
+@pytest.mark.parametrize("new_clean", [False, True])
+def test_a_wiped_device_starts_over_out_of_sync_or_in_sync_for_nosync(tmp_path, new_clean):
+    device = device_file(tmp_path)
+    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    outcome = rmap.resume(honor_saved=True, new_regions_clean=new_clean)
+    assert outcome.saved_regions == 0 and "no valid header" in outcome.reason
+    assert rmap.clean_bits.count(1) == (KERNEL_REGIONS if new_clean else 0)
+    rmap.close()
+    # The normalised image is written back: a valid header for 128 regions.
+    assert header_of(device.read_bytes()) == (MIRROR_MAGIC, 2, KERNEL_REGIONS)
+
+
+def test_sync_or_nosync_ignores_the_stored_bits(tmp_path):
+    rmap = RegionMap.open_device(device_file(tmp_path, golden("region5-dirty")), KERNEL_REGIONS)
+    outcome = rmap.resume(honor_saved=False, new_regions_clean=True)
+    assert outcome.saved_regions == 0 and "ignored" in outcome.reason
+    assert rmap.clean_bits.count(1) == KERNEL_REGIONS
+    rmap.close()
+
+
+def test_growth_gives_new_regions_the_new_region_state(tmp_path):
+    device = device_file(tmp_path, golden("region5-dirty"))
+    rmap = RegionMap.open_device(device, 200)
+    assert rmap.resume(honor_saved=True, new_regions_clean=False).saved_regions == 128
+    assert [r for r in range(200) if not rmap.clean_bits[r]] == [5, *range(128, 200)]
+    rmap.close()
+    assert header_of(device.read_bytes()) == (MIRROR_MAGIC, 2, 200)
+
+
+def test_shrink_clears_the_tail_of_the_last_word(tmp_path):
+    device = device_file(tmp_path, golden("insync"))
+    rmap = RegionMap.open_device(device, 100)
+    rmap.resume(honor_saved=True, new_regions_clean=False)
+    assert rmap.clean_bits.count(1) == 100 and len(rmap.clean_bits) == 128
+    rmap.close()
+    bitmap = device.read_bytes()[BITMAP_OFFSET : BITMAP_OFFSET + 16]
+    assert bitmap == b"\xff" * 12 + b"\x0f" + b"\0" * 3
+
+
+def test_version_1_is_accepted_and_rewritten_as_2(tmp_path):
+    image = bytearray(golden("insync"))
+    struct.pack_into("<I", image, 4, 1)
+    device = device_file(tmp_path, bytes(image))
+    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    assert rmap.resume(honor_saved=True, new_regions_clean=False).saved_regions == 128
+    rmap.close()
+    assert header_of(device.read_bytes())[1] == 2
+
+
+def test_an_unknown_version_is_refused_and_nothing_is_written(tmp_path):
+    image = bytearray(golden("region5-dirty"))
+    struct.pack_into("<I", image, 4, 3)
+    device = device_file(tmp_path, bytes(image))
+    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    with pytest.raises(IncompatibleVersion, match="incompatible disk log version 3"):
+        rmap.resume(honor_saved=True, new_regions_clean=False)
+    rmap.close()
+    assert device.read_bytes()[:8192] == bytes(image)
+
+
+def test_an_unreadable_device_counts_as_nothing_saved(tmp_path):
+    device = device_file(tmp_path, golden("insync"))
+    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    os.truncate(device, 100)  # the device shrank under us: a short read
+    outcome = rmap.resume(honor_saved=True, new_regions_clean=False)
+    assert rmap.read_error is not None and rmap.read_error.errno == errno.EIO
+    assert "unreadable" in outcome.reason and rmap.clean_bits.count(1) == 0
+    rmap.close()
+
+
+def test_a_device_smaller_than_the_image_is_refused(tmp_path):
+    device = device_file(tmp_path, size=1024)
+    with pytest.raises(StoreError, match="too small") as caught:
+        RegionMap.open_device(device, KERNEL_REGIONS)
+    assert caught.value.errno == errno.EINVAL
+
+
+# -- commits -----------------------------------------------------------------------------------
+
+
+def test_no_sync_when_nothing_changed(tmp_path):
+    rmap = RegionMap.create_state_file(tmp_path / "s.map", 64, clean=True)
+    commits = rmap.commits
+    assert not rmap.commit() and not rmap.commit(everything=True)
+    assert rmap.commits == commits
+    rmap.mark(3)
+    rmap.mark(3)  # idempotent: still one change
+    assert rmap.needs_commit and rmap.commit() and not rmap.needs_commit
+    rmap.mark(3)  # already dirty: nothing to commit
+    assert not rmap.needs_commit and not rmap.commit()
+    rmap.close()
+
+
+def test_clears_are_committed_lazily(tmp_path):
+    rmap = RegionMap.create_state_file(tmp_path / "s.map", 64, clean=False)
+    rmap.clear(1)
+    assert not rmap.needs_commit and not rmap.commit()  # a FLUSH need not sync a clear
+    assert rmap.commit(everything=True)  # POSTSUSPEND writes it
+    rmap.close()
+
+
+def test_a_commit_syncs_only_the_pages_that_changed(tmp_path, monkeypatch):
+    regions = 8 * 4096 * 3  # a bitmap spanning several pages
+    rmap = RegionMap.create_state_file(tmp_path / "s.map", regions, clean=True)
+    persisted: list[tuple[int, int]] = []
+    real = rmap._backing.persist
+    monkeypatch.setattr(rmap._backing, "persist", lambda a, b: (persisted.append((a, b)),
+                                                                 real(a, b)))
+    last_region_page = (BITMAP_OFFSET + (regions - 1) // 8) // 4096
+    rmap.mark(regions - 1)
+    rmap.commit()
+    assert persisted == [(last_region_page * 4096, (last_region_page + 1) * 4096)]
+    rmap.close()
+
+
+def test_a_failed_commit_keeps_its_changes_for_the_next_one(tmp_path, monkeypatch):
+    rmap = RegionMap.open_device(device_file(tmp_path, golden("insync")), KERNEL_REGIONS)
+    rmap.resume(honor_saved=True, new_regions_clean=False)
+    rmap.mark(5)
+
+    def failing_fdatasync(fd):
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
+    with pytest.raises(StoreError) as caught:
+        rmap.commit()
+    assert caught.value.errno == errno.EIO and not caught.value.device_failed
+    monkeypatch.undo()
+    assert rmap.needs_commit and rmap.commit()
+    rmap.close()
+
+
+# -- state files and devices -------------------------------------------------------------------
+
+
+def test_state_files_are_per_uuid_and_luid_and_escaped(tmp_path):
+    a = state_file_path(tmp_path, "LVM-abc/def ghi", 0xFFFF8881)
+    b = state_file_path(tmp_path, "LVM-abc/def ghi", 0xFFFF8882)
+    assert a != b and a.parent == b.parent == tmp_path / "core"
+    assert "/" not in a.name and " " not in a.name and len(a.name) < 255
+    long_uuid = "x" * 128
+    assert len(state_file_path(tmp_path, long_uuid, 2**64 - 1).name) < 255
+
+
+def test_stale_state_files_are_those_of_other_instances(tmp_path):
+    live = state_file_path(tmp_path, "u", 1)
+    stale = state_file_path(tmp_path, "u", 2)
+    other = state_file_path(tmp_path, "u2", 3)
+    for path in (live, stale, other):
+        RegionMap.create_state_file(path, 8, clean=True).close()
+    assert stale_state_files(tmp_path, "u", {1}) == [stale]
+    assert stale_state_files(tmp_path / "nowhere", "u", set()) == []
+
+
+def test_replacing_a_state_file_leaves_no_temporary_behind(tmp_path):
+    path = tmp_path / "core" / "x.map"
+    RegionMap.create_state_file(path, 8, clean=True).close()
+    RegionMap.create_state_file(path, 8, clean=False).close()
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.map"]
+    assert path.read_bytes()[BITMAP_OFFSET] == 0
+
+
+def test_a_regular_file_resolves_to_itself_without_a_device_name(tmp_path):
+    path = device_file(tmp_path)
+    assert resolve_device(str(path), tmp_path / "dev") == (path, None)
+
+
+def test_a_missing_device_is_an_error(tmp_path):
+    with pytest.raises(StoreError) as caught:
+        resolve_device(str(tmp_path / "missing"), tmp_path / "dev")
+    assert caught.value.errno == errno.ENOENT
+    with pytest.raises(StoreError, match="no block device 4095:1048575"):
+        resolve_device("4095:1048575", tmp_path / "dev")
+
+
+def test_a_real_block_device_by_path_and_by_major_minor(loop_device, tmp_path):
+    st = os.stat(loop_device)
+    name = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    assert resolve_device(str(loop_device), tmp_path / "dev") == (loop_device, name)
+    assert resolve_device(name, tmp_path / "dev") == (loop_device, name)
+
+
+def test_a_device_node_is_made_when_dev_has_none(loop_device, tmp_path, monkeypatch):
+    st = os.stat(loop_device)
+    name = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    monkeypatch.setattr(regionmap, "_sysfs_devname", lambda _: "no-such-node-in-dev")
+    path, got = resolve_device(name, tmp_path / "dev")
+    assert got == name and path == tmp_path / "dev" / name
+    assert os.stat(path).st_rdev == st.st_rdev
+
+
+def test_a_block_device_log_is_written_with_direct_io(loop_device, tmp_path):
+    shutil.copyfile(DISKLOG_IMAGES / "disklog-insync.bin", tmp_path / "img")
+    with open(loop_device, "r+b") as f:
+        f.write((tmp_path / "img").read_bytes())
+    rmap = RegionMap.open_device(loop_device, KERNEL_REGIONS)
+    rmap.resume(honor_saved=True, new_regions_clean=False)
+    rmap.mark(5)
+    rmap.commit()
+    rmap.close()
+    fd = os.open(loop_device, os.O_RDONLY | os.O_DIRECT)
+    try:
+        import mmap
+
+        buf = mmap.mmap(-1, 8192)
+        os.preadv(fd, [buf], 0)
+        assert bytes(buf) == golden("region5-dirty")
+    finally:
+        os.close(fd)
