@@ -190,24 +190,26 @@ def decode_datagram(buf: bytes | bytearray | memoryview) -> Request:
     if len(buf) < _NL_CN:
         raise ProtocolError(f"truncated datagram: {len(buf)} bytes, a header needs {_NL_CN}")
     nlmsg_len, nlmsg_type, _flags, _nl_seq, _pid = NLMSGHDR.unpack_from(buf, 0)
-    if nlmsg_len > len(buf):
-        raise ProtocolError(f"nlmsg_len {nlmsg_len} runs past the {len(buf)}-byte datagram")
-    if nlmsg_len < _NL_CN:
-        raise ProtocolError(f"nlmsg_len {nlmsg_len} is shorter than nlmsghdr + cn_msg")
     idx, val, cn_seq, _ack, cn_len, _cn_flags = CN_MSG.unpack_from(buf, NLMSGHDR.size)
     if (idx, val) != (CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG):
         raise ProtocolError(f"connector id {{{idx},{val}}} is not dm-log-userspace {{7,1}}")
     if nlmsg_type != NLMSG_DONE:
         raise ProtocolError(f"nlmsg_type {nlmsg_type} is not NLMSG_DONE")
     # From here on the datagram is addressed to us: answer what can be answered.
+    if nlmsg_len > len(buf):
+        reason = f"nlmsg_len {nlmsg_len} runs past the {len(buf)}-byte datagram"
+        raise _partial_error(buf, reason, cn_seq)
+    if nlmsg_len < _NL_CN:
+        reason = f"nlmsg_len {nlmsg_len} is shorter than nlmsghdr + cn_msg"
+        raise _partial_error(buf, reason, cn_seq)
     padding = len(buf) - nlmsg_len
     if padding > 3:
         reason = f"{padding} bytes after nlmsg_len {nlmsg_len} (at most 3 pad bytes)"
         raise _partial_error(buf, reason, cn_seq)
     if cn_len < ULOG_HEADER.size:
         raise _partial_error(buf, f"cn_msg.len {cn_len} is below the 160-byte request", cn_seq)
-    if _NL_CN + cn_len > nlmsg_len:
-        reason = f"cn_msg.len {cn_len} runs past nlmsg_len {nlmsg_len}"
+    if _NL_CN + cn_len != nlmsg_len:
+        reason = f"cn_msg.len {cn_len} disagrees with nlmsg_len {nlmsg_len} (+36)"
         raise _partial_error(buf, reason, cn_seq)
     header = buf[_NL_CN : _NL_CN + ULOG_HEADER.size]
     luid, raw_uuid, version, _error, seq, raw_type, data_size = ULOG_HEADER.unpack(header)
@@ -313,7 +315,7 @@ def encode_reply(request: Request, error: int, data: bytes = b"") -> bytes:
     no data from a failed request).  The payload size is checked against what the kernel's
     buffer for this request type holds.
     """
-    if error > 0:
+    if not -4095 <= error <= 0:
         raise ValueError(f"error must be 0 or a negative errno, not {error}")
     if error:
         data = b""
@@ -323,8 +325,12 @@ def encode_reply(request: Request, error: int, data: bytes = b"") -> bytes:
             want = 0
         if want is not None and len(data) != want:
             raise ValueError(f"{request.name} reply is {want} bytes, not {len(data)}")
-        if request.request_type is RequestType.CTR and len(data) > MAX_CTR_REPLY:
-            raise ValueError(f"CTR reply of {len(data)} bytes exceeds {MAX_CTR_REPLY}")
+        if request.request_type is RequestType.CTR:
+            if len(data) > MAX_CTR_REPLY:
+                raise ValueError(f"CTR reply of {len(data)} bytes exceeds {MAX_CTR_REPLY}")
+            if data and not data.endswith(b"\0"):
+                # The kernel fails the table load on an unterminated device name.
+                raise ValueError("CTR reply must be a NUL-terminated device name")
     return encode_reply_raw(request.header, error, data)
 
 

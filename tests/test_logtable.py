@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -13,7 +14,7 @@ from shardlog.logtable import LogTable
 from shardlog.protocol import RequestType as T
 from shardlog.regionmap import state_file_path
 
-from .conftest import Kernel
+from .conftest import Kernel, requires_root
 
 CORE = "131072 core 1024"  # 128 regions
 NOSYNC = "131072 core 1024 nosync"
@@ -258,22 +259,21 @@ def test_an_unusable_state_dir_fails_the_ctr_and_spares_other_logs(tmp_path, cap
 
 
 def test_a_full_filesystem_fails_new_logs_and_spares_existing_ones(tmp_path, caplog):
-    from .conftest import requires_root
-
     requires_root("mounting a tiny tmpfs")
     mount = tmp_path / "tiny"
     mount.mkdir()
-    os.system(f"mount -t tmpfs -o size=64k tmpfs {mount}")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    table = LogTable(mount)
     try:
-        table = LogTable(mount)
         first = resumed(Kernel(table, uuid="first"), NOSYNC)
         results = [Kernel(table, uuid=f"log{i}").ctr(CORE)[0] for i in range(40)]
         assert -errno.ENOSPC in results and "cannot allocate" in caplog.text
         first.ok(T.FLUSH, protocol.pack_regions([1]))  # the existing log still works
         assert first.in_sync(1) == 1
     finally:
-        table.logs.clear()
-        os.system(f"umount {mount}")
+        for dirty_log in table.logs.values():
+            dirty_log.region_map.close()  # release the mappings so the mount can go
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 def test_a_failing_log_device_gives_eio_and_status_f_or_d(kernel, tmp_path, monkeypatch):
