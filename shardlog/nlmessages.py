@@ -28,7 +28,6 @@ from pyroute2.netlink.connector import cn_msg
 from shardlog.protocol import (
     CN_IDX_DM,
     CN_VAL_DM_USERSPACE_LOG,
-    DM_ULOG_REQUEST_MASK,
     DM_UUID_LEN,
     NLMSG_DONE,
     ProtocolError,
@@ -103,7 +102,7 @@ def encode(
 ) -> bytes:
     """A request datagram built by pyroute2, byte-identical to
     :func:`shardlog.protocol.encode_request` (nlmsg seq = cn_msg seq = request seq)."""
-    # ASCII, not pyroute2's implicit UTF-8, so that a uuid protocol.py refuses fails here too.
+    # ASCII, not pyroute2's implicit UTF-8: a non-ASCII uuid fails as in protocol.encode_request.
     raw_uuid = uuid.encode("ascii") if isinstance(uuid, str) else bytes(uuid)
     msg = dm_ulog_msg()
     msg["header"] = {"type": NLMSG_DONE, "flags": 0, "sequence_number": seq, "pid": 0}
@@ -183,10 +182,8 @@ def decode(datagram: bytes) -> dict[str, Any]:
 
 
 def _request_type(raw_type: int) -> RequestType | None:
-    # Set reserved bits make the type unknown rather than silently masked away: a trace
-    # should show a request the server would refuse as something other than a valid one.
-    if raw_type & ~DM_ULOG_REQUEST_MASK:
-        return None
+    # Looked up unmasked: a type with reserved bits set (which the server refuses) then shows
+    # as unknown instead of passing for the valid type in its low byte.
     try:
         return RequestType(raw_type)
     except ValueError:

@@ -395,7 +395,11 @@ def encode_request(
     version: int = 3,
     error: int = 0,
 ) -> bytes:
-    """A request datagram as ``dm_consult_userspace`` builds it (nlmsg seq = request seq)."""
+    """A request datagram as ``dm_consult_userspace`` builds it (nlmsg seq = request seq).
+
+    It checks nothing, so that tests can also build what a kernel never would (a uuid of
+    129 bytes fills the field with no NUL; a longer one is cut).
+    """
     raw_uuid = uuid.encode("ascii") if isinstance(uuid, str) else uuid
     header = ULOG_HEADER.pack(luid, raw_uuid, version, error, seq, int(request_type), len(data))
     cn_len = ULOG_HEADER.size + len(data)
