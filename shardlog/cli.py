@@ -1,0 +1,182 @@
+"""The ``shardlog`` command.
+
+- ``shardlog replay [CAPTURE]``: answer the requests of a recorded kernel session with a
+  real log table (state files in a temporary or given state directory) and show what a
+  correct log answers.  Without an argument it replays the embedded default: the requests
+  a Debian 6.1 kernel sent while resyncing a 128-region mirror.
+- ``shardlog decode [FILE]``: print datagrams (hex, one per line, or capture JSON lines)
+  field by field, through the pyroute2 message class.
+
+Exit codes: 0 success, 1 a replayed request was refused, 2 bad input or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import logging
+import struct
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import TextIO
+
+from . import __version__, nlmessages, protocol
+from .logtable import LogTable
+from .protocol import ProtocolError, Request, RequestType
+
+DEFAULT_CAPTURE = "kernel-6.1-resync.hex.gz"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.run(args)
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (| head): not an error worth a trace
+        return 0
+    except (OSError, ValueError) as exc:
+        print(f"shardlog: {exc}", file=sys.stderr)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardlog", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"shardlog {__version__}")
+    parser.add_argument("--log-level", default="warning",
+                        choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    replay = commands.add_parser("replay", help="answer a recorded kernel session")
+    replay.add_argument("capture", nargs="?", type=Path,
+                        help="capture (hex or JSON lines, may be gzipped); "
+                             "default: the embedded kernel 6.1 resync session")
+    replay.add_argument("--state-dir", type=Path,
+                        help="where core logs keep their state files (default: a temporary "
+                             "directory, removed afterwards)")
+    replay.add_argument("--all", action="store_true", help="show every request, not a sample")
+    replay.set_defaults(run=_replay)
+
+    decode = commands.add_parser("decode", help="print datagrams field by field")
+    decode.add_argument("file", nargs="?", type=Path, help="hex or JSON lines (default: stdin)")
+    decode.set_defaults(run=_decode)
+    return parser
+
+
+# -- input ---------------------------------------------------------------------------------------
+
+
+def read_datagrams(path: Path | None) -> Iterator[bytes]:
+    """Datagrams from a capture: one per line, as hex or as a JSON object with ``raw_hex``;
+    ``#`` lines are comments.  ``None`` is the embedded default capture."""
+    with _open_capture(path) as lines:
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            text = json.loads(line)["raw_hex"] if line.startswith("{") else line
+            try:
+                yield bytes.fromhex(text)
+            except ValueError:
+                raise ValueError(f"line {number}: not a hex datagram") from None
+
+
+def _open_capture(path: Path | None) -> TextIO:
+    if path is None:
+        embedded = resources.files("shardlog.data").joinpath(DEFAULT_CAPTURE).open("rb")
+        return gzip.open(embedded, "rt")
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt")
+    return open(path)
+
+
+# -- replay --------------------------------------------------------------------------------------
+
+
+def _replay(args: argparse.Namespace) -> int:
+    if args.state_dir is not None:
+        return _replay_into(args, args.state_dir)
+    with tempfile.TemporaryDirectory(prefix="shardlog-replay-") as state_dir:
+        return _replay_into(args, Path(state_dir))
+
+
+def _replay_into(args: argparse.Namespace, state_dir: Path) -> int:
+    table = LogTable(state_dir)
+    lines: list[str] = []
+    results: Counter[str] = Counter()
+    refused = 0
+    for raw in read_datagrams(args.capture):
+        try:
+            request = protocol.decode_datagram(raw)
+        except ProtocolError as exc:
+            lines.append(f"{'-':>6}  malformed: {exc.reason}")
+            results["malformed"] += 1
+            continue
+        error, data = table.handle(request)
+        refused += error != 0
+        results[f"{request.name} {'ok' if error == 0 else error}"] += 1
+        answer = _describe_answer(request, error, data)
+        lines.append(f"{request.seq:>6}  {request.uuid:<20} {request.name:<20} "
+                     f"{_describe_payload(request):<14} -> {answer}")
+    source = args.capture or f"embedded {DEFAULT_CAPTURE}"
+    print(f"shardlog replay of {source}: {sum(results.values())} requests, state in {state_dir}")
+    if args.all or len(lines) <= 40:
+        print("\n".join(lines))
+    else:
+        print("\n".join(lines[:24]))
+        print(f"{'':>6}  … {len(lines) - 36} more (--all shows them) …")
+        print("\n".join(lines[-12:]))
+    print("answers:", ", ".join(f"{key} x{n}" for key, n in sorted(results.items())))
+    return 1 if refused else 0
+
+
+def _describe_payload(request: Request) -> str:
+    if request.request_type is RequestType.CTR:
+        return repr(request.ctr_string) + (" (reconnect)" if request.reconnect else "")
+    if request.request_type is RequestType.SET_REGION_SYNC:
+        return f"[{request.regions[0]}]={int(request.in_sync)}"
+    if request.regions:
+        return "[" + ",".join(map(str, request.regions)) + "]"
+    return ""
+
+
+def _describe_answer(request: Request, error: int, data: bytes) -> str:
+    if error:
+        return f"error {error}"
+    if request.request_type in (RequestType.GET_RESYNC_WORK, RequestType.IS_REMOTE_RECOVERING):
+        flag, region = protocol.S64_U64.unpack(data)
+        return f"{{{flag}, {region}}}"
+    if len(data) == 8:
+        return str(struct.unpack("=q", data)[0])
+    if data:
+        return repr(data.rstrip(b"\0").decode("ascii", "backslashreplace"))
+    return "ok"
+
+
+# -- decode --------------------------------------------------------------------------------------
+
+
+def _decode(args: argparse.Namespace) -> int:
+    source = args.file if args.file is not None else Path("/dev/stdin")
+    malformed = 0
+    for raw in read_datagrams(source):
+        try:
+            print(json.dumps(nlmessages.decode(raw)))
+        except ProtocolError as exc:
+            malformed += 1
+            print(json.dumps({"malformed": exc.reason, "raw_hex": raw.hex()}))
+    return 2 if malformed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The shardlog command, run as a user runs it: a real process, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import FIXTURES
+
+
+def shardlog(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardlog.cli", *args], input=stdin,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_replay_of_the_embedded_default_resyncs_128_regions(tmp_path):
+    result = shardlog("replay", "--all", "--state-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "embedded kernel-6.1-resync.hex.gz: 832 requests" in result.stdout
+    lines = result.stdout.splitlines()
+    handed_out = [
+        line.rsplit("-> ", 1)[1] for line in lines if " GET_RESYNC_WORK " in line and "->" in line
+    ]
+    assert handed_out == [f"{{1, {r}}}" for r in range(128)] + ["{0, 0}", "{0, 0}"]
+    assert any(line.endswith("GET_SYNC_COUNT                      -> 128") for line in lines)
+    assert "STATUS_INFO ok x6" in result.stdout
+    assert list((tmp_path / "core").iterdir()) == []  # the DTR removed the state file
+
+
+def test_replay_of_a_capture_file_reports_refused_requests(tmp_path):
+    result = shardlog("replay", str(FIXTURES / "capture-badcount.jsonl"))
+    assert result.returncode == 1
+    assert "CTR -22 x1" in result.stdout and "GET_REGION_SIZE -3 x1" in result.stdout
+    assert "unexpected argument '2'" in result.stderr
+
+
+def test_replay_shows_malformed_datagrams_and_goes_on(tmp_path):
+    capture = tmp_path / "c.hex"
+    good = json.loads((FIXTURES / "capture-plain.jsonl").read_text().splitlines()[0])["raw_hex"]
+    capture.write_text(f"# a comment\n00ff\n{good}\n")
+    result = shardlog("replay", str(capture))
+    assert result.returncode == 0
+    assert "malformed: truncated datagram" in result.stdout and "CTR ok x1" in result.stdout
+
+
+def test_decode_prints_each_datagram_as_json():
+    lines = (FIXTURES / "capture-iflush.jsonl").read_text().splitlines()[:20]
+    result = shardlog("decode", stdin="\n".join(lines))
+    assert result.returncode == 0
+    decoded = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [d["request"]["name"] for d in decoded] == [
+        json.loads(line)["request"]["name"] for line in lines
+    ]
+
+
+def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):
+    result = shardlog("decode", stdin="not hex\n")
+    assert result.returncode == 2 and "line 1: not a hex datagram" in result.stderr
+    result = shardlog("replay", str(tmp_path / "missing.hex"))
+    assert result.returncode == 2 and "No such file" in result.stderr
+    result = shardlog("decode", stdin="00\n")
+    assert result.returncode == 2 and "truncated datagram" in result.stdout
+
+
+def test_the_console_script_is_installed():
+    script = Path(sys.executable).parent / "shardlog"
+    result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("shardlog ")
