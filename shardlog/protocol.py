@@ -30,6 +30,7 @@ import errno
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 # --- constants from include/uapi/linux/{connector,dm-log-userspace}.h ---------------------
 
@@ -52,6 +53,7 @@ NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 ULOG_HEADER = struct.Struct(f"=Q{DM_UUID_LEN}s3xIiIII")  # luid uuid version error seq type size
 assert NLMSGHDR.size == 16 and CN_MSG.size == 20 and ULOG_HEADER.size == 160
+_NL_CN_HEADERS = struct.Struct("=IHHII" "IIIIHH")  # both at once: one call on the hot path
 
 _NL_CN = NLMSGHDR.size + CN_MSG.size  # 36: where dm_ulog_request starts in a datagram
 _ULOG_OFFSET_ERROR = 140 + 4
@@ -128,6 +130,9 @@ REPLY_SIZES: dict[RequestType, int | None] = {
 }
 
 
+_TYPES_BY_VALUE = {t.value: t for t in RequestType}
+
+
 class ProtocolError(ValueError):
     """A datagram that is not a well-formed request.
 
@@ -144,9 +149,8 @@ class ProtocolError(ValueError):
         self.reply = reply
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One decoded request.
+class Request(NamedTuple):
+    """One decoded request (a NamedTuple: built on every request, it must be cheap).
 
     ``header`` is the raw 160-byte ``dm_ulog_request`` header, echoed in the reply.
     Payload views, filled according to ``request_type``:
@@ -189,8 +193,8 @@ def decode_datagram(buf: bytes | bytearray | memoryview) -> Request:
     buf = bytes(buf)
     if len(buf) < _NL_CN:
         raise ProtocolError(f"truncated datagram: {len(buf)} bytes, a header needs {_NL_CN}")
-    nlmsg_len, nlmsg_type, _flags, _nl_seq, _pid = NLMSGHDR.unpack_from(buf, 0)
-    idx, val, cn_seq, _ack, cn_len, _cn_flags = CN_MSG.unpack_from(buf, NLMSGHDR.size)
+    (nlmsg_len, nlmsg_type, _flags, _nl_seq, _pid,
+     idx, val, cn_seq, _ack, cn_len, _cn_flags) = _NL_CN_HEADERS.unpack_from(buf, 0)
     if (idx, val) != (CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG):
         raise ProtocolError(f"connector id {{{idx},{val}}} is not dm-log-userspace {{7,1}}")
     if nlmsg_type != NLMSG_DONE:
@@ -222,6 +226,31 @@ def decode_datagram(buf: bytes | bytearray | memoryview) -> Request:
     if version not in SUPPORTED_VERSIONS:
         reason = f"protocol version {version} is not one of {SUPPORTED_VERSIONS}"
         raise _error_reply_for(header, reason, seq)
+    uuid = _uuid_cache.get(raw_uuid)
+    if uuid is None:
+        uuid = _decode_uuid(raw_uuid, header, seq)
+    request_type = _TYPES_BY_VALUE.get(raw_type)
+    if request_type is None:
+        if raw_type & ~DM_ULOG_REQUEST_MASK:
+            reason = f"reserved bits set in request type {raw_type:#x}"
+        else:
+            reason = f"unknown request type {raw_type}"
+        raise _error_reply_for(header, reason, seq)
+    data = buf[_NL_CN + ULOG_HEADER.size : _NL_CN + ULOG_HEADER.size + data_size]
+    try:
+        fields = _decode_payload(request_type, version, data)
+    except ValueError as exc:
+        raise _error_reply_for(header, f"{request_type.name}: {exc}", seq) from None
+    return Request(luid, uuid, version, seq, request_type, data, header, *fields)
+
+
+# Every request of a log carries the same 129-byte uuid field: remember the ones that were
+# already checked.  Bounded, so that forged uuids cannot grow it without limit.
+_uuid_cache: dict[bytes, str] = {}
+_UUID_CACHE_LIMIT = 65536
+
+
+def _decode_uuid(raw_uuid: bytes, header: bytes, seq: int) -> str:
     nul = raw_uuid.find(b"\0")
     if nul < 0:
         raise _error_reply_for(header, "uuid is longer than 128 bytes (no NUL)", seq)
@@ -231,18 +260,10 @@ def decode_datagram(buf: bytes | bytearray | memoryview) -> Request:
         raise _error_reply_for(header, "uuid is not ASCII", seq) from None
     if not uuid.isprintable() or not uuid:
         raise _error_reply_for(header, f"uuid {uuid!r} is empty or unprintable", seq)
-    try:
-        request_type = RequestType(raw_type & DM_ULOG_REQUEST_MASK)
-    except ValueError:
-        raise _error_reply_for(header, f"unknown request type {raw_type}", seq) from None
-    if raw_type & ~DM_ULOG_REQUEST_MASK:
-        raise _error_reply_for(header, f"reserved bits set in request type {raw_type:#x}", seq)
-    data = buf[_NL_CN + ULOG_HEADER.size : _NL_CN + ULOG_HEADER.size + data_size]
-    try:
-        fields = _decode_payload(request_type, version, data)
-    except ValueError as exc:
-        raise _error_reply_for(header, f"{request_type.name}: {exc}", seq) from None
-    return Request(luid, uuid, version, seq, request_type, data, header, **fields)
+    if len(_uuid_cache) >= _UUID_CACHE_LIMIT:
+        _uuid_cache.clear()
+    _uuid_cache[raw_uuid] = uuid
+    return uuid
 
 
 def _partial_error(buf: bytes, reason: str, cn_seq: int) -> ProtocolError:
@@ -258,16 +279,21 @@ def _partial_error(buf: bytes, reason: str, cn_seq: int) -> ProtocolError:
     return ProtocolError(reason, cn_seq, encode_ack(cn_seq, errno.EINVAL))
 
 
-def _decode_payload(request_type: RequestType, version: int, data: bytes) -> dict:
+# Payload views in Request's field order: regions, in_sync, ctr_string, reconnect.
+_PayloadFields = tuple[tuple[int, ...], bool, str, bool]
+_NO_FIELDS: _PayloadFields = ((), False, "", False)
+
+
+def _decode_payload(request_type: RequestType, version: int, data: bytes) -> _PayloadFields:
     size = len(data)
     if request_type in _NO_PAYLOAD:
         if size:
             raise ValueError(f"carries no payload, got {size} bytes")
-        return {}
+        return _NO_FIELDS
     if request_type in _ONE_REGION:
         if size != 8:
             raise ValueError(f"payload is one u64 region, got {size} bytes")
-        return {"regions": U64.unpack(data)}
+        return U64.unpack(data), False, "", False
     if request_type in _REGION_LIST:
         if size % 8:
             raise ValueError(f"region payload of {size} bytes is not a multiple of 8")
@@ -276,20 +302,20 @@ def _decode_payload(request_type: RequestType, version: int, data: bytes) -> dic
             raise ValueError(f"{count} regions, at most {MAX_REGIONS_PER_REQUEST}")
         if request_type is RequestType.FLUSH and count and version < 3:
             raise ValueError(f"regions in a FLUSH need protocol version 3, not {version}")
-        return {"regions": struct.unpack(f"={count}Q", data)}
+        return struct.unpack(f"={count}Q", data), False, "", False
     if request_type is RequestType.SET_REGION_SYNC:
         if size != U64_S64.size:
             raise ValueError(f"payload is {{u64 region; s64 in_sync}}, got {size} bytes")
         region, in_sync = U64_S64.unpack(data)
-        return {"regions": (region,), "in_sync": bool(in_sync)}
+        return (region,), bool(in_sync), "", False
     if request_type is RequestType.CTR:
         return _decode_ctr(data)
     # DTR: the uapi header once promised an argv payload; the kernel sends none and
     # nothing in it matters, so whatever is there is ignored.
-    return {}
+    return _NO_FIELDS
 
 
-def _decode_ctr(data: bytes) -> dict:
+def _decode_ctr(data: bytes) -> _PayloadFields:
     reconnect = data.endswith(b"\0")
     text = data[:-1] if reconnect else data
     if not text:
@@ -302,7 +328,7 @@ def _decode_ctr(data: bytes) -> dict:
         raise ValueError("constructor string is not ASCII") from None
     if not ctr_string.isprintable():
         raise ValueError(f"constructor string {ctr_string!r} has control characters")
-    return {"ctr_string": ctr_string, "reconnect": reconnect}
+    return (), False, ctr_string, reconnect
 
 
 # --- replies --------------------------------------------------------------------------------
