@@ -1,0 +1,124 @@
+#!/usr/bin/env python3
+"""Benchmark: the cost of answering one request in-process, against a minimal echo.
+
+The baseline, measured in the same run, is the least any responder must do: split the
+datagram's headers with one ``struct`` call and echo the 160-byte request header back
+with an 8-byte answer.  shardlog's path is the real one minus the sockets: decode and
+validate the datagram, run it through the log table and a log, encode the exact reply.
+The FLUSH with a new mark includes its msync, compared with a bare msync of one dirty
+page of a file on the same filesystem.
+
+    .venv/bin/python scripts/bench_core.py [--seconds S] [--state-dir DIR]
+
+Prints per-request times and their ratios to the baseline; these machines are noisy, so
+only the ratios within one run mean much.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import statistics
+import struct
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from shardlog import protocol
+from shardlog.logtable import LogTable
+from shardlog.protocol import RequestType as T
+
+UUID = "bench-uuid-0001"
+REGIONS = 65536
+
+
+def timed(fn: Callable[[], object], seconds: float, batch: int) -> float:
+    """Median seconds per call over repeated batches."""
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(samples) < 5:
+        start = time.perf_counter()
+        for _ in range(batch):
+            fn()
+        samples.append((time.perf_counter() - start) / batch)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    parser.add_argument("--state-dir", type=Path, help="default: a temporary directory")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(dir=args.state_dir) as state:
+        run(Path(state), args.seconds)
+
+
+def run(state_dir: Path, seconds: float) -> None:
+    table = LogTable(state_dir)
+    seq = iter(range(1, 1 << 31))
+
+    def request(request_type: T, data: bytes = b"") -> bytes:
+        return protocol.encode_request(request_type, seq=next(seq), uuid=UUID, luid=1, data=data)
+
+    for raw in (request(T.CTR, f"{REGIONS * 8} core 8 nosync".encode()), request(T.RESUME)):
+        assert protocol.decode_reply(table.answer(protocol.decode_datagram(raw))).error == 0
+
+    headers = struct.Struct("=IHHIIIIIIHH")
+    answer = protocol.pack_bool(True)
+
+    def minimal_echo(raw: bytes) -> bytes:
+        headers.unpack_from(raw, 0)
+        return raw[:16] + raw[16:36] + raw[36:196] + answer
+
+    def shardlog_path(raw: bytes) -> bytes:
+        return table.answer(protocol.decode_datagram(raw))
+
+    in_sync = request(T.IN_SYNC, protocol.pack_u64(77))
+    mark = request(T.MARK_REGION, protocol.pack_regions([77]))
+    clear = request(T.CLEAR_REGION, protocol.pack_regions([77]))
+    empty_flush = request(T.FLUSH)
+    baseline = timed(lambda: minimal_echo(in_sync), seconds, 20000)
+    print(f"baseline (minimal echo, in-process):   {baseline * 1e6:7.2f} µs")
+    rows = [
+        ("IN_SYNC", lambda: shardlog_path(in_sync), 20000),
+        ("MARK_REGION", lambda: shardlog_path(mark), 20000),
+        ("CLEAR_REGION", lambda: shardlog_path(clear), 20000),
+        ("FLUSH, nothing new", lambda: shardlog_path(empty_flush), 20000),
+    ]
+    for name, fn, batch in rows:
+        cost = timed(fn, seconds, batch)
+        print(f"shardlog {name:<28}  {cost * 1e6:7.2f} µs  {cost / baseline:5.1f}x baseline")
+
+    # A FLUSH that carries a new mark must msync before answering.  Baseline: dirty one
+    # byte of a mapped file and msync its page, on the same filesystem.
+    probe = state_dir / "probe"
+    with open(probe, "wb") as f:
+        f.truncate(mmap.PAGESIZE)
+    fd = os.open(probe, os.O_RDWR)
+    page = mmap.mmap(fd, mmap.PAGESIZE)
+    counter = iter(range(1 << 62))
+
+    def bare_msync() -> None:
+        page[0] = next(counter) & 0xFF
+        page.flush(0, mmap.PAGESIZE)
+
+    # Every FLUSH marks a region not marked before, built ahead so that the timing holds
+    # only what the server does.
+    flushes = iter([request(T.FLUSH, protocol.pack_regions([r])) for r in range(REGIONS)])
+
+    def flush_with_mark() -> None:
+        shardlog_path(next(flushes))
+
+    msync = timed(bare_msync, seconds, 200)
+    flush = timed(flush_with_mark, min(seconds, REGIONS * msync / 4), 200)
+    print(f"baseline (bare msync of a dirty page):  {msync * 1e6:7.2f} µs")
+    print(f"shardlog FLUSH with a new mark          {flush * 1e6:7.2f} µs  "
+          f"{flush / msync:5.2f}x msync, +{(flush - msync) * 1e6:.1f} µs")
+    page.close()
+    os.close(fd)
+
+
+if __name__ == "__main__":
+    main()
