@@ -271,8 +271,11 @@ class RegionMap:
 
 
 class _Backing:
+    """Where an image is read from and persisted to; ``buffer`` holds the image."""
+
     path: Path
     buffer: mmap.mmap
+    _fd: int
 
     def load(self) -> None:
         raise NotImplementedError
@@ -281,7 +284,8 @@ class _Backing:
         raise NotImplementedError
 
     def close(self) -> None:
-        raise NotImplementedError
+        self.buffer.close()
+        os.close(self._fd)
 
 
 class StateFile(_Backing):
@@ -333,17 +337,8 @@ class StateFile(_Backing):
         """Nothing to read: the mapping shows the file."""
 
     def persist(self, start: int, stop: int) -> None:
-        try:
+        with _errors(f"cannot sync state file {self.path}", device_failed=False):
             self.buffer.flush(start, stop - start)
-        except OSError as exc:
-            err = exc.errno or errno.EIO
-            raise StoreError(
-                err, f"cannot sync state file {self.path}: {os.strerror(err)}", False
-            ) from exc
-
-    def close(self) -> None:
-        self.buffer.close()
-        os.close(self._fd)
 
 
 class LogDevice(_Backing):
@@ -399,25 +394,19 @@ class LogDevice(_Backing):
             chunk.release()
             if written != stop - start:
                 raise StoreError(errno.EIO, f"short write to log device {self.path}")
-        try:
+        with _errors(f"cannot flush log device {self.path}", device_failed=False):
             os.fdatasync(self._fd)
-        except OSError as exc:
-            err = exc.errno or errno.EIO
-            raise StoreError(
-                err, f"cannot flush log device {self.path}: {os.strerror(err)}", False
-            ) from exc
-
-    def close(self) -> None:
-        self.buffer.close()
-        os.close(self._fd)
 
 
 class _errors:
-    """Turn OSError into StoreError with a message that names the file."""
+    """Turn OSError into StoreError with a message that names the file.  A failed sync is
+    not a failed device (``device_failed=False``: status 'F', not 'D')."""
 
-    def __init__(self, message: str, default_errno: int | None = None):
+    def __init__(self, message: str, default_errno: int | None = None,
+                 device_failed: bool = True):
         self._message = message
         self._default = default_errno
+        self._device_failed = device_failed
 
     def __enter__(self) -> None:
         return None
@@ -425,7 +414,8 @@ class _errors:
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc is not None and isinstance(exc, OSError) and not isinstance(exc, StoreError):
             err = exc.errno or self._default or errno.EIO
-            raise StoreError(err, f"{self._message}: {os.strerror(err)}") from exc
+            message = f"{self._message}: {os.strerror(err)}"
+            raise StoreError(err, message, self._device_failed) from exc
         return False
 
 
