@@ -4,18 +4,20 @@ Theory of operation
 -------------------
 A mirror's log keeps two bits per region (dm-log.c):
 
-- ``clean_bits`` (persistent, in the :class:`~shardlog.regionmap.RegionMap`): 1 when the
-  legs are known to be identical there and no write is outstanding.  MARK clears a bit
-  before the kernel writes; CLEAR sets it again once the writes completed.
-- ``sync_bits`` (memory only): 1 when the legs are in sync.  Resync work is handed out
-  for 0 bits, and IN_SYNC answers from them.  At RESUME they are loaded from the clean
-  bits, as ``disk_resume`` does.
+- ``clean_bits`` (persistent): 1 when the legs are known to be identical there and no
+  write is outstanding.  MARK clears a bit before the kernel writes; CLEAR sets it again
+  once the writes completed.
+- ``sync_bits``: 1 when the legs are in sync.  Resync work is handed out for 0 bits, and
+  IN_SYNC answers from them.  At RESUME they are loaded from the clean bits, as
+  ``disk_resume`` does.
 
-One invariant ties them together and makes a restart safe: **a clean bit is only ever set
-for an in-sync region** (CLEAR of an out-of-sync region leaves it dirty, as cmirrord does;
-SET_REGION_SYNC(r, 0) dirties it).  So restoring ``sync_bits = clean_bits`` after a crash
-can only under-state what is in sync (costing a region resync), never over-state it
-(which would be silent data loss after a leg failure).
+Both live in the log's :class:`~shardlog.regionmap.RegionMap` (a MAP_SHARED instance
+file), so a server that dies leaves them in the page cache for the one that replaces it.
+
+One invariant ties them together: **a clean bit is only ever set for an in-sync region**
+(CLEAR of an out-of-sync region leaves it dirty, as cmirrord does; SET_REGION_SYNC(r, 0)
+dirties it).  So deriving ``sync_bits = clean_bits`` from stored bits can only under-state
+what is in sync, never call an unsynced region in sync.
 
 Life cycle (``state``)::
 
@@ -23,20 +25,29 @@ Life cycle (``state``)::
                                    ▲  └───POSTSUSPEND (commit everything)──► SUSPENDED
                                    └──────────────────RESUME─────────────────────┘
 
-Which bits a RESUME starts from is the safety rule of design.md: a fresh ``core`` log starts
-over like the kernel's (all out of sync unless ``nosync``), a ``disk`` log reads its device
-by ``disk_resume``'s rules, and a log re-created by the kernel's reconnect CTR after a
-server restart continues from what was saved.
+Which bits a RESUME starts from is the safety rule of design.md:
+
+- a fresh ``core`` log starts over like the kernel's (all out of sync unless ``nosync``);
+- a ``disk`` log reads its device by ``disk_resume``'s rules, at every RESUME;
+- a log re-created by the kernel's reconnect CTR (the server restarted under a live
+  kernel) continues from its instance file exactly, sync bits and unflushed marks
+  included, and first writes the image back so those marks become durable.  Without an
+  instance file a disk log falls back to its device's clean bits and a core log to "all
+  out of sync" — loudly, because the kernel will not ask for resync work again before the
+  mirror's next resume.
+
+A reconnect never fails: the kernel re-sends a failed reconnect CTR every 2 s for ever
+while the mirror's I/O waits.  Storage that cannot be had then gives a log running from
+memory with a failed device (status 'D', FLUSH -EIO), as the kernel's disk log does.
 
 Corrections to the in-kernel logs and cmirrord (protocol.md §3, §8): IN_SYNC answers
 exactly 0 or 1; every region is bounds-checked (-EINVAL); GET_RESYNC_WORK hands each
 out-of-sync region out once per pass, in order, and the same region again until its
-SET_REGION_SYNC; the sync count is kept incrementally; IS_REMOTE_RECOVERING's hint is the
-first out-of-sync region, never beyond it; MARK, CLEAR and SET_REGION_SYNC are
+SET_REGION_SYNC; the sync count is kept incrementally; MARK, CLEAR and SET_REGION_SYNC are
 idempotent; FLUSH with regions (integrated flush) marks them and then commits.
 
-Errors leave as :class:`LogError` (a negative errno for the kernel plus the reason); the
-only I/O is through the RegionMap, whose failures arrive as StoreError.
+Errors leave as :class:`LogError` (a positive errno, negated for the kernel, and the
+reason); the only I/O is through the RegionMap, whose failures arrive as StoreError.
 """
 
 from __future__ import annotations
@@ -49,18 +60,10 @@ from enum import Enum
 from pathlib import Path
 from typing import ClassVar
 
-from bitarray import bitarray
-
 from . import protocol
 from .ctrargs import LogConfig, SyncMode
 from .protocol import Request, RequestType
-from .regionmap import (
-    IncompatibleVersion,
-    RegionMap,
-    StoreError,
-    resolve_device,
-    state_file_path,
-)
+from .regionmap import RegionMap, StoreError, resolve_device, state_file_path
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +79,7 @@ class LogError(Exception):
 class LogState(Enum):
     PENDING = "pending"  # constructed, bits not loaded yet
     RESUMED = "resumed"
-    SUSPENDED = "suspended"  # after POSTSUSPEND: bits committed, nothing may change them
-
-
-class Health(Enum):
-    """The disk log's status character (dm-log.c ``disk_status``)."""
-
-    ALIVE = "A"
-    DEVICE_FAILED = "D"  # a read or write of the log device failed
-    FLUSH_FAILED = "F"  # a cache flush / sync failed
+    SUSPENDED = "suspended"  # after POSTSUSPEND: bits committed, no new marks
 
 
 class DirtyLog:
@@ -98,8 +93,8 @@ class DirtyLog:
         region_map: RegionMap,
         *,
         device_name: str | None,
-        load_at_resume: bool,
-        restoring: bool,
+        restored: bool = False,
+        honor_device_bits: bool = False,
     ):
         self.uuid = uuid
         self.luid = luid
@@ -108,16 +103,15 @@ class DirtyLog:
         self.region_map = region_map
         self.device_name = device_name  # "major:minor" handed back to the kernel at CTR
         self.state = LogState.PENDING
-        self.health = Health.ALIVE
-        # Until the first RESUME the kernel's logs report their constructor-time counts.
-        self.sync_bits = bitarray(self.region_count, endian="little")
-        self.sync_bits.setall(config.sync_mode is SyncMode.NOSYNC)
-        self.sync_count = self.sync_bits.count(1)
+        # The kernel's disk log never clears these once set (dm-log.c).
+        self.device_failed = False
+        self.flush_failed = False
+        self.sync_count = region_map.sync_bits.count(1)
         self.sync_search = 0  # where the next GET_RESYNC_WORK looks for an out-of-sync region
         self.recovering: int | None = None  # region handed out, awaiting SET_REGION_SYNC
         self.recovery_halted = False  # PRESUSPEND until RESUME
-        self._load_at_resume = load_at_resume  # the region map must be read at RESUME
-        self._restoring = restoring  # reconnect CTR: continue from the saved bits
+        self._restored = restored  # reconnect: the instance file holds the state; push it
+        self._honor_device_bits = honor_device_bits  # reconnect without an instance file
 
     # -- construction: the safety rule ------------------------------------------------------
 
@@ -125,37 +119,35 @@ class DirtyLog:
     def construct(
         cls, uuid: str, luid: int, config: LogConfig, state_dir: Path, *, reconnect: bool
     ) -> DirtyLog:
-        """A new log instance for a CTR (raises StoreError when its storage fails).
-
-        - ``disk``: the log device holds the state; it is read at RESUME.
-        - ``core``, first CTR (new activation or table reload): a new state file, every
-          region out of sync unless ``nosync`` — never bits of an earlier instance, which
-          could call a brand-new leg in sync.
-        - ``core``, reconnect CTR (the kernel kept the log while the server was away): the
-          state file saved for this ``(uuid, luid)`` is continued at RESUME.  Without one,
-          nothing is known, so every region is out of sync, even for ``nosync``.
-        """
-        if config.is_disk:
-            assert config.device is not None
-            path, device_name = resolve_device(config.device, state_dir / "dev")
-            rmap = RegionMap.open_device(path, config.region_count)
-            return cls(uuid, luid, config, rmap, device_name=device_name,
-                       load_at_resume=True, restoring=reconnect)
+        """A new log instance for a CTR (StoreError when a first CTR's storage fails)."""
         path = state_file_path(state_dir, uuid, luid)
-        if reconnect and path.exists():
-            rmap = RegionMap.open_state_file(path, config.region_count)
-            return cls(uuid, luid, config, rmap, device_name=None,
-                       load_at_resume=True, restoring=True)
-        if reconnect:
-            log.warning("%s: reconnect CTR but no saved state at %s: every region will be "
-                        "resynced", _name(uuid, luid), path)
-            rmap = RegionMap.create_state_file(path, config.region_count, clean=False)
-            return cls(uuid, luid, config, rmap, device_name=None,
-                       load_at_resume=True, restoring=True)
-        nosync = config.sync_mode is SyncMode.NOSYNC
-        rmap = RegionMap.create_state_file(path, config.region_count, clean=nosync)
-        return cls(uuid, luid, config, rmap, device_name=None,
-                   load_at_resume=False, restoring=False)
+        device, device_name = None, None
+        try:
+            if config.is_disk:
+                assert config.device is not None
+                device, device_name = resolve_device(config.device, state_dir / "dev")
+            if reconnect:
+                rmap = RegionMap.reopen(path, config.region_count, device=device)
+                if rmap is not None:
+                    return cls(uuid, luid, config, rmap, device_name=device_name, restored=True)
+                log.warning(
+                    "%s: reconnect CTR but no state saved at %s: %s; suspend and resume "
+                    "the mirror so that the kernel asks for their resync", _name(uuid, luid),
+                    path, "regions dirty on the log device count as out of sync"
+                    if device else "every region counts as out of sync")
+            clean = config.sync_mode is SyncMode.NOSYNC and not reconnect
+            rmap = RegionMap.create(path, config.region_count, device=device, clean=clean)
+            return cls(uuid, luid, config, rmap, device_name=device_name,
+                       honor_device_bits=reconnect)
+        except StoreError as exc:
+            if not reconnect:
+                raise
+            log.error("%s: reconnect CTR without storage (%s): serving from memory, every "
+                      "region out of sync, commits fail", _name(uuid, luid), exc)
+            rmap = RegionMap.create(None, config.region_count)
+            dirty_log = cls(uuid, luid, config, rmap, device_name=device_name)
+            dirty_log.device_failed = True
+            return dirty_log
 
     def ctr_reply(self, version: int) -> bytes:
         """The CTR answer: since version 2 the kernel takes a log device to hold open."""
@@ -166,16 +158,22 @@ class DirtyLog:
     def destroy(self) -> None:
         """DTR: forget the log without writing (the kernel's logs do not write at DTR
         either; everything that matters was committed by the last FLUSH/POSTSUSPEND)."""
+        path = self.region_map.path
         self.region_map.close()
-        if not self.config.is_disk:
+        if path is not None:
             try:
-                os.unlink(self.region_map.path)
+                os.unlink(path)
             except OSError as exc:
-                log.warning("%s: cannot remove %s: %s", self.name, self.region_map.path, exc)
+                log.warning("%s: cannot remove %s: %s", self.name, path, exc)
 
     @property
     def name(self) -> str:
         return _name(self.uuid, self.luid)
+
+    @property
+    def health(self) -> str:
+        """The disk log's status character: F(lush failed) over D(evice failed) over A."""
+        return "F" if self.flush_failed else "D" if self.device_failed else "A"
 
     # -- dispatch ---------------------------------------------------------------------------
 
@@ -190,46 +188,35 @@ class DirtyLog:
             # A second RESUME without a suspend (cmirrord: "Additional resume issued before
             # suspend"): reloading now would forget marks of writes in flight.
             return b""
-        failure = None
-        if self._load_at_resume:
-            failure = self._load()
-            self.sync_bits = self.region_map.clean_bits[: self.region_count]
-            self.sync_count = self.sync_bits.count(1)
-        # Otherwise the in-memory bits stand: a fresh core log's were set at CTR, and a core
-        # log keeps them across a suspend (dm-log.c core_resume).
+        if self._restored:
+            self._storage_step("writing the restored image back", self.region_map.push)
+        elif self.config.is_disk:
+            self._load()
+        # Otherwise the bits stand: a fresh core log's were set at CTR, and a core log
+        # keeps them across a suspend (dm-log.c core_resume).
+        self.sync_count = self.region_map.sync_bits.count(1)
         self.sync_search = 0
         self.recovering = None
         self.recovery_halted = False
         self.state = LogState.RESUMED
-        # A disk log is re-read from its device at every resume, as disk_resume does.
-        self._load_at_resume = self.config.is_disk
-        self._restoring = False
-        if failure is not None:
-            raise failure
+        self._restored = self._honor_device_bits = False
+        # dm-raid1 only warns when a resume fails; a failed device shows in the status and
+        # fails the next FLUSH, as with the kernel's disk log.  So RESUME succeeds.
         return b""
 
-    def _load(self) -> LogError | None:
-        """Read and normalise the region map; a failure to write it back is returned (the
-        log runs on from memory with a failed device, as the kernel's does)."""
+    def _load(self) -> None:
         sync_mode = self.config.sync_mode
-        honor_saved = self._restoring or sync_mode is SyncMode.DEFAULT
-        new_clean = sync_mode is SyncMode.NOSYNC and not self._restoring
-        failure = None
-        try:
-            outcome = self.region_map.resume(honor_saved, new_clean)
-            log.info("%s: resumed from %s: %s", self.name, self.region_map.path, outcome.reason)
-        except IncompatibleVersion as exc:
-            raise LogError(errno.EINVAL, str(exc)) from exc  # nothing loaded: stays as is
-        except StoreError as exc:
-            log.error("%s: RESUME could not write the region map back: %s", self.name, exc)
-            failure = LogError(exc.errno, str(exc))
-        self.health = Health.ALIVE
-        if self.region_map.read_error is not None:
-            log.error("%s: %s", self.name, self.region_map.read_error)
-            self.health = Health.DEVICE_FAILED
-        elif failure is not None:
-            self.health = Health.DEVICE_FAILED
-        return failure
+        honor_saved = self._honor_device_bits or sync_mode is SyncMode.DEFAULT
+        new_clean = sync_mode is SyncMode.NOSYNC and not self._honor_device_bits
+        outcome = self._storage_step(
+            "writing the region map back", self.region_map.resume, honor_saved, new_clean)
+        if outcome is None:
+            return
+        if outcome.read_error is not None:
+            self.device_failed = True
+            log.error("%s: %s", self.name, outcome.read_error)
+        log.info("%s: resumed from %s: %s", self.name, self.region_map.store_path,
+                 outcome.reason)
 
     def _presuspend(self, request: Request) -> bytes:
         # dm-raid1 has stopped recovery; hand out no more work until RESUME.
@@ -255,7 +242,7 @@ class DirtyLog:
 
     def _in_sync(self, request: Request) -> bytes:
         (region,) = self._checked(request)
-        return protocol.pack_bool(self.sync_bits[region])
+        return protocol.pack_bool(self.region_map.sync_bits[region])
 
     def _get_sync_count(self, request: Request) -> bytes:
         return protocol.pack_u64(self.sync_count)
@@ -263,9 +250,11 @@ class DirtyLog:
     def _status_info(self, request: Request) -> bytes:
         if self.config.is_disk:
             device = self.device_name or self.config.device
-            text = f"3 {self.config.log_type} {device} {self.health.value}"
+            text = f"3 {self.config.log_type} {device} {self.health}"
         else:
             text = f"1 {self.config.log_type}"
+        # NUL included: the kernel copies the reply over the NUL that ended the status so
+        # far, and the ioctl reads the status up to the next NUL.
         return protocol.pack_string(text)
 
     def _status_table(self, request: Request) -> bytes:
@@ -273,33 +262,50 @@ class DirtyLog:
 
     def _is_remote_recovering(self, request: Request) -> bytes:
         self._checked(request)
-        # One host: nothing is recovered remotely, and dm-raid1's region hash already holds
-        # writes back from the region it recovers itself.  The hint lets the kernel skip
-        # this question below the first out-of-sync region, and no further: a hint past it
-        # would stop resync requests until the next RESUME.
-        return protocol.pack_remote_recovering(False, self.first_out_of_sync())
+        # One host: nothing is recovered remotely, and dm-raid1's region hash holds writes
+        # back from the region it recovers itself, so the answer is always 0.
+        return protocol.pack_remote_recovering(False, self.in_sync_hint())
 
-    def first_out_of_sync(self) -> int:
-        region = self.sync_bits.find(0)
-        return self.region_count if region < 0 else region
+    def in_sync_hint(self) -> int:
+        """The hint for IS_REMOTE_RECOVERING: below it the kernel does not ask.
+
+        The kernel uses the hint for two things only (dm-log-userspace-base.c): a write
+        to a region below it skips this question, and a hint of ``region_count`` or more
+        stops GET_RESYNC_WORK until the next resume.  Above the hint, a second write within
+        250 ms of the last question (one timestamp for all userspace logs) is requeued for
+        200 ms without asking.  So the hint is ``region_count`` once no resync work is
+        left in this pass, and ``region_count - 1`` while there is some: as high as it can
+        go without stopping resync, so that writes during a resync are not throttled
+        (the answer is 0 whatever the region).
+        """
+        work_left = (self.recovering is not None
+                     or self.region_map.sync_bits.find(0, self.sync_search,
+                                                       self.region_count) >= 0)
+        return self.region_count - 1 if work_left else self.region_count
 
     # -- changes ----------------------------------------------------------------------------
 
     def _mark_region(self, request: Request) -> bytes:
-        for region in self._checked(request, changes=True):
+        for region in self._checked(request, marks=True):
             self.region_map.mark(region)
         return b""
 
     def _clear_region(self, request: Request) -> bytes:
-        for region in self._checked(request, changes=True):
-            if self.sync_bits[region]:  # the invariant: clean only when in sync
+        regions = self._checked(request)
+        if self.state is LogState.SUSPENDED:
+            # dm-raid1's last pass over completed writes can run after POSTSUSPEND; the
+            # bits were committed then, so the region stays dirty: a resync, not a risk.
+            return b""
+        sync_bits = self.region_map.sync_bits
+        for region in regions:
+            if sync_bits[region]:  # the invariant: clean only when in sync
                 self.region_map.clear(region)
         return b""
 
     def _flush(self, request: Request) -> bytes:
         # Integrated flush (version 3): the regions to mark ride in the FLUSH itself, and
         # the reply promises they are durable like any other mark.
-        for region in self._checked(request, changes=bool(request.regions)):
+        for region in self._checked(request, marks=bool(request.regions)):
             self.region_map.mark(region)
         self._commit(everything=False)
         return b""
@@ -308,7 +314,7 @@ class DirtyLog:
         if self.state is not LogState.RESUMED or self.recovery_halted:
             return protocol.pack_resync_work(False, 0)
         if self.recovering is None:
-            region = self.sync_bits.find(0, self.sync_search)
+            region = self.region_map.sync_bits.find(0, self.sync_search, self.region_count)
             if region < 0:
                 self.sync_search = self.region_count
                 return protocol.pack_resync_work(False, 0)
@@ -319,28 +325,31 @@ class DirtyLog:
         return protocol.pack_resync_work(True, self.recovering)
 
     def _set_region_sync(self, request: Request) -> bytes:
-        (region,) = self._checked(request, changes=True)
+        (region,) = self._checked(request)
         if self.recovering == region:
             self.recovering = None
+        sync_bits = self.region_map.sync_bits
         if request.in_sync:
-            if not self.sync_bits[region]:
-                self.sync_bits[region] = 1
+            if not sync_bits[region]:
+                sync_bits[region] = 1
                 self.sync_count += 1
         else:
-            if self.sync_bits[region]:
-                self.sync_bits[region] = 0
+            if sync_bits[region]:
+                sync_bits[region] = 0
                 self.sync_count -= 1
             self.region_map.mark(region)  # the invariant: never clean while out of sync
+            if self.state is LogState.SUSPENDED:
+                self._commit(everything=False)  # no FLUSH will come for it
         return b""
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _checked(self, request: Request, changes: bool = False) -> tuple[int, ...]:
+    def _checked(self, request: Request, marks: bool = False) -> tuple[int, ...]:
         """The request's regions, once the log can take it and every region is in range."""
         if self.state is LogState.PENDING:
             raise LogError(errno.EINVAL, f"{request.name} before the log was resumed")
-        if changes and self.state is LogState.SUSPENDED:
-            raise LogError(errno.EINVAL, f"{request.name} after POSTSUSPEND")
+        if marks and self.state is LogState.SUSPENDED:
+            raise LogError(errno.EINVAL, f"{request.name}: new marks after POSTSUSPEND")
         for region in request.regions:
             if region >= self.region_count:
                 raise LogError(
@@ -353,9 +362,24 @@ class DirtyLog:
         try:
             self.region_map.commit(everything=everything)
         except StoreError as exc:
-            self.health = Health.DEVICE_FAILED if exc.device_failed else Health.FLUSH_FAILED
+            self._record_failure(exc)
             log.error("%s: commit failed: %s", self.name, exc)
             raise LogError(errno.EIO, str(exc)) from exc
+
+    def _storage_step(self, what: str, step: Callable, *args):
+        """Run a RESUME storage step; a failure is recorded in the health, not raised."""
+        try:
+            return step(*args)
+        except StoreError as exc:
+            self._record_failure(exc)
+            log.error("%s: RESUME failed %s: %s", self.name, what, exc)
+            return None
+
+    def _record_failure(self, exc: StoreError) -> None:
+        if exc.device_failed:
+            self.device_failed = True
+        else:
+            self.flush_failed = self.device_failed = True
 
     _HANDLERS: ClassVar[dict[RequestType, Callable[[DirtyLog, Request], bytes]]] = {
         RequestType.PRESUSPEND: _presuspend,

@@ -35,6 +35,7 @@ from .regionmap import StoreError, stale_state_files
 log = logging.getLogger(__name__)
 
 LogKey = tuple[str, int]
+_RESERVED_ERRNOS = frozenset({errno.EAGAIN, errno.ESRCH})
 
 
 class LogTable:
@@ -67,7 +68,9 @@ class LogTable:
             return 0, dirty_log.handle(request)
         except LogError as exc:
             log.warning("%s %s (luid %#x): %s", request.name, request.uuid, request.luid, exc)
-            return -exc.errno, b""
+            # -EAGAIN would make the kernel re-send at once, in a loop; -ESRCH would start
+            # its reconnect: neither may come from a failing file or device by chance.
+            return -(errno.EIO if exc.errno in _RESERVED_ERRNOS else exc.errno), b""
         except Exception:
             # A bug must not leave the kernel waiting 15 s and retrying for ever.
             log.exception("%s %s (luid %#x) failed", request.name, request.uuid, request.luid)
@@ -90,7 +93,12 @@ class LogTable:
             config = parse_ctr_string(request.ctr_string)
         except CtrArgsError as exc:
             raise LogError(errno.EINVAL, f"bad constructor: {exc}") from exc
-        if not config.is_disk and not request.reconnect:
+        if not request.reconnect:
+            if len(request.ctr_string) >= protocol.MAX_PAYLOAD:
+                # Its reconnect CTR (NUL counted) would not fit the kernel's buffer: after a
+                # server restart the kernel would retry it for ever.  Fail the load now.
+                raise LogError(errno.EINVAL, f"constructor string of {len(request.ctr_string)} "
+                               f"bytes leaves no room for its NUL in a reconnect")
             self._remove_stale_state(request.uuid)
         try:
             dirty_log = DirtyLog.construct(request.uuid, request.luid, config, self.state_dir,
@@ -105,7 +113,7 @@ class LogTable:
         return b"" if request.reconnect else dirty_log.ctr_reply(request.version)
 
     def _remove_stale_state(self, uuid: str) -> None:
-        """A new core log activation starts over: state files of this uuid that no live
+        """A new activation starts over: instance files of this uuid that no live
         instance here owns are left from instances whose DTR we missed."""
         live = {luid for (log_uuid, luid) in self.logs if log_uuid == uuid}
         for path in stale_state_files(self.state_dir, uuid, live):

@@ -1,34 +1,44 @@
-"""Region maps: a log's clean bits, kept in the kernel's own `disk` log layout.
+"""Region maps: one log instance's bits, in the kernel's own `disk` log layout.
 
-Layout (drivers/md/dm-log.c, protocol.md §4.1), the same for a state file and a device::
+Each log instance ``(uuid, luid)`` has an *instance file* under the state directory,
+mapped ``MAP_SHARED``, so that a bit operation is a C call on the page cache::
 
-    byte 0     struct log_header_disk, little-endian: u32 magic 0x4D695272 ("MiRr"),
-               u32 version 2, u64 nr_regions
-    byte 1024  clean bits, one per region, little-endian bit order (region i is byte i>>3,
-               bit i&7), 1 = clean, whole u32 words, bits past nr_regions kept 0
+    image  byte 0     struct log_header_disk, little-endian: u32 magic 0x4D695272 ("MiRr"),
+                      u32 version 2, u64 nr_regions            (drivers/md/dm-log.c)
+           byte 1024  clean bits, one per region, little-endian bit order (region i is
+                      byte i>>3, bit i&7), 1 = clean, whole u32 words, bits past
+                      nr_regions kept 0
+    sync   next page  u32 magic "SLsy", u32 version 1, u64 nr_regions; from byte 64 of
+                      that page the sync bits, in the same order
 
-Because the layout is the kernel's, a mirror can move between the in-kernel `disk` log and
-shardlog on the same log device with no resync.
+The *image* is what the kernel's `disk` log keeps on its device, so a mirror can move
+between the in-kernel `disk` log and shardlog with no resync.  Where it is made durable
+depends on the log type:
 
-The image lives in a page-aligned buffer with a ``bitarray`` view over its bitmap, so a
-bit operation is a C call with no copying.  Two backings fill and persist that buffer:
+- ``core`` logs: the instance file itself; a commit is ``msync`` of the changed pages.
+- ``disk`` logs: the log device, written with ``O_DIRECT`` like the kernel's ``dm_io`` (so
+  neither side reads the other's stale page cache) and ``fdatasync``'d for the cache flush
+  the kernel issues with ``REQ_PREFLUSH``.  The device is never mapped: one that
+  disappears must give -EIO on the next flush, not a SIGBUS on the next bit test.  The
+  instance file is then a *shadow* of the device image.
 
-- :class:`StateFile` (``core`` logs): a file under the state directory, fully allocated and
-  mapped ``MAP_SHARED``; the buffer *is* the page cache, and a commit is ``msync`` of the
-  pages that changed.  Allocation up front matters: a store into a mapped page of a sparse
-  file on a full filesystem is a SIGBUS, which would kill the process.
-- :class:`LogDevice` (``disk`` logs): the log device itself, read and written with
-  ``O_DIRECT`` like the kernel's ``dm_io`` (so neither side reads the other's stale page
-  cache), into an anonymous mapping, then ``fdatasync`` for the device cache flush the
-  kernel issues with ``REQ_PREFLUSH``.  Not mapped: a device that disappears must give
-  -EIO on the next flush, not a SIGBUS on the next bit test.
+The *sync bits* are never synced to storage, and need not be: they matter only to a
+server restarted under a live kernel (the reconnect CTR), which means the host, and so
+the page cache, survived.  They let such a server continue with exactly the state the
+kernel is relying on: marks it had acknowledged but not yet flushed, and sync state it
+could not rebuild from clean bits (the kernel does not ask for resync work again until
+the mirror is resumed, so a region wrongly reported out of sync would be written to one
+leg only until then).
 
-Durability (dm-log.c ``disk_flush``): bits *dirtied* (a region marked, header rewritten)
-must be on stable storage before a FLUSH is answered, because the kernel starts the data
-writes right after.  Bits *cleaned* may be committed lazily: losing one costs a region
-resync after a crash, never data.  So :meth:`RegionMap.commit` syncs only when something
-was dirtied since the last commit (or when asked to write everything), and then only the
-page range that changed.
+Durability (dm-log.c ``disk_flush``): bits *dirtied* (a region marked, the header
+rewritten) must be on stable storage before a FLUSH is answered, because the kernel
+starts the data writes right after.  Bits *cleaned* may be committed lazily: losing one
+costs a region resync after a crash, never data.  So :meth:`RegionMap.commit` syncs only
+when something was dirtied since the last commit (or when asked to write everything),
+and then only the page range that changed.
+
+Instance files are allocated in full when made: a store into a mapped page of a sparse
+file on a full filesystem is a SIGBUS, which would kill the process.
 """
 
 from __future__ import annotations
@@ -53,14 +63,16 @@ MIRROR_MAGIC = 0x4D695272
 MIRROR_DISK_VERSION = 2
 BITMAP_OFFSET = 1024  # LOG_OFFSET: 2 sectors
 HEADER = struct.Struct("<IIQ")
+SYNC_MAGIC = 0x79734C53  # "SLsy"
+SYNC_VERSION = 1
+SYNC_BITS_OFFSET = 64  # within the sync page(s)
 PAGE_SIZE = mmap.PAGESIZE
 _BLKSSZGET = 0x1268  # logical block size of a block device
 
 
 class StoreError(Exception):
-    """A state file or log device could not be created, opened, read, written or synced.
-
-    ``errno`` is what the kernel is answered (negated); the message names the file.
+    """An instance file or log device could not be created, opened, read, written or
+    synced.  ``errno`` says what; the message names the file.
     """
 
     def __init__(self, err: int, message: str, device_failed: bool = True):
@@ -71,17 +83,22 @@ class StoreError(Exception):
         self.device_failed = device_failed
 
 
-class IncompatibleVersion(StoreError):
-    """A valid magic with a version the kernel's disk log would refuse too."""
-
-
 def bitmap_bytes(region_count: int) -> int:
-    """Size of the clean bitmap: whole u32 words, as the kernel allocates it."""
+    """Size of a bitmap: whole u32 words, as the kernel allocates it."""
     return -(-region_count // 32) * 4
 
 
 def image_size(region_count: int) -> int:
     return BITMAP_OFFSET + bitmap_bytes(region_count)
+
+
+def _sync_offset(region_count: int) -> int:
+    return _round_up(image_size(region_count), PAGE_SIZE)
+
+
+def instance_size(region_count: int) -> int:
+    end = _sync_offset(region_count) + SYNC_BITS_OFFSET + bitmap_bytes(region_count)
+    return _round_up(end, PAGE_SIZE)
 
 
 def _round_up(value: int, unit: int) -> int:
@@ -105,51 +122,96 @@ class ResumeOutcome:
 
     saved_regions: int  # regions whose stored bits were kept
     reason: str  # why the stored bits were (not) used
+    read_error: StoreError | None  # the stored image could not be read or understood
 
 
 class RegionMap:
-    """The clean bits of one log instance over a backing (a state file or a log device)."""
+    """The bits of one log instance: its instance file's mapping and where it persists."""
 
-    def __init__(self, backing: _Backing, region_count: int):
+    def __init__(self, path: Path | None, buffer: mmap.mmap, region_count: int,
+                 store: _Store):
+        self.path = path  # the instance file; None when only memory was to be had
         self.region_count = region_count
-        self._backing = backing
-        self._view = memoryview(backing.buffer)
+        self._buffer = buffer
+        self._store = store
+        self._view = memoryview(buffer)
+        nbytes = bitmap_bytes(region_count)
+        sync_start = _sync_offset(region_count) + SYNC_BITS_OFFSET
         self.clean_bits = bitarray(
-            buffer=self._view[BITMAP_OFFSET : image_size(region_count)], endian="little"
+            buffer=self._view[BITMAP_OFFSET : BITMAP_OFFSET + nbytes], endian="little"
         )
-        # Pages changed since the last commit, and whether any change dirtied a bit.
+        self.sync_bits = bitarray(
+            buffer=self._view[sync_start : sync_start + nbytes], endian="little"
+        )
+        # Image pages changed since the last commit, and whether a change dirtied a bit.
         self._first_page: int | None = None
         self._last_page = -1
         self._dirtied = False
         self.commits = 0  # syncs actually issued; tests and metrics read it
-        self.read_error: StoreError | None = None  # set by resume() when the load failed
 
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def create_state_file(cls, path: Path, region_count: int, clean: bool) -> RegionMap:
-        """A new state file at ``path`` (replacing any old one) with every region clean or
-        dirty, durable before this returns."""
-        rmap = cls(StateFile.create(path, image_size(region_count)), region_count)
-        rmap.clean_bits.setall(0)
-        rmap._fill(0, region_count, clean)
-        rmap._write_header()
-        rmap.commit(everything=True)
+    def create(cls, path: Path | None, region_count: int, *, device: Path | None = None,
+               clean: bool = False) -> RegionMap:
+        """A new instance, replacing any old instance file at ``path``.
+
+        A core log (no ``device``) starts with every region clean and in sync, or every
+        region dirty and out of sync, made durable before this returns.  A disk log's bits
+        come from its device at :meth:`resume`.  ``path`` None keeps the bits in memory
+        only (a core log then fails every commit).
+        """
+        store: _Store = LogDevice.open(device, region_count) if device else StateFile(path)
+        try:
+            buffer = _create_instance_file(path, instance_size(region_count))
+        except BaseException:
+            store.close()
+            raise
+        rmap = cls(path, buffer, region_count, store)
+        HEADER.pack_into(rmap._view, 0, MIRROR_MAGIC, MIRROR_DISK_VERSION, region_count)
+        rmap.clean_bits[:region_count] = clean
+        rmap._copy_clean_to_sync()
+        rmap._touch(0, image_size(region_count) - 1)
+        if device is None and path is not None:
+            rmap.commit(everything=True)
         return rmap
 
     @classmethod
-    def open_state_file(cls, path: Path, region_count: int) -> RegionMap:
-        """An existing state file, as it was left (raises StoreError if it is missing)."""
-        return cls(StateFile.open(path, image_size(region_count)), region_count)
-
-    @classmethod
-    def open_device(cls, device: Path, region_count: int) -> RegionMap:
-        """A log device (or a regular file standing in for one), not yet read."""
-        return cls(LogDevice.open(device, image_size(region_count)), region_count)
+    def reopen(cls, path: Path, region_count: int, *,
+               device: Path | None = None) -> RegionMap | None:
+        """The instance a server that died left at ``path``, or None if there is none
+        with both bitmaps for ``region_count`` regions.  Raises StoreError when the
+        device (or the file) cannot be opened."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StoreError(exc.errno or errno.EIO, f"cannot open {path}: {exc}") from exc
+        try:
+            size = instance_size(region_count)
+            if os.fstat(fd).st_size < size:
+                return None
+            buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        header = Header(*HEADER.unpack_from(buffer, 0))
+        sync = HEADER.unpack_from(buffer, _sync_offset(region_count))
+        if not header.valid or header.nr_regions != region_count or sync != (
+                SYNC_MAGIC, SYNC_VERSION, region_count):
+            buffer.close()
+            return None
+        try:
+            store: _Store = LogDevice.open(device, region_count) if device else StateFile(path)
+        except BaseException:
+            buffer.close()
+            raise
+        return cls(path, buffer, region_count, store)
 
     @property
-    def path(self) -> Path:
-        return self._backing.path
+    def store_path(self) -> Path | None:
+        """Where the bits are made durable: the log device or the instance file."""
+        return self._store.path
 
     # -- the header and resume ---------------------------------------------------------------
 
@@ -157,57 +219,63 @@ class RegionMap:
         return Header(*HEADER.unpack_from(self._view, 0))
 
     def resume(self, honor_saved: bool, new_regions_clean: bool) -> ResumeOutcome:
-        """Load the stored image and normalise it by the kernel's ``disk_resume`` rules.
+        """Load the stored image and normalise it by the kernel's ``disk_resume`` rules;
+        then the sync bits are the clean bits.
 
         ``honor_saved`` False means the stored bits are ignored (a ``sync``/``nosync``
-        option on a new activation).  A bad magic or an unreadable device means nothing was
-        saved.  Regions the stored header does not cover (the log grew, or nothing was
-        saved) become ``new_regions_clean``; bits past ``region_count`` are cleared (it
-        shrank).  The normalised image is then written back and synced.
-
-        Raises IncompatibleVersion when the stored version is unknown (nothing is
-        written), StoreError when the write-back fails; a read error is survived
-        (everything counts as unsaved) but is reported by :attr:`read_error`.
+        option on a new activation).  An unreadable image (a read error, or a valid magic
+        with a version the kernel would refuse too) counts as nothing saved and is
+        reported in the outcome, as ``disk_resume`` fails the device and carries on.
+        Regions the stored header does not cover (the log grew, or nothing was saved)
+        become ``new_regions_clean``; bits past ``region_count`` are cleared (it shrank).
+        The normalised image is then written back and synced (StoreError if that fails;
+        the bits in memory stand).
         """
-        self.read_error = None
+        read_error = None
         try:
-            self._backing.load()
+            # Released on the way out even when the load fails: an exception's traceback
+            # must not keep the mapping exported, or it could never be closed.
+            with self._view[: image_size(self.region_count)] as image:
+                self._store.load(image)
             header = self.header()
         except StoreError as exc:
-            self.read_error = exc
-            header = Header(0, 0, 0)
+            read_error, header = exc, Header(0, 0, 0)
         saved, reason = 0, "no valid header (new or wiped log): every region starts over"
-        if self.read_error is not None:
-            reason = f"unreadable ({self.read_error}): every region starts over"
-        elif header.valid:
-            if header.version not in (1, MIRROR_DISK_VERSION):
-                raise IncompatibleVersion(
-                    errno.EINVAL,
-                    f"{self.path}: incompatible disk log version {header.version}",
-                )
-            if honor_saved:
-                saved = min(header.nr_regions, self.region_count)
-                reason = f"restored {saved} of {header.nr_regions} saved regions"
-            else:
-                reason = "sync/nosync given: stored bits ignored"
-        if saved < self.region_count:
-            self._fill(saved, self.region_count, new_regions_clean)
-        self._fill(self.region_count, len(self.clean_bits), False)  # shrink: clear the tail
-        self._write_header()
-        self._touch(0, len(self._view) - 1)
-        self.commit(everything=True)
-        return ResumeOutcome(saved, reason)
-
-    def _write_header(self) -> None:
+        if read_error is not None:
+            reason = f"unreadable ({read_error}): every region starts over"
+        elif not header.valid:
+            pass
+        elif not honor_saved:
+            reason = "sync/nosync given: stored bits ignored"
+        elif header.version not in (1, MIRROR_DISK_VERSION):
+            read_error = StoreError(
+                errno.EINVAL, f"{self._store.path}: incompatible disk log version "
+                f"{header.version}: every region starts over")
+            reason = str(read_error)
+        else:
+            saved = min(header.nr_regions, self.region_count)
+            reason = f"restored {saved} of {header.nr_regions} saved regions"
+        self.clean_bits[saved : self.region_count] = new_regions_clean
+        self.clean_bits[self.region_count :] = False  # shrink: clear the last word's tail
         HEADER.pack_into(self._view, 0, MIRROR_MAGIC, MIRROR_DISK_VERSION, self.region_count)
-        self._touch(0, HEADER.size - 1)
+        self._copy_clean_to_sync()
+        outcome = ResumeOutcome(saved, reason, read_error)
+        self._touch(0, image_size(self.region_count) - 1)
         self._dirtied = True
+        self.commit(everything=True)
+        return outcome
 
-    def _fill(self, start: int, stop: int, clean: bool) -> None:
-        if start < stop:
-            self.clean_bits[start:stop] = clean
-            self._touch(BITMAP_OFFSET + start // 8, BITMAP_OFFSET + (stop - 1) // 8)
-            self._dirtied = True
+    def push(self) -> None:
+        """Write the whole image to where it persists: a reconnected server's first act,
+        so that marks the dead one acknowledged but had not flushed become durable."""
+        self._touch(0, image_size(self.region_count) - 1)
+        self._dirtied = True
+        self.commit(everything=True)
+
+    def _copy_clean_to_sync(self) -> None:
+        self.sync_bits[:] = self.clean_bits
+        HEADER.pack_into(self._view, _sync_offset(self.region_count), SYNC_MAGIC,
+                         SYNC_VERSION, self.region_count)
 
     # -- bit changes ---------------------------------------------------------------------------
 
@@ -243,106 +311,62 @@ class RegionMap:
     # -- commit ----------------------------------------------------------------------------
 
     def commit(self, everything: bool = False) -> bool:
-        """Make the changes since the last commit durable.
+        """Make the image's changes since the last commit durable.
 
         Without ``everything`` only a change that dirtied a bit forces a sync (clears ride
-        along with it or wait); with it, any pending change is written (POSTSUSPEND, close).
+        along with it or wait); with it, any pending change is written (POSTSUSPEND).
         Returns whether a sync was issued.  Raises StoreError; the changes then stay
         pending, so a later commit retries them.
         """
         if self._first_page is None or not (self._dirtied or everything):
             return False
         start = self._first_page * PAGE_SIZE
-        stop = min((self._last_page + 1) * PAGE_SIZE, len(self._view))
-        self._backing.persist(start, stop)
+        stop = min((self._last_page + 1) * PAGE_SIZE, image_size(self.region_count))
+        self._store.persist(self._view, start, stop)
         self._first_page, self._last_page, self._dirtied = None, -1, False
         self.commits += 1
         return True
 
     def close(self) -> None:
-        """Release the backing without writing anything (DTR: the kernel's logs do not
-        write at destruction either)."""
-        del self.clean_bits
+        """Release the mapping and the device without writing anything (DTR: the kernel's
+        logs do not write at destruction either)."""
+        del self.clean_bits, self.sync_bits
         self._view.release()
-        self._backing.close()
+        self._buffer.close()
+        self._store.close()
 
 
-# -- backings ----------------------------------------------------------------------------------
+# -- where an image persists -----------------------------------------------------------------
 
 
-class _Backing:
-    """Where an image is read from and persisted to; ``buffer`` holds the image."""
+class _Store:
+    path: Path | None
 
-    path: Path
-    buffer: mmap.mmap
-    _fd: int
+    def load(self, image: memoryview) -> None:
+        """Fill ``image`` with what was stored (StoreError if it cannot be read)."""
 
-    def load(self) -> None:
-        raise NotImplementedError
-
-    def persist(self, start: int, stop: int) -> None:
+    def persist(self, view: memoryview, start: int, stop: int) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
-        self.buffer.close()
-        os.close(self._fd)
+        """Nothing to release."""
 
 
-class StateFile(_Backing):
-    """A state file mapped MAP_SHARED: the buffer is the file's page cache."""
+class StateFile(_Store):
+    """A core log: the instance file's image is the durable state; msync commits it."""
 
-    def __init__(self, path: Path, fd: int, size: int):
+    def __init__(self, path: Path | None):
         self.path = path
-        self._fd = fd
-        self.buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
-    @classmethod
-    def create(cls, path: Path, image_bytes: int) -> StateFile:
-        size = _round_up(image_bytes, PAGE_SIZE)
-        tmp = path.with_name(path.name + ".new")
-        with _errors(f"cannot create state file {tmp}"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            with _errors(f"cannot allocate {size} bytes for state file {tmp}"):
-                os.posix_fallocate(fd, 0, size)
-            backing = cls(path, fd, size)
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(tmp)
-            raise
-        # The new file takes the old one's name only once it is complete: a crash in
-        # between leaves the old file or none, never a half-made one.  Its content is made
-        # durable by the caller's first commit, before the CTR is answered.
-        with _errors(f"cannot install state file {path}"):
-            os.rename(tmp, path)
-            _fsync_dir(path.parent)
-        return backing
-
-    @classmethod
-    def open(cls, path: Path, image_bytes: int) -> StateFile:
-        size = _round_up(image_bytes, PAGE_SIZE)
-        with _errors(f"cannot open state file {path}"):
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            with _errors(f"cannot size state file {path}"):
-                if os.fstat(fd).st_size < size:
-                    os.posix_fallocate(fd, 0, size)
-            return cls(path, fd, size)
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def load(self) -> None:
-        """Nothing to read: the mapping shows the file."""
-
-    def persist(self, start: int, stop: int) -> None:
+    def persist(self, view: memoryview, start: int, stop: int) -> None:
+        if self.path is None:
+            raise StoreError(errno.EIO, "no state file (the state directory failed)")
         with _errors(f"cannot sync state file {self.path}", device_failed=False):
-            self.buffer.flush(start, stop - start)
+            view.obj.flush(start, _round_up(stop, PAGE_SIZE) - start)
 
 
-class LogDevice(_Backing):
-    """A log device read and written with O_DIRECT, staged in an anonymous mapping.
+class LogDevice(_Store):
+    """A log device read and written with O_DIRECT through an aligned bounce buffer.
 
     A regular file is accepted in place of a device (tests, or a log on a filesystem); it is
     written through the page cache and fdatasync'd, as O_DIRECT alignment rules for files
@@ -354,10 +378,10 @@ class LogDevice(_Backing):
         self._fd = fd
         self._io_size = io_size  # bytes read and written: whole logical blocks
         self._block = block  # the device's logical block size: O_DIRECT's unit
-        self.buffer = mmap.mmap(-1, _round_up(io_size, PAGE_SIZE))
+        self._bounce = mmap.mmap(-1, _round_up(io_size, PAGE_SIZE))  # page-aligned
 
     @classmethod
-    def open(cls, path: Path, image_bytes: int) -> LogDevice:
+    def open(cls, path: Path, region_count: int) -> LogDevice:
         with _errors(f"cannot open log device {path}"):
             st = os.stat(path)
             block_device = stat.S_ISBLK(st.st_mode)
@@ -369,7 +393,7 @@ class LogDevice(_Backing):
             with _errors(f"cannot size log device {path}"):
                 block = _logical_block_size(fd) if block_device else 512
                 device_bytes = os.lseek(fd, 0, os.SEEK_END)
-            io_size = _round_up(image_bytes, block)
+            io_size = _round_up(image_size(region_count), block)
             if device_bytes < io_size:
                 raise StoreError(
                     errno.EINVAL,
@@ -380,22 +404,59 @@ class LogDevice(_Backing):
             os.close(fd)
             raise
 
-    def load(self) -> None:
-        with _errors(f"cannot read log device {self.path}", errno.EIO):
-            got = os.preadv(self._fd, [memoryview(self.buffer)[: self._io_size]], 0)
-            if got != self._io_size:
-                raise StoreError(errno.EIO, f"short read of log device {self.path}: {got}")
+    def load(self, image: memoryview) -> None:
+        with _errors(f"cannot read log device {self.path}", errno.EIO), \
+                memoryview(self._bounce)[: self._io_size] as target:
+            got = os.preadv(self._fd, [target], 0)
+        if got != self._io_size:
+            raise StoreError(errno.EIO, f"short read of log device {self.path}: {got}")
+        image[:] = self._bounce[: len(image)]
 
-    def persist(self, start: int, stop: int) -> None:
+    def persist(self, view: memoryview, start: int, stop: int) -> None:
         stop = min(_round_up(stop, self._block), self._io_size)
-        with _errors(f"cannot write log device {self.path}", errno.EIO):
-            chunk = memoryview(self.buffer)[start:stop]
+        image_end = min(stop, len(view))
+        self._bounce[start:image_end] = view[start:image_end]
+        with _errors(f"cannot write log device {self.path}", errno.EIO), \
+                memoryview(self._bounce)[start:stop] as chunk:
             written = os.pwritev(self._fd, [chunk], start)
-            chunk.release()
-            if written != stop - start:
-                raise StoreError(errno.EIO, f"short write to log device {self.path}")
+        if written != stop - start:
+            raise StoreError(errno.EIO, f"short write to log device {self.path}")
         with _errors(f"cannot flush log device {self.path}", device_failed=False):
             os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        self._bounce.close()
+        os.close(self._fd)
+
+
+def _create_instance_file(path: Path | None, size: int) -> mmap.mmap:
+    """A new, fully allocated, zeroed instance file mapped MAP_SHARED (anonymous memory
+    when ``path`` is None).  It takes the old file's name only once complete: a crash in
+    between leaves the old file or none, never a half-made one."""
+    if path is None:
+        return mmap.mmap(-1, size)
+    tmp = path.with_name(path.name + ".new")
+    with _errors(f"cannot create state file {tmp}"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        with _errors(f"cannot allocate {size} bytes for state file {tmp}"):
+            os.posix_fallocate(fd, 0, size)
+        buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        _unlink_quietly(tmp)
+        raise
+    os.close(fd)
+    try:
+        with _errors(f"cannot install state file {path}"):
+            os.rename(tmp, path)
+            _fsync_dir(path.parent)
+    except BaseException:
+        buffer.close()
+        _unlink_quietly(tmp)
+        raise
+    return buffer
 
 
 class _errors:
@@ -441,7 +502,7 @@ def _unlink_quietly(path: Path) -> None:
 
 
 def state_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
-    """Where a core log instance keeps its bits: one file per (uuid, luid).
+    """Where a log instance keeps its instance file: one per (uuid, luid).
 
     Per luid, not per uuid: during a table reload the old and the new instance are live at
     once, and the new one must start over (design.md, safety rule) without touching the
@@ -449,7 +510,7 @@ def state_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     while the table is live, so a restarted server finds the file again from the
     reconnect CTR.  The uuid is percent-escaped to stay one path component.
     """
-    return state_dir / "core" / f"{quote(uuid, safe='')}@{luid:016x}.map"
+    return state_dir / "logs" / f"{quote(uuid, safe='')}@{luid:016x}.map"
 
 
 def stale_state_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[Path]:
@@ -461,7 +522,7 @@ def stale_state_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[
     prefix = f"{quote(uuid, safe='')}@"
     stale = []
     try:
-        entries = list((state_dir / "core").iterdir())
+        entries = list((state_dir / "logs").iterdir())
     except OSError:
         return []
     for path in entries:

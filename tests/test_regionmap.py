@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
-import shutil
 import struct
 from pathlib import Path
 
@@ -14,7 +14,6 @@ from shardlog import regionmap
 from shardlog.regionmap import (
     BITMAP_OFFSET,
     MIRROR_MAGIC,
-    IncompatibleVersion,
     RegionMap,
     StoreError,
     resolve_device,
@@ -44,21 +43,26 @@ def header_of(data: bytes) -> tuple[int, int, int]:
     return struct.unpack_from("<IIQ", data, 0)
 
 
+def on_device(tmp_path: Path, device: Path, regions: int = KERNEL_REGIONS) -> RegionMap:
+    """A disk log's region map: its instance file in tmp_path, persisting to ``device``."""
+    return RegionMap.create(tmp_path / "instance.map", regions, device=device)
+
+
 # -- layout -------------------------------------------------------------------------------------
 
 
 def test_a_new_in_sync_state_file_has_the_kernels_image(tmp_path):
     path = tmp_path / "s.map"
-    rmap = RegionMap.create_state_file(path, KERNEL_REGIONS, clean=True)
+    rmap = RegionMap.create(path, KERNEL_REGIONS, clean=True)
     rmap.close()
     image = path.read_bytes()
     assert image[: BITMAP_OFFSET + 16] == golden("insync")[: BITMAP_OFFSET + 16]
-    assert set(image[BITMAP_OFFSET + 16 :]) == {0}
+    assert set(image[BITMAP_OFFSET + 16 : 4096]) == {0}  # then the sync bits' page
 
 
 def test_a_new_out_of_sync_state_file_has_every_bit_dirty(tmp_path):
     path = tmp_path / "s.map"
-    RegionMap.create_state_file(path, 100, clean=False).close()
+    RegionMap.create(path, 100, clean=False).close()
     image = path.read_bytes()
     assert header_of(image) == (MIRROR_MAGIC, 2, 100)
     assert set(image[BITMAP_OFFSET : BITMAP_OFFSET + 16]) == {0}
@@ -66,7 +70,7 @@ def test_a_new_out_of_sync_state_file_has_every_bit_dirty(tmp_path):
 
 def test_bits_past_the_last_region_stay_zero(tmp_path):
     path = tmp_path / "s.map"
-    RegionMap.create_state_file(path, 100, clean=True).close()
+    RegionMap.create(path, 100, clean=True).close()
     bitmap = path.read_bytes()[BITMAP_OFFSET : BITMAP_OFFSET + 16]
     # 100 regions: 12 whole bytes, then 4 bits of byte 12, then zeros to the u32 boundary.
     assert bitmap == b"\xff" * 12 + b"\x0f" + b"\0" * 3
@@ -74,7 +78,7 @@ def test_bits_past_the_last_region_stay_zero(tmp_path):
 
 def test_marking_region_5_writes_the_image_the_kernel_wrote(tmp_path):
     device = device_file(tmp_path, golden("insync"))
-    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    rmap = on_device(tmp_path, device)
     rmap.resume(honor_saved=True, new_regions_clean=False)
     rmap.mark(5)
     assert rmap.commit()
@@ -94,7 +98,7 @@ def test_marking_region_5_writes_the_image_the_kernel_wrote(tmp_path):
      ("nosync-fresh", set())],
 )
 def test_resume_reads_the_kernels_clean_bits(tmp_path, image, dirty):
-    rmap = RegionMap.open_device(device_file(tmp_path, golden(image)), KERNEL_REGIONS)
+    rmap = on_device(tmp_path, device_file(tmp_path, golden(image)))
     outcome = rmap.resume(honor_saved=True, new_regions_clean=False)
     assert outcome.saved_regions == KERNEL_REGIONS
     assert {r for r in range(KERNEL_REGIONS) if not rmap.clean_bits[r]} == dirty
@@ -104,7 +108,7 @@ def test_resume_reads_the_kernels_clean_bits(tmp_path, image, dirty):
 @pytest.mark.parametrize("new_clean", [False, True])
 def test_a_wiped_device_starts_over_out_of_sync_or_in_sync_for_nosync(tmp_path, new_clean):
     device = device_file(tmp_path)
-    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    rmap = on_device(tmp_path, device)
     outcome = rmap.resume(honor_saved=True, new_regions_clean=new_clean)
     assert outcome.saved_regions == 0 and "no valid header" in outcome.reason
     assert rmap.clean_bits.count(1) == (KERNEL_REGIONS if new_clean else 0)
@@ -114,7 +118,7 @@ def test_a_wiped_device_starts_over_out_of_sync_or_in_sync_for_nosync(tmp_path, 
 
 
 def test_sync_or_nosync_ignores_the_stored_bits(tmp_path):
-    rmap = RegionMap.open_device(device_file(tmp_path, golden("region5-dirty")), KERNEL_REGIONS)
+    rmap = on_device(tmp_path, device_file(tmp_path, golden("region5-dirty")))
     outcome = rmap.resume(honor_saved=False, new_regions_clean=True)
     assert outcome.saved_regions == 0 and "ignored" in outcome.reason
     assert rmap.clean_bits.count(1) == KERNEL_REGIONS
@@ -123,7 +127,7 @@ def test_sync_or_nosync_ignores_the_stored_bits(tmp_path):
 
 def test_growth_gives_new_regions_the_new_region_state(tmp_path):
     device = device_file(tmp_path, golden("region5-dirty"))
-    rmap = RegionMap.open_device(device, 200)
+    rmap = on_device(tmp_path, device, 200)
     assert rmap.resume(honor_saved=True, new_regions_clean=False).saved_regions == 128
     assert [r for r in range(200) if not rmap.clean_bits[r]] == [5, *range(128, 200)]
     rmap.close()
@@ -132,7 +136,7 @@ def test_growth_gives_new_regions_the_new_region_state(tmp_path):
 
 def test_shrink_clears_the_tail_of_the_last_word(tmp_path):
     device = device_file(tmp_path, golden("insync"))
-    rmap = RegionMap.open_device(device, 100)
+    rmap = on_device(tmp_path, device, 100)
     rmap.resume(honor_saved=True, new_regions_clean=False)
     assert rmap.clean_bits.count(1) == 100 and len(rmap.clean_bits) == 128
     rmap.close()
@@ -144,29 +148,39 @@ def test_version_1_is_accepted_and_rewritten_as_2(tmp_path):
     image = bytearray(golden("insync"))
     struct.pack_into("<I", image, 4, 1)
     device = device_file(tmp_path, bytes(image))
-    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    rmap = on_device(tmp_path, device)
     assert rmap.resume(honor_saved=True, new_regions_clean=False).saved_regions == 128
     rmap.close()
     assert header_of(device.read_bytes())[1] == 2
 
 
-def test_an_unknown_version_is_refused_and_nothing_is_written(tmp_path):
+def test_an_unknown_version_reads_as_a_failed_device_with_nothing_saved(tmp_path):
     image = bytearray(golden("region5-dirty"))
     struct.pack_into("<I", image, 4, 3)
     device = device_file(tmp_path, bytes(image))
-    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
-    with pytest.raises(IncompatibleVersion, match="incompatible disk log version 3"):
-        rmap.resume(honor_saved=True, new_regions_clean=False)
+    rmap = on_device(tmp_path, device)
+    outcome = rmap.resume(honor_saved=True, new_regions_clean=False)
+    assert "incompatible disk log version 3" in str(outcome.read_error)
+    assert outcome.saved_regions == 0 and rmap.clean_bits.count(1) == 0
     rmap.close()
-    assert device.read_bytes()[:8192] == bytes(image)
+    assert header_of(device.read_bytes()) == (MIRROR_MAGIC, 2, KERNEL_REGIONS)
+
+
+def test_an_unknown_version_does_not_matter_when_the_bits_are_ignored(tmp_path):
+    image = bytearray(golden("region5-dirty"))
+    struct.pack_into("<I", image, 4, 3)
+    rmap = on_device(tmp_path, device_file(tmp_path, bytes(image)))
+    outcome = rmap.resume(honor_saved=False, new_regions_clean=True)
+    assert outcome.read_error is None and rmap.clean_bits.count(1) == KERNEL_REGIONS
+    rmap.close()
 
 
 def test_an_unreadable_device_counts_as_nothing_saved(tmp_path):
     device = device_file(tmp_path, golden("insync"))
-    rmap = RegionMap.open_device(device, KERNEL_REGIONS)
+    rmap = on_device(tmp_path, device)
     os.truncate(device, 100)  # the device shrank under us: a short read
     outcome = rmap.resume(honor_saved=True, new_regions_clean=False)
-    assert rmap.read_error is not None and rmap.read_error.errno == errno.EIO
+    assert outcome.read_error is not None and outcome.read_error.errno == errno.EIO
     assert "unreadable" in outcome.reason and rmap.clean_bits.count(1) == 0
     rmap.close()
 
@@ -174,7 +188,7 @@ def test_an_unreadable_device_counts_as_nothing_saved(tmp_path):
 def test_a_device_smaller_than_the_image_is_refused(tmp_path):
     device = device_file(tmp_path, size=1024)
     with pytest.raises(StoreError, match="too small") as caught:
-        RegionMap.open_device(device, KERNEL_REGIONS)
+        on_device(tmp_path, device)
     assert caught.value.errno == errno.EINVAL
 
 
@@ -182,7 +196,7 @@ def test_a_device_smaller_than_the_image_is_refused(tmp_path):
 
 
 def test_no_sync_when_nothing_changed(tmp_path):
-    rmap = RegionMap.create_state_file(tmp_path / "s.map", 64, clean=True)
+    rmap = RegionMap.create(tmp_path / "s.map", 64, clean=True)
     commits = rmap.commits
     assert not rmap.commit() and not rmap.commit(everything=True)
     assert rmap.commits == commits
@@ -195,7 +209,7 @@ def test_no_sync_when_nothing_changed(tmp_path):
 
 
 def test_clears_are_committed_lazily(tmp_path):
-    rmap = RegionMap.create_state_file(tmp_path / "s.map", 64, clean=False)
+    rmap = RegionMap.create(tmp_path / "s.map", 64, clean=False)
     rmap.clear(1)
     assert not rmap.needs_commit and not rmap.commit()  # a FLUSH need not sync a clear
     assert rmap.commit(everything=True)  # POSTSUSPEND writes it
@@ -204,20 +218,21 @@ def test_clears_are_committed_lazily(tmp_path):
 
 def test_a_commit_syncs_only_the_pages_that_changed(tmp_path, monkeypatch):
     regions = 8 * 4096 * 3  # a bitmap spanning several pages
-    rmap = RegionMap.create_state_file(tmp_path / "s.map", regions, clean=True)
+    rmap = RegionMap.create(tmp_path / "s.map", regions, clean=True)
     persisted: list[tuple[int, int]] = []
-    real = rmap._backing.persist
-    monkeypatch.setattr(rmap._backing, "persist", lambda a, b: (persisted.append((a, b)),
-                                                                 real(a, b)))
+    real = rmap._store.persist
+    monkeypatch.setattr(rmap._store, "persist", lambda v, a, b: (persisted.append((a, b)),
+                                                                  real(v, a, b)))
     last_region_page = (BITMAP_OFFSET + (regions - 1) // 8) // 4096
     rmap.mark(regions - 1)
     rmap.commit()
-    assert persisted == [(last_region_page * 4096, (last_region_page + 1) * 4096)]
+    image_end = BITMAP_OFFSET + regions // 8
+    assert persisted == [(last_region_page * 4096, image_end)]
     rmap.close()
 
 
 def test_a_failed_commit_keeps_its_changes_for_the_next_one(tmp_path, monkeypatch):
-    rmap = RegionMap.open_device(device_file(tmp_path, golden("insync")), KERNEL_REGIONS)
+    rmap = on_device(tmp_path, device_file(tmp_path, golden("insync")))
     rmap.resume(honor_saved=True, new_regions_clean=False)
     rmap.mark(5)
 
@@ -239,7 +254,7 @@ def test_a_failed_commit_keeps_its_changes_for_the_next_one(tmp_path, monkeypatc
 def test_state_files_are_per_uuid_and_luid_and_escaped(tmp_path):
     a = state_file_path(tmp_path, "LVM-abc/def ghi", 0xFFFF8881)
     b = state_file_path(tmp_path, "LVM-abc/def ghi", 0xFFFF8882)
-    assert a != b and a.parent == b.parent == tmp_path / "core"
+    assert a != b and a.parent == b.parent == tmp_path / "logs"
     assert "/" not in a.name and " " not in a.name and len(a.name) < 255
     long_uuid = "x" * 128
     assert len(state_file_path(tmp_path, long_uuid, 2**64 - 1).name) < 255
@@ -250,15 +265,15 @@ def test_stale_state_files_are_those_of_other_instances(tmp_path):
     stale = state_file_path(tmp_path, "u", 2)
     other = state_file_path(tmp_path, "u2", 3)
     for path in (live, stale, other):
-        RegionMap.create_state_file(path, 8, clean=True).close()
+        RegionMap.create(path, 8, clean=True).close()
     assert stale_state_files(tmp_path, "u", {1}) == [stale]
     assert stale_state_files(tmp_path / "nowhere", "u", set()) == []
 
 
 def test_replacing_a_state_file_leaves_no_temporary_behind(tmp_path):
-    path = tmp_path / "core" / "x.map"
-    RegionMap.create_state_file(path, 8, clean=True).close()
-    RegionMap.create_state_file(path, 8, clean=False).close()
+    path = tmp_path / "logs" / "x.map"
+    RegionMap.create(path, 8, clean=True).close()
+    RegionMap.create(path, 8, clean=False).close()
     assert sorted(p.name for p in path.parent.iterdir()) == ["x.map"]
     assert path.read_bytes()[BITMAP_OFFSET] == 0
 
@@ -293,20 +308,56 @@ def test_a_device_node_is_made_when_dev_has_none(loop_device, tmp_path, monkeypa
 
 
 def test_a_block_device_log_is_written_with_direct_io(loop_device, tmp_path):
-    shutil.copyfile(DISKLOG_IMAGES / "disklog-insync.bin", tmp_path / "img")
     with open(loop_device, "r+b") as f:
-        f.write((tmp_path / "img").read_bytes())
-    rmap = RegionMap.open_device(loop_device, KERNEL_REGIONS)
+        f.write(golden("insync"))
+    rmap = on_device(tmp_path, loop_device)
     rmap.resume(honor_saved=True, new_regions_clean=False)
     rmap.mark(5)
     rmap.commit()
     rmap.close()
     fd = os.open(loop_device, os.O_RDONLY | os.O_DIRECT)
     try:
-        import mmap
-
         buf = mmap.mmap(-1, 8192)
         os.preadv(fd, [buf], 0)
         assert bytes(buf) == golden("region5-dirty")
     finally:
         os.close(fd)
+
+
+# -- the instance file: what a restarted server finds ------------------------------------------
+
+
+def test_sync_bits_and_unflushed_marks_survive_in_the_instance_file(tmp_path):
+    device = device_file(tmp_path, golden("insync"))
+    rmap = on_device(tmp_path, device)
+    rmap.resume(honor_saved=True, new_regions_clean=False)
+    rmap.mark(5)  # acknowledged (MARK_REGION), not yet flushed
+    rmap.sync_bits[9] = 0  # a leg write failed there
+    # The server dies here: nothing more is written.  A new one reopens the instance.
+    again = RegionMap.reopen(tmp_path / "instance.map", KERNEL_REGIONS, device=device)
+    assert again is not None
+    assert not again.clean_bits[5] and again.clean_bits[9] and not again.sync_bits[9]
+    assert device.read_bytes()[:8192] == golden("insync")  # the mark never reached it
+    again.push()
+    assert device.read_bytes()[:8192] == golden("region5-dirty")
+    again.close()
+    rmap.close()
+
+
+def test_reopen_finds_nothing_where_no_whole_instance_is(tmp_path):
+    path = tmp_path / "i.map"
+    assert RegionMap.reopen(path, 64) is None
+    RegionMap.create(path, 64, clean=True).close()
+    assert RegionMap.reopen(path, 65) is None  # made for another region count
+    data = bytearray(path.read_bytes())
+    data[4096] ^= 0xFF  # the sync section's magic
+    path.write_bytes(bytes(data))
+    assert RegionMap.reopen(path, 64) is None
+
+
+def test_a_memory_only_core_map_fails_its_commits(tmp_path):
+    rmap = RegionMap.create(None, 64, clean=True)
+    rmap.mark(1)
+    with pytest.raises(StoreError, match="no state file"):
+        rmap.commit()
+    rmap.close()
