@@ -129,7 +129,10 @@ class DirtyLog:
             if reconnect:
                 rmap = RegionMap.reopen(path, config.region_count, device=device)
                 if rmap is not None:
-                    return cls(uuid, luid, config, rmap, device_name=device_name, restored=True)
+                    # Never resumed: the kernel had not started I/O; its coming RESUME does
+                    # what the dead server's would have done.
+                    return cls(uuid, luid, config, rmap, device_name=device_name,
+                               restored=rmap.resumed)
                 log.warning(
                     "%s: reconnect CTR but no state saved at %s: %s; suspend and resume "
                     "the mirror so that the kernel asks for their resync", _name(uuid, luid),
@@ -137,8 +140,12 @@ class DirtyLog:
                     if device else "every region counts as out of sync")
             clean = config.sync_mode is SyncMode.NOSYNC and not reconnect
             rmap = RegionMap.create(path, config.region_count, device=device, clean=clean)
+            # A reconnect with nothing saved takes what the device holds; but `sync`
+            # means every region is resynced at each activation, so there the device's
+            # bits (perhaps an earlier activation's) must not count.
+            honor = reconnect and config.sync_mode is not SyncMode.SYNC
             return cls(uuid, luid, config, rmap, device_name=device_name,
-                       honor_device_bits=reconnect)
+                       honor_device_bits=honor)
         except StoreError as exc:
             if not reconnect:
                 raise
@@ -199,6 +206,7 @@ class DirtyLog:
         self.recovering = None
         self.recovery_halted = False
         self.state = LogState.RESUMED
+        self.region_map.resumed = True
         self._restored = self._honor_device_bits = False
         # dm-raid1 only warns when a resume fails; a failed device shows in the status and
         # fails the next FLUSH, as with the kernel's disk log.  So RESUME succeeds.
@@ -338,8 +346,10 @@ class DirtyLog:
                 sync_bits[region] = 0
                 self.sync_count -= 1
             self.region_map.mark(region)  # the invariant: never clean while out of sync
-            if self.state is LogState.SUSPENDED:
-                self._commit(everything=False)  # no FLUSH will come for it
+            # Durable now, not at the next FLUSH (which may never come, e.g. after
+            # POSTSUSPEND): a region known to differ between the legs must not be
+            # forgotten.  Rare (a failed leg write or recovery), so the sync costs nothing.
+            self._commit(everything=False)
         return b""
 
     # -- helpers ------------------------------------------------------------------------------

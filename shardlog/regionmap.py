@@ -8,8 +8,9 @@ mapped ``MAP_SHARED``, so that a bit operation is a C call on the page cache::
            byte 1024  clean bits, one per region, little-endian bit order (region i is
                       byte i>>3, bit i&7), 1 = clean, whole u32 words, bits past
                       nr_regions kept 0
-    sync   next page  u32 magic "SLsy", u32 version 1, u64 nr_regions; from byte 64 of
-                      that page the sync bits, in the same order
+    sync   next page  u32 magic "SLsy", u32 version 1, u64 nr_regions, u32 flags (1:
+                      resumed at least once); from byte 64 of that page the sync
+                      bits, in the same order
 
 The *image* is what the kernel's `disk` log keeps on its device, so a mirror can move
 between the in-kernel `disk` log and shardlog with no resync.  Where it is made durable
@@ -65,6 +66,8 @@ BITMAP_OFFSET = 1024  # LOG_OFFSET: 2 sectors
 HEADER = struct.Struct("<IIQ")
 SYNC_MAGIC = 0x79734C53  # "SLsy"
 SYNC_VERSION = 1
+SYNC_FLAGS = struct.Struct("<I")  # after the sync header
+SYNC_FLAG_RESUMED = 1
 SYNC_BITS_OFFSET = 64  # within the sync page(s)
 PAGE_SIZE = mmap.PAGESIZE
 _BLKSSZGET = 0x1268  # logical block size of a block device
@@ -209,6 +212,18 @@ class RegionMap:
         return cls(path, buffer, region_count, store)
 
     @property
+    def resumed(self) -> bool:
+        """Whether the instance was ever resumed: a server that restores one that was not
+        must do that first RESUME's work itself."""
+        offset = _sync_offset(self.region_count) + HEADER.size
+        return bool(SYNC_FLAGS.unpack_from(self._view, offset)[0] & SYNC_FLAG_RESUMED)
+
+    @resumed.setter
+    def resumed(self, value: bool) -> None:
+        offset = _sync_offset(self.region_count) + HEADER.size
+        SYNC_FLAGS.pack_into(self._view, offset, SYNC_FLAG_RESUMED if value else 0)
+
+    @property
     def store_path(self) -> Path | None:
         """Where the bits are made durable: the log device or the instance file."""
         return self._store.path
@@ -331,9 +346,15 @@ class RegionMap:
         """Release the mapping and the device without writing anything (DTR: the kernel's
         logs do not write at destruction either)."""
         del self.clean_bits, self.sync_bits
-        self._view.release()
-        self._buffer.close()
         self._store.close()
+        try:
+            self._view.release()
+            self._buffer.close()
+        except BufferError:
+            # Someone still holds a view of the bits (a caller's variable, a traceback):
+            # the mapping goes away with the last of them.  A DTR must not fail for it.
+            log.debug("%s: mapping still referenced; released when the last view goes",
+                      self.path)
 
 
 # -- where an image persists -----------------------------------------------------------------

@@ -423,3 +423,21 @@ def test_the_hint_stays_below_region_count_while_resync_work_is_left(kernel):
     for step in (T.PRESUSPEND, T.POSTSUSPEND, T.RESUME):
         kernel.ok(step)
     assert hint() == (0, 7) and kernel.resync_work() == (1, 3)  # the next pass retries it
+
+
+def test_a_region_set_out_of_sync_is_durable_at_once(kernel, tmp_path):
+    device = tmp_path / "logdev"
+    with open(device, "wb") as f:
+        f.truncate(1 << 20)
+    resumed(kernel, f"131072 disk {device} 1024 nosync")
+    assert device.read_bytes()[BITMAP_OFFSET] == 0xFF
+    kernel.set_region_sync(2, False)  # a leg write failed; no FLUSH follows yet
+    assert device.read_bytes()[BITMAP_OFFSET] == 0xFB
+
+
+def test_dtr_succeeds_while_something_still_holds_the_bits(kernel, state_dir):
+    resumed(kernel)
+    held = kernel.table.logs[(kernel.uuid, kernel.luid)].region_map.clean_bits
+    assert kernel.send(T.DTR) == (0, b"")
+    assert not state_file_path(state_dir, kernel.uuid, kernel.luid).exists()
+    assert held.count(1) == 0  # still readable: the mapping lives as long as the view
