@@ -25,10 +25,12 @@ Events from outside the protocol are part of the machine:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from hypothesis import settings
@@ -712,34 +714,35 @@ def test_disk_log_answers_like_the_model_and_carries_bits_across_activations(tmp
                               settings=MACHINE_SETTINGS)
 
 
-def test_a_restart_before_the_first_resume_of_a_sync_disk_log_keeps_its_resync(tmp_path):
-    """``sync`` forces a full resync; a server restart between the CTR and the first
-    RESUME must not bring back what the device said in an earlier activation."""
+@contextlib.contextmanager
+def sync_disk_log_reactivated_but_not_resumed(tmp_path) -> Iterator[DirtyLogMachine]:
+    """A ``sync`` disk log that resynced region 3 and was suspended (region 3 is clean on
+    the device), then activated again on a restarted server, not yet resumed."""
     machine = DirtyLogMachine(tmp_path, disk=True)
     try:
         machine.construct(n=8, mode="sync", region_size=8, spare=0, resume=True)
         machine.set_sync(3, True)
         machine.clear_regions([3])
-        machine.postsuspend()  # region 3 is clean on the device
+        machine.postsuspend()
         machine.new_activation_on_a_restarted_server(n=8, spare=0, resume=False)
+        yield machine
+    finally:
+        machine.close()
+
+
+def test_a_restart_before_the_first_resume_of_a_sync_disk_log_keeps_its_resync(tmp_path):
+    """``sync`` forces a full resync; a server restart between the CTR and the first
+    RESUME must not bring back what the device said in an earlier activation."""
+    with sync_disk_log_reactivated_but_not_resumed(tmp_path) as machine:
         machine.crash_and_check_restore(flush_first=False)
         assert ones(machine.real_log().region_map.sync_bits, 8) == set()
         machine.real_bits_match_the_model_and_keep_their_invariants()
-    finally:
-        machine.close()
 
 
 def test_a_restart_that_lost_the_instance_file_keeps_a_pending_sync_disk_log_out_of_sync(
         tmp_path):
     """The same, when the instance file is gone too: the device's bits from the earlier
     activation are exactly what ``sync`` told the log to ignore."""
-    machine = DirtyLogMachine(tmp_path, disk=True)
-    try:
-        machine.construct(n=8, mode="sync", region_size=8, spare=0, resume=True)
-        machine.set_sync(3, True)
-        machine.clear_regions([3])
-        machine.postsuspend()  # region 3 is clean on the device
-        machine.new_activation_on_a_restarted_server(n=8, spare=0, resume=False)
+    with sync_disk_log_reactivated_but_not_resumed(tmp_path) as machine:
         machine.crash_losing_the_instance_file()
-    finally:
-        machine.close()
+        assert ones(machine.real_log().region_map.sync_bits, 8) == set()
