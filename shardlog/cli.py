@@ -1,7 +1,7 @@
 """The ``shardlog`` command.
 
 - ``shardlog replay [CAPTURE]``: answer the requests of a recorded kernel session with a
-  real log table (state files in a temporary or given state directory) and show what a
+  real log table (instance files in a temporary or given state directory) and show what a
   correct log answers.  Without an argument it replays the embedded default: the requests
   a Debian 6.1 kernel sent while resyncing a 128-region mirror.
 - ``shardlog decode [FILE]``: print datagrams (hex, one per line, or capture JSON lines)
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="capture (hex or JSON lines, may be gzipped); "
                              "default: the embedded kernel 6.1 resync session")
     replay.add_argument("--state-dir", type=Path,
-                        help="where core logs keep their state files (default: a temporary "
+                        help="where logs keep their instance files (default: a temporary "
                              "directory, removed afterwards)")
     replay.add_argument("--all", action="store_true", help="show every request, not a sample")
     replay.set_defaults(run=_replay)

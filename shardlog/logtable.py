@@ -16,7 +16,7 @@ owns what is not one log's business:
   payload size or a negative errno, and every refusal is logged with its reason.
 
 Two live instances of one uuid (a table reload: new luid, same uuid) are two entries; a
-core log's instances have separate state files, a disk log's share the device, which the
+core log's instances have separate instance files; a disk log's share the device, which the
 new instance reads at its RESUME, after the old one's last commit at POSTSUSPEND.
 """
 
@@ -117,8 +117,8 @@ class LogTable:
         instance here owns are left from instances whose DTR we missed."""
         live = {luid for (log_uuid, luid) in self.logs if log_uuid == uuid}
         for path in stale_state_files(self.state_dir, uuid, live):
-            log.info("removing stale state file %s", path)
+            log.info("removing stale instance file %s", path)
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
-                log.warning("cannot remove stale state file %s: %s", path, exc)
+                log.warning("cannot remove stale instance file %s: %s", path, exc)

@@ -381,8 +381,8 @@ class StateFile(_Store):
 
     def persist(self, view: memoryview, start: int, stop: int) -> None:
         if self.path is None:
-            raise StoreError(errno.EIO, "no state file (the state directory failed)")
-        with _errors(f"cannot sync state file {self.path}", device_failed=False):
+            raise StoreError(errno.EIO, "no instance file (the state directory failed)")
+        with _errors(f"cannot sync instance file {self.path}", device_failed=False):
             view.obj.flush(start, _round_up(stop, PAGE_SIZE) - start)
 
 
@@ -457,11 +457,11 @@ def _create_instance_file(path: Path | None, size: int) -> mmap.mmap:
     if path is None:
         return mmap.mmap(-1, size)
     tmp = path.with_name(path.name + ".new")
-    with _errors(f"cannot create state file {tmp}"):
+    with _errors(f"cannot create instance file {tmp}"):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
-        with _errors(f"cannot allocate {size} bytes for state file {tmp}"):
+        with _errors(f"cannot allocate {size} bytes for instance file {tmp}"):
             os.posix_fallocate(fd, 0, size)
         buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
@@ -470,7 +470,7 @@ def _create_instance_file(path: Path | None, size: int) -> mmap.mmap:
         raise
     os.close(fd)
     try:
-        with _errors(f"cannot install state file {path}"):
+        with _errors(f"cannot install instance file {path}"):
             os.rename(tmp, path)
             _fsync_dir(path.parent)
     except BaseException:
@@ -535,10 +535,10 @@ def state_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
 
 
 def stale_state_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[Path]:
-    """State files of ``uuid`` that belong to none of ``live_luids``.
+    """Instance files of ``uuid`` that belong to none of ``live_luids``.
 
     Finding them is housekeeping: a directory that cannot be listed yields none (creating
-    the new state file then reports what is wrong with it).
+    the new instance file then reports what is wrong with it).
     """
     prefix = f"{quote(uuid, safe='')}@"
     stale = []

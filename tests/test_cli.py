@@ -26,7 +26,7 @@ def test_replay_of_the_embedded_default_resyncs_128_regions(tmp_path):
     assert handed_out == [f"{{1, {r}}}" for r in range(128)] + ["{0, 0}", "{0, 0}"]
     assert any(line.endswith("GET_SYNC_COUNT                      -> 128") for line in lines)
     assert "STATUS_INFO ok x6" in result.stdout
-    assert list((tmp_path / "logs").iterdir()) == []  # the DTR removed the state file
+    assert list((tmp_path / "logs").iterdir()) == []  # the DTR removed the instance file
 
 
 def test_replay_of_a_capture_file_reports_refused_requests(tmp_path):

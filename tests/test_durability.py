@@ -2,7 +2,7 @@
 
 A child process serves one log through the real codec and log table and reports each
 FLUSH it has answered; the parent kills it with SIGKILL while it keeps marking, then reads
-the state file or log device as a restarted server would.  Every acknowledged mark must be
+the instance file or log device as a restarted server would.  Every acknowledged mark must be
 there, and a restarted server must see those regions as out of sync.
 """
 

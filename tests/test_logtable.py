@@ -292,7 +292,7 @@ def test_an_unusable_state_dir_fails_the_ctr_and_spares_other_logs(tmp_path, cap
     not_a_dir.write_text("")
     kernel = Kernel(LogTable(not_a_dir))
     error, _ = kernel.ctr(CORE)
-    assert error == -errno.ENOTDIR and "cannot create state file" in caplog.text
+    assert error == -errno.ENOTDIR and "cannot create instance file" in caplog.text
     assert kernel.table.logs == {}
 
 

@@ -248,7 +248,7 @@ def test_a_failed_commit_keeps_its_changes_for_the_next_one(tmp_path, monkeypatc
     rmap.close()
 
 
-# -- state files and devices -------------------------------------------------------------------
+# -- instance files and devices -------------------------------------------------------------------
 
 
 def test_state_files_are_per_uuid_and_luid_and_escaped(tmp_path):
@@ -358,6 +358,6 @@ def test_reopen_finds_nothing_where_no_whole_instance_is(tmp_path):
 def test_a_memory_only_core_map_fails_its_commits(tmp_path):
     rmap = RegionMap.create(None, 64, clean=True)
     rmap.mark(1)
-    with pytest.raises(StoreError, match="no state file"):
+    with pytest.raises(StoreError, match="no instance file"):
         rmap.commit()
     rmap.close()

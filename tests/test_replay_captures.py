@@ -76,13 +76,13 @@ def test_plain_core_log_starts_out_of_sync_like_the_kernels(table, state_dir):
     statuses = {d for r, _, d in answers if r.name == "STATUS_INFO"}
     assert statuses == {b"1 core\0"}
     assert table.logs == {}  # DTR forgot it
-    assert list((state_dir / "logs").iterdir()) == []  # and its state file
+    assert list((state_dir / "logs").iterdir()) == []  # and its instance file
 
 
 @pytest.mark.parametrize("scenario", ["plain", "iflush"])
 def test_every_acknowledged_flush_has_its_marks_on_disk(table, state_dir, scenario):
     """A nosync log, so that marks show: after each FLUSH reply, every region marked
-    and not cleared since is dirty in the state file as a restarted server would read it."""
+    and not cleared since is dirty in the instance file as a restarted server would read it."""
     marked: set[int] = set()
     path = None
     checked = 0
