@@ -31,10 +31,11 @@ Which bits a RESUME starts from is the safety rule of design.md:
 - a ``disk`` log reads its device by ``disk_resume``'s rules, at every RESUME;
 - a log re-created by the kernel's reconnect CTR (the server restarted under a live
   kernel) continues from its instance file exactly, sync bits and unflushed marks
-  included, and first writes the image back so those marks become durable.  Without an
-  instance file a disk log falls back to its device's clean bits and a core log to "all
-  out of sync" — loudly, because the kernel will not ask for resync work again before the
-  mirror's next resume.
+  included, and first writes the image back so those marks become durable (an instance
+  that was never resumed does its first RESUME's work instead).  Without an instance file
+  a disk log falls back to its device's clean bits (none for ``sync``, which resyncs at
+  every activation) and a core log to "all out of sync" — loudly, because the kernel will
+  not ask for resync work again before the mirror's next resume.
 
 A reconnect never fails: the kernel re-sends a failed reconnect CTR every 2 s for ever
 while the mirror's I/O waits.  Storage that cannot be had then gives a log running from
@@ -54,7 +55,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -62,8 +62,9 @@ from typing import ClassVar
 
 from . import protocol
 from .ctrargs import LogConfig, SyncMode
+from .devices import resolve_device
 from .protocol import Request, RequestType
-from .regionmap import RegionMap, StoreError, resolve_device, state_file_path
+from .regionmap import RegionMap, StoreError, instance_file_path
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,15 @@ class LogState(Enum):
     SUSPENDED = "suspended"  # after POSTSUSPEND: bits committed, no new marks
 
 
+class ResumeFrom(Enum):
+    """Where the next RESUME takes the bits from."""
+
+    MEMORY = "memory"  # as they are: a fresh core log's, a core log's after a suspend
+    DEVICE = "device"  # a disk log's device, by disk_resume's rules
+    DEVICE_AS_SAVED = "device as saved"  # the same, honouring its bits whatever sync says
+    INSTANCE = "instance"  # a restored instance file, written back to the store first
+
+
 class DirtyLog:
     """The state of one log instance, identified by ``(uuid, luid)``."""
 
@@ -93,8 +103,7 @@ class DirtyLog:
         region_map: RegionMap,
         *,
         device_name: str | None,
-        restored: bool = False,
-        honor_device_bits: bool = False,
+        resume_from: ResumeFrom,
     ):
         self.uuid = uuid
         self.luid = luid
@@ -110,8 +119,7 @@ class DirtyLog:
         self.sync_search = 0  # where the next GET_RESYNC_WORK looks for an out-of-sync region
         self.recovering: int | None = None  # region handed out, awaiting SET_REGION_SYNC
         self.recovery_halted = False  # PRESUSPEND until RESUME
-        self._restored = restored  # reconnect: the instance file holds the state; push it
-        self._honor_device_bits = honor_device_bits  # reconnect without an instance file
+        self._resume_from = resume_from
 
     # -- construction: the safety rule ------------------------------------------------------
 
@@ -120,7 +128,7 @@ class DirtyLog:
         cls, uuid: str, luid: int, config: LogConfig, state_dir: Path, *, reconnect: bool
     ) -> DirtyLog:
         """A new log instance for a CTR (StoreError when a first CTR's storage fails)."""
-        path = state_file_path(state_dir, uuid, luid)
+        path = instance_file_path(state_dir, uuid, luid)
         device, device_name = None, None
         try:
             if config.is_disk:
@@ -129,32 +137,40 @@ class DirtyLog:
             if reconnect:
                 rmap = RegionMap.reopen(path, config.region_count, device=device)
                 if rmap is not None:
-                    # Never resumed: the kernel had not started I/O; its coming RESUME does
+                    # Never resumed: the kernel had started no I/O; its coming RESUME does
                     # what the dead server's would have done.
+                    start = ResumeFrom.INSTANCE if rmap.resumed else cls._first_resume(config)
                     return cls(uuid, luid, config, rmap, device_name=device_name,
-                               restored=rmap.resumed)
+                               resume_from=start)
                 log.warning(
                     "%s: reconnect CTR but no state saved at %s: %s; suspend and resume "
                     "the mirror so that the kernel asks for their resync", _name(uuid, luid),
-                    path, "regions dirty on the log device count as out of sync"
-                    if device else "every region counts as out of sync")
+                    path, "every region counts as out of sync"
+                    if device is None or config.sync_mode is SyncMode.SYNC
+                    else "regions dirty on the log device count as out of sync")
             clean = config.sync_mode is SyncMode.NOSYNC and not reconnect
             rmap = RegionMap.create(path, config.region_count, device=device, clean=clean)
+            start = cls._first_resume(config)
             # A reconnect with nothing saved takes what the device holds; but `sync`
             # means every region is resynced at each activation, so there the device's
             # bits (perhaps an earlier activation's) must not count.
-            honor = reconnect and config.sync_mode is not SyncMode.SYNC
-            return cls(uuid, luid, config, rmap, device_name=device_name,
-                       honor_device_bits=honor)
+            if reconnect and start is ResumeFrom.DEVICE and config.sync_mode is not SyncMode.SYNC:
+                start = ResumeFrom.DEVICE_AS_SAVED
+            return cls(uuid, luid, config, rmap, device_name=device_name, resume_from=start)
         except StoreError as exc:
             if not reconnect:
                 raise
             log.error("%s: reconnect CTR without storage (%s): serving from memory, every "
                       "region out of sync, commits fail", _name(uuid, luid), exc)
             rmap = RegionMap.create(None, config.region_count)
-            dirty_log = cls(uuid, luid, config, rmap, device_name=device_name)
+            dirty_log = cls(uuid, luid, config, rmap, device_name=device_name,
+                            resume_from=ResumeFrom.MEMORY)
             dirty_log.device_failed = True
             return dirty_log
+
+    @staticmethod
+    def _first_resume(config: LogConfig) -> ResumeFrom:
+        return ResumeFrom.DEVICE if config.is_disk else ResumeFrom.MEMORY
 
     def ctr_reply(self, version: int) -> bytes:
         """The CTR answer: since version 2 the kernel takes a log device to hold open."""
@@ -165,13 +181,7 @@ class DirtyLog:
     def destroy(self) -> None:
         """DTR: forget the log without writing (the kernel's logs do not write at DTR
         either; everything that matters was committed by the last FLUSH/POSTSUSPEND)."""
-        path = self.region_map.path
-        self.region_map.close()
-        if path is not None:
-            try:
-                os.unlink(path)
-            except OSError as exc:
-                log.warning("%s: cannot remove %s: %s", self.name, path, exc)
+        self.region_map.close(remove=True)
 
     @property
     def name(self) -> str:
@@ -191,31 +201,36 @@ class DirtyLog:
     # -- life cycle -------------------------------------------------------------------------
 
     def _resume(self, request: Request) -> bytes:
+        # RESUME restarts recovery (dm_rh_start_recovery), whatever else it does.
+        self.recovery_halted = False
         if self.state is LogState.RESUMED:
             # A second RESUME without a suspend (cmirrord: "Additional resume issued before
             # suspend"): reloading now would forget marks of writes in flight.
             return b""
-        if self._restored:
+        if self._resume_from is ResumeFrom.INSTANCE:
             self._storage_step("writing the restored image back", self.region_map.push)
-        elif self.config.is_disk:
+        elif self._resume_from is not ResumeFrom.MEMORY:
             self._load()
-        # Otherwise the bits stand: a fresh core log's were set at CTR, and a core log
-        # keeps them across a suspend (dm-log.c core_resume).
         self.sync_count = self.region_map.sync_bits.count(1)
         self.sync_search = 0
         self.recovering = None
-        self.recovery_halted = False
         self.state = LogState.RESUMED
         self.region_map.resumed = True
-        self._restored = self._honor_device_bits = False
+        # From now on: a disk log re-reads its device at every resume (disk_resume); a core
+        # log keeps its bits across a suspend (core_resume), as does one held in memory.
+        if self._resume_from is not ResumeFrom.MEMORY and self.config.is_disk:
+            self._resume_from = ResumeFrom.DEVICE
+        else:
+            self._resume_from = ResumeFrom.MEMORY
         # dm-raid1 only warns when a resume fails; a failed device shows in the status and
         # fails the next FLUSH, as with the kernel's disk log.  So RESUME succeeds.
         return b""
 
     def _load(self) -> None:
         sync_mode = self.config.sync_mode
-        honor_saved = self._honor_device_bits or sync_mode is SyncMode.DEFAULT
-        new_clean = sync_mode is SyncMode.NOSYNC and not self._honor_device_bits
+        as_saved = self._resume_from is ResumeFrom.DEVICE_AS_SAVED
+        honor_saved = as_saved or sync_mode is SyncMode.DEFAULT
+        new_clean = sync_mode is SyncMode.NOSYNC and not as_saved
         outcome = self._storage_step(
             "writing the region map back", self.region_map.resume, honor_saved, new_clean)
         if outcome is None:
@@ -234,9 +249,12 @@ class DirtyLog:
     def _postsuspend(self, request: Request) -> bytes:
         if self.state is LogState.PENDING:
             return b""
-        self._commit(everything=True)
-        self.state = LogState.SUSPENDED
-        self.recovering = None
+        try:
+            self._commit(everything=True)
+        finally:
+            # Suspended even if the commit failed: the next RESUME must be a real one.
+            self.state = LogState.SUSPENDED
+            self.recovering = None
         return b""
 
     # -- queries ----------------------------------------------------------------------------
@@ -256,11 +274,13 @@ class DirtyLog:
         return protocol.pack_u64(self.sync_count)
 
     def _status_info(self, request: Request) -> bytes:
+        # The in-kernel logs' format, whatever the type was called (clustered-*): LVM's
+        # status parser reads the device and health only after exactly "disk", and the
+        # device as major:minor (0:0 for a regular file standing in for a device).
         if self.config.is_disk:
-            device = self.device_name or self.config.device
-            text = f"3 {self.config.log_type} {device} {self.health}"
+            text = f"3 disk {self.device_name or '0:0'} {self.health}"
         else:
-            text = f"1 {self.config.log_type}"
+            text = "1 core"
         # NUL included: the kernel copies the reply over the NUL that ended the status so
         # far, and the ioctl reads the status up to the next NUL.
         return protocol.pack_string(text)
@@ -283,8 +303,8 @@ class DirtyLog:
         250 ms of the last question (one timestamp for all userspace logs) is requeued for
         200 ms without asking.  So the hint is ``region_count`` once no resync work is
         left in this pass, and ``region_count - 1`` while there is some: as high as it can
-        go without stopping resync, so that writes during a resync are not throttled
-        (the answer is 0 whatever the region).
+        go without stopping resync, so that only writes to the last region can still be
+        throttled during a resync (the answer is 0 whatever the region).
         """
         work_left = (self.recovering is not None
                      or self.region_map.sync_bits.find(0, self.sync_search,

@@ -30,7 +30,7 @@ from . import protocol
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .dirtylog import DirtyLog, LogError, LogState
 from .protocol import Request, RequestType
-from .regionmap import StoreError, stale_state_files
+from .regionmap import StoreError, stale_instance_files
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class LogTable:
                 # server restart the kernel would retry it for ever.  Fail the load now.
                 raise LogError(errno.EINVAL, f"constructor string of {len(request.ctr_string)} "
                                f"bytes leaves no room for its NUL in a reconnect")
-            self._remove_stale_state(request.uuid)
+            self._remove_stale_instances(request.uuid)
         try:
             dirty_log = DirtyLog.construct(request.uuid, request.luid, config, self.state_dir,
                                            reconnect=request.reconnect)
@@ -112,11 +112,11 @@ class LogTable:
                  config.region_count, config.region_size)
         return b"" if request.reconnect else dirty_log.ctr_reply(request.version)
 
-    def _remove_stale_state(self, uuid: str) -> None:
+    def _remove_stale_instances(self, uuid: str) -> None:
         """A new activation starts over: instance files of this uuid that no live
         instance here owns are left from instances whose DTR we missed."""
         live = {luid for (log_uuid, luid) in self.logs if log_uuid == uuid}
-        for path in stale_state_files(self.state_dir, uuid, live):
+        for path in stale_instance_files(self.state_dir, uuid, live):
             log.info("removing stale instance file %s", path)
             try:
                 path.unlink(missing_ok=True)

@@ -164,7 +164,7 @@ class RegionMap:
         come from its device at :meth:`resume`.  ``path`` None keeps the bits in memory
         only (a core log then fails every commit).
         """
-        store: _Store = LogDevice.open(device, region_count) if device else StateFile(path)
+        store = _store_for(path, region_count, device)
         try:
             buffer = _create_instance_file(path, instance_size(region_count))
         except BaseException:
@@ -205,7 +205,7 @@ class RegionMap:
             buffer.close()
             return None
         try:
-            store: _Store = LogDevice.open(device, region_count) if device else StateFile(path)
+            store = _store_for(path, region_count, device)
         except BaseException:
             buffer.close()
             raise
@@ -342,9 +342,9 @@ class RegionMap:
         self.commits += 1
         return True
 
-    def close(self) -> None:
+    def close(self, remove: bool = False) -> None:
         """Release the mapping and the device without writing anything (DTR: the kernel's
-        logs do not write at destruction either)."""
+        logs do not write at destruction either); ``remove`` deletes the instance file."""
         del self.clean_bits, self.sync_bits
         self._store.close()
         try:
@@ -355,16 +355,26 @@ class RegionMap:
             # the mapping goes away with the last of them.  A DTR must not fail for it.
             log.debug("%s: mapping still referenced; released when the last view goes",
                       self.path)
+        if remove and self.path is not None:
+            try:
+                os.unlink(self.path)
+            except OSError as exc:
+                log.warning("cannot remove instance file %s: %s", self.path, exc)
 
 
 # -- where an image persists -----------------------------------------------------------------
+
+
+def _store_for(path: Path | None, region_count: int, device: Path | None) -> _Store:
+    return LogDevice.open(device, region_count) if device else CoreStore(path)
 
 
 class _Store:
     path: Path | None
 
     def load(self, image: memoryview) -> None:
-        """Fill ``image`` with what was stored (StoreError if it cannot be read)."""
+        """Fill ``image`` with what was stored (StoreError if it cannot be read); a core
+        log's image is already in its mapping, so there is nothing to do."""
 
     def persist(self, view: memoryview, start: int, stop: int) -> None:
         raise NotImplementedError
@@ -373,8 +383,9 @@ class _Store:
         """Nothing to release."""
 
 
-class StateFile(_Store):
-    """A core log: the instance file's image is the durable state; msync commits it."""
+class CoreStore(_Store):
+    """A core log's store: the instance file's image is its durable state, committed with
+    msync; a core log running from memory (``path`` None) can commit nothing."""
 
     def __init__(self, path: Path | None):
         self.path = path
@@ -383,7 +394,7 @@ class StateFile(_Store):
         if self.path is None:
             raise StoreError(errno.EIO, "no instance file (the state directory failed)")
         with _errors(f"cannot sync instance file {self.path}", device_failed=False):
-            view.obj.flush(start, _round_up(stop, PAGE_SIZE) - start)
+            msync(view.obj, start, _round_up(stop, PAGE_SIZE) - start)
 
 
 class LogDevice(_Store):
@@ -450,6 +461,11 @@ class LogDevice(_Store):
         os.close(self._fd)
 
 
+def msync(mapping: mmap.mmap, offset: int, length: int) -> None:
+    """msync(MS_SYNC) of part of a mapping: one named place, so that tests can watch it."""
+    mapping.flush(offset, length)
+
+
 def _create_instance_file(path: Path | None, size: int) -> mmap.mmap:
     """A new, fully allocated, zeroed instance file mapped MAP_SHARED (anonymous memory
     when ``path`` is None).  It takes the old file's name only once complete: a crash in
@@ -494,7 +510,7 @@ class _errors:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is not None and isinstance(exc, OSError) and not isinstance(exc, StoreError):
+        if isinstance(exc, OSError):
             err = exc.errno or self._default or errno.EIO
             message = f"{self._message}: {os.strerror(err)}"
             raise StoreError(err, message, self._device_failed) from exc
@@ -522,7 +538,7 @@ def _unlink_quietly(path: Path) -> None:
 # -- names and devices ---------------------------------------------------------------------------
 
 
-def state_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
+def instance_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     """Where a log instance keeps its instance file: one per (uuid, luid).
 
     Per luid, not per uuid: during a table reload the old and the new instance are live at
@@ -534,7 +550,7 @@ def state_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     return state_dir / "logs" / f"{quote(uuid, safe='')}@{luid:016x}.map"
 
 
-def stale_state_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[Path]:
+def stale_instance_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[Path]:
     """Instance files of ``uuid`` that belong to none of ``live_luids``.
 
     Finding them is housekeeping: a directory that cannot be listed yields none (creating
@@ -557,66 +573,3 @@ def stale_state_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[
         if luid not in live_luids:
             stale.append(path)
     return stale
-
-
-def resolve_device(device: str, node_dir: Path) -> tuple[Path, str | None]:
-    """The path to open for a CTR's log device argument, and its ``major:minor`` name.
-
-    ``major:minor`` is looked up in sysfs; when /dev has no matching node (no udev, a
-    container) one is made in ``node_dir``.  A path must be a block device or a regular
-    file; a file has no ``major:minor`` (None), so nothing is handed back to the kernel.
-    """
-    major_minor = _parse_major_minor(device)
-    if major_minor is None:
-        path = Path(device)
-        with _errors(f"cannot find log device {device}"):
-            st = os.stat(path)
-        if stat.S_ISBLK(st.st_mode):
-            return path, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-        return path, None
-    major, minor = major_minor
-    name = f"{major}:{minor}"
-    rdev = os.makedev(major, minor)
-    devname = _sysfs_devname(name)
-    if devname is not None:
-        candidate = Path("/dev") / devname
-        try:
-            st = os.stat(candidate)
-            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
-                return candidate, name
-        except OSError:
-            pass
-    elif not Path("/sys/dev/block").is_dir():
-        raise StoreError(errno.ENOENT, f"cannot resolve {name}: no /sys/dev/block")
-    else:
-        raise StoreError(errno.ENOENT, f"no block device {name}")
-    node = node_dir / name
-    with _errors(f"cannot make a device node for {name} in {node_dir}"):
-        node_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            st = os.stat(node)
-            if not (stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev):
-                os.unlink(node)
-                raise FileNotFoundError
-        except FileNotFoundError:
-            os.mknod(node, 0o600 | stat.S_IFBLK, rdev)
-    return node, name
-
-
-def _parse_major_minor(device: str) -> tuple[int, int] | None:
-    major, sep, minor = device.partition(":")
-    if sep and major.isdigit() and minor.isdigit():
-        return int(major), int(minor)
-    return None
-
-
-def _sysfs_devname(name: str) -> str | None:
-    try:
-        uevent = Path(f"/sys/dev/block/{name}/uevent").read_text()
-    except OSError:
-        return None
-    for line in uevent.splitlines():
-        key, _, value = line.partition("=")
-        if key == "DEVNAME":
-            return value
-    return None

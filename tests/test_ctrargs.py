@@ -45,7 +45,7 @@ def test_table_args_follow_the_in_kernel_format():
         ("131072 core", "needs"),
         ("131072 disk 7:2", "needs '<log device> <region_size>'"),
         ("131072 core 1024 sync nosync", "more than one of sync/nosync"),
-        ("131072 core 1024 2", "unexpected argument '2'"),
+        ("131072 core 1024 2", "unexpected argument '2'"),  # capture-badcount's wrong count
         ("131072 core 1024 integrated_flush", "unexpected argument"),
         ("131072 core 1024 block_on_error block_on_error", "unexpected argument"),
         (f"{1 << 40} core 2", "exceed shardlog's limit"),
@@ -55,9 +55,3 @@ def test_table_args_follow_the_in_kernel_format():
 def test_unusable_constructors_are_refused_with_the_reason(ctr, reason):
     with pytest.raises(CtrArgsError, match=reason):
         parse_ctr_string(ctr)
-
-
-def test_the_badcount_capture_constructor_is_refused():
-    # The kernel sent this for a table with a wrong argument count (capture-badcount).
-    with pytest.raises(CtrArgsError, match="unexpected argument '2'"):
-        parse_ctr_string("131072 core 1024 2")

@@ -153,7 +153,8 @@ class Model:
         return all(r < self.n for r in regions)
 
     def resume(self):
-        if self.state == RESUMED:  # a second RESUME without a suspend changes nothing
+        self.halted = False  # every RESUME restarts recovery (dm_rh_start_recovery)
+        if self.state == RESUMED:  # a second RESUME without a suspend changes no bits
             return 0, None
         if self.disk:  # a disk log reads its device at every RESUME; sync = clean
             self.clean = self.disk_bits_at_resume(self.mode == "", self.mode == "nosync")
@@ -403,7 +404,7 @@ class DirtyLogMachine(RuleBasedStateMachine):
         elif kind == "region size":
             self.expect(RequestType.GET_REGION_SIZE, b"", (0, self.region_size), _u64)
         else:
-            disk_info = f"3 disk {self.device} A\0".encode()
+            disk_info = b"3 disk 0:0 A\0"  # a regular file stands in for the device
             info = disk_info if self.disk else b"1 core\0"
             self.expect(RequestType.STATUS_INFO, b"", (0, info), bytes)
             table = self.table_args.encode() + b"\0"

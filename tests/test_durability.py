@@ -21,7 +21,7 @@ import pytest
 from shardlog import protocol
 from shardlog.logtable import LogTable
 from shardlog.protocol import RequestType as T
-from shardlog.regionmap import BITMAP_OFFSET, state_file_path
+from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
 
 from .conftest import Kernel
 
@@ -90,7 +90,7 @@ def dirty_regions(image: bytes) -> set[int]:
 def test_a_killed_core_log_server_loses_no_acknowledged_mark(state_dir, integrated):
     ctr = f"{REGIONS * 8} core 8 nosync"
     acknowledged = serve_and_kill(state_dir, ctr, integrated, acks_before_kill=300)
-    image = state_file_path(state_dir, "durable", 7).read_bytes()
+    image = instance_file_path(state_dir, "durable", 7).read_bytes()
     assert acknowledged and acknowledged <= dirty_regions(image)
     # A restarted server, through the kernel's reconnect, continues where the dead one
     # stopped: the marks stand, and the regions are still in sync, as the kernel believes.

@@ -12,7 +12,7 @@ from shardlog import protocol
 from shardlog.dirtylog import LogState
 from shardlog.logtable import LogTable
 from shardlog.protocol import RequestType as T
-from shardlog.regionmap import BITMAP_OFFSET, state_file_path
+from shardlog.regionmap import BITMAP_OFFSET, StoreError, instance_file_path
 
 from .conftest import Kernel, requires_root
 
@@ -137,9 +137,9 @@ def test_a_core_log_keeps_its_sync_bits_across_suspend_like_the_kernels(kernel):
     assert kernel.resync_work() == (1, 2)
 
 
-def test_dtr_forgets_the_log_and_removes_its_state_file(kernel, state_dir):
+def test_dtr_forgets_the_log_and_removes_its_instance_file(kernel, state_dir):
     resumed(kernel)
-    path = state_file_path(state_dir, kernel.uuid, kernel.luid)
+    path = instance_file_path(state_dir, kernel.uuid, kernel.luid)
     assert path.exists()
     kernel.ok(T.DTR)
     assert not path.exists() and kernel.table.logs == {}
@@ -163,8 +163,8 @@ def test_a_core_reload_starts_the_new_instance_over_and_spares_the_old(kernel, s
     new.ok(T.RESUME)
     old.ok(T.DTR)
     assert new.sync_count() == 0 and new.in_sync(9) == 0
-    assert not state_file_path(state_dir, old.uuid, old.luid).exists()
-    assert state_file_path(state_dir, new.uuid, new.luid).exists()
+    assert not instance_file_path(state_dir, old.uuid, old.luid).exists()
+    assert instance_file_path(state_dir, new.uuid, new.luid).exists()
 
 
 def test_a_disk_reload_carries_the_device_bits_to_the_new_instance(kernel, tmp_path):
@@ -198,12 +198,12 @@ def test_a_disk_reload_carries_the_device_bits_to_the_new_instance(kernel, tmp_p
 def test_a_new_core_activation_removes_state_left_by_a_missed_dtr(state_dir):
     stale = Kernel(LogTable(state_dir), uuid="u", luid=1)
     resumed(stale)
-    stale_file = state_file_path(state_dir, "u", 1)
+    stale_file = instance_file_path(state_dir, "u", 1)
     # The server restarts (the table is lost); the kernel removed the mirror meanwhile.
     fresh = Kernel(LogTable(state_dir), uuid="u", luid=2)
     resumed(fresh)
     assert not stale_file.exists()
-    assert state_file_path(state_dir, "u", 2).exists()
+    assert instance_file_path(state_dir, "u", 2).exists()
 
 
 # -- restart: the reconnect CTR restores saved state ---------------------------------------------
@@ -228,7 +228,7 @@ def test_a_restarted_server_continues_a_core_log_exactly(state_dir):
     log = after.table.logs[(after.uuid, after.luid)]
     assert [log.region_map.clean_bits[r] for r in range(6)] == [1, 0, 1, 0, 1, 0]
     after.ok(T.FLUSH)  # the retried FLUSH: the unflushed mark of region 3 is durable
-    image = state_file_path(state_dir, after.uuid, after.luid).read_bytes()
+    image = instance_file_path(state_dir, after.uuid, after.luid).read_bytes()
     assert image[BITMAP_OFFSET] & 0b1000 == 0
 
 
@@ -319,19 +319,18 @@ def test_a_failing_log_device_gives_eio_and_a_sticky_status(kernel, tmp_path, mo
     with open(device, "wb") as f:
         f.truncate(1 << 20)
     resumed(kernel, f"131072 disk {device} 1024 nosync")
-    assert kernel.status_info() == f"3 disk {device} A\0"
+    assert kernel.status_info() == "3 disk 0:0 A\0"
 
     def fail(*args):
         raise OSError(errno.EIO, "injected")
 
     monkeypatch.setattr(os, "pwritev", fail)
     assert kernel.send(T.FLUSH, protocol.pack_regions([1])) == (-errno.EIO, b"")
-    assert kernel.status_info() == f"3 disk {device} D\0"
-    monkeypatch.setattr(os, "fdatasync", fail)
+    assert kernel.status_info() == "3 disk 0:0 D\0"
     monkeypatch.undo()
     monkeypatch.setattr(os, "fdatasync", fail)
     assert kernel.send(T.FLUSH) == (-errno.EIO, b"")
-    assert kernel.status_info() == f"3 disk {device} F\0"  # a failed flush shows over D
+    assert kernel.status_info() == "3 disk 0:0 F\0"  # a failed flush shows over D
     monkeypatch.undo()
     assert kernel.send(T.FLUSH) == (0, b"")  # the pending mark was kept and now lands
     assert device.read_bytes()[BITMAP_OFFSET] == 0xFD
@@ -439,5 +438,41 @@ def test_dtr_succeeds_while_something_still_holds_the_bits(kernel, state_dir):
     resumed(kernel)
     held = kernel.table.logs[(kernel.uuid, kernel.luid)].region_map.clean_bits
     assert kernel.send(T.DTR) == (0, b"")
-    assert not state_file_path(state_dir, kernel.uuid, kernel.luid).exists()
+    assert not instance_file_path(state_dir, kernel.uuid, kernel.luid).exists()
     assert held.count(1) == 0  # still readable: the mapping lives as long as the view
+
+
+def test_status_info_is_the_kernels_format_for_clustered_types_too(kernel, loop_device):
+    st = os.stat(loop_device)
+    name = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    assert kernel.ctr(f"8192 clustered-disk {loop_device} 1024") == (0, f"{name}\0".encode())
+    kernel.ok(T.RESUME)
+    assert kernel.status_info() == f"3 disk {name} A\0"  # what LVM's parser reads
+    core = Kernel(kernel.table, uuid="core")
+    resumed(core, "8192 clustered-core 1024")
+    assert core.status_info() == "1 core\0"
+
+
+def test_a_failed_postsuspend_still_lets_the_next_resume_restart_recovery(kernel, monkeypatch):
+    resumed(kernel, NOSYNC)
+    kernel.set_region_sync(3, False)  # a region to resync
+    kernel.ok(T.PRESUSPEND)
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    log.region_map.mark(1)  # something left to commit
+
+    def fail(*args):
+        raise StoreError(errno.EIO, "injected")
+
+    monkeypatch.setattr(log.region_map._store, "persist", fail)
+    assert kernel.send(T.POSTSUSPEND) == (-errno.EIO, b"")
+    monkeypatch.undo()
+    kernel.ok(T.RESUME)
+    assert kernel.resync_work() == (1, 3)  # recovery runs again
+
+
+def test_a_repeated_resume_restarts_recovery_stopped_by_an_aborted_suspend(kernel):
+    resumed(kernel, "8192 core 1024")
+    kernel.ok(T.PRESUSPEND)  # dm aborted the suspend after this: no POSTSUSPEND
+    assert kernel.resync_work() == (0, 0)
+    kernel.ok(T.RESUME)
+    assert kernel.resync_work() == (1, 0)

@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import regionmap
+from shardlog import devices
+from shardlog.devices import resolve_device
 from shardlog.regionmap import (
     BITMAP_OFFSET,
     MIRROR_MAGIC,
     RegionMap,
     StoreError,
-    resolve_device,
-    stale_state_files,
-    state_file_path,
+    instance_file_path,
+    stale_instance_files,
 )
 
 from .conftest import DISKLOG_IMAGES
@@ -51,7 +51,7 @@ def on_device(tmp_path: Path, device: Path, regions: int = KERNEL_REGIONS) -> Re
 # -- layout -------------------------------------------------------------------------------------
 
 
-def test_a_new_in_sync_state_file_has_the_kernels_image(tmp_path):
+def test_a_new_in_sync_core_instance_has_the_kernels_image(tmp_path):
     path = tmp_path / "s.map"
     rmap = RegionMap.create(path, KERNEL_REGIONS, clean=True)
     rmap.close()
@@ -60,7 +60,7 @@ def test_a_new_in_sync_state_file_has_the_kernels_image(tmp_path):
     assert set(image[BITMAP_OFFSET + 16 : 4096]) == {0}  # then the sync bits' page
 
 
-def test_a_new_out_of_sync_state_file_has_every_bit_dirty(tmp_path):
+def test_a_new_out_of_sync_core_instance_has_every_bit_dirty(tmp_path):
     path = tmp_path / "s.map"
     RegionMap.create(path, 100, clean=False).close()
     image = path.read_bytes()
@@ -251,26 +251,26 @@ def test_a_failed_commit_keeps_its_changes_for_the_next_one(tmp_path, monkeypatc
 # -- instance files and devices -------------------------------------------------------------------
 
 
-def test_state_files_are_per_uuid_and_luid_and_escaped(tmp_path):
-    a = state_file_path(tmp_path, "LVM-abc/def ghi", 0xFFFF8881)
-    b = state_file_path(tmp_path, "LVM-abc/def ghi", 0xFFFF8882)
+def test_instance_files_are_per_uuid_and_luid_and_escaped(tmp_path):
+    a = instance_file_path(tmp_path, "LVM-abc/def ghi", 0xFFFF8881)
+    b = instance_file_path(tmp_path, "LVM-abc/def ghi", 0xFFFF8882)
     assert a != b and a.parent == b.parent == tmp_path / "logs"
     assert "/" not in a.name and " " not in a.name and len(a.name) < 255
     long_uuid = "x" * 128
-    assert len(state_file_path(tmp_path, long_uuid, 2**64 - 1).name) < 255
+    assert len(instance_file_path(tmp_path, long_uuid, 2**64 - 1).name) < 255
 
 
-def test_stale_state_files_are_those_of_other_instances(tmp_path):
-    live = state_file_path(tmp_path, "u", 1)
-    stale = state_file_path(tmp_path, "u", 2)
-    other = state_file_path(tmp_path, "u2", 3)
+def test_stale_instance_files_are_those_of_other_instances(tmp_path):
+    live = instance_file_path(tmp_path, "u", 1)
+    stale = instance_file_path(tmp_path, "u", 2)
+    other = instance_file_path(tmp_path, "u2", 3)
     for path in (live, stale, other):
         RegionMap.create(path, 8, clean=True).close()
-    assert stale_state_files(tmp_path, "u", {1}) == [stale]
-    assert stale_state_files(tmp_path / "nowhere", "u", set()) == []
+    assert stale_instance_files(tmp_path, "u", {1}) == [stale]
+    assert stale_instance_files(tmp_path / "nowhere", "u", set()) == []
 
 
-def test_replacing_a_state_file_leaves_no_temporary_behind(tmp_path):
+def test_replacing_an_instance_file_leaves_no_temporary_behind(tmp_path):
     path = tmp_path / "logs" / "x.map"
     RegionMap.create(path, 8, clean=True).close()
     RegionMap.create(path, 8, clean=False).close()
@@ -301,7 +301,7 @@ def test_a_real_block_device_by_path_and_by_major_minor(loop_device, tmp_path):
 def test_a_device_node_is_made_when_dev_has_none(loop_device, tmp_path, monkeypatch):
     st = os.stat(loop_device)
     name = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    monkeypatch.setattr(regionmap, "_sysfs_devname", lambda _: "no-such-node-in-dev")
+    monkeypatch.setattr(devices, "_sysfs_devname", lambda _: "no-such-node-in-dev")
     path, got = resolve_device(name, tmp_path / "dev")
     assert got == name and path == tmp_path / "dev" / name
     assert os.stat(path).st_rdev == st.st_rdev
@@ -332,14 +332,18 @@ def test_sync_bits_and_unflushed_marks_survive_in_the_instance_file(tmp_path):
     rmap = on_device(tmp_path, device)
     rmap.resume(honor_saved=True, new_regions_clean=False)
     rmap.mark(5)  # acknowledged (MARK_REGION), not yet flushed
-    rmap.sync_bits[9] = 0  # a leg write failed there
+    rmap.sync_bits[9] = 0  # recovery of region 9 failed, and it was never clean since
+    rmap.mark(9)
     # The server dies here: nothing more is written.  A new one reopens the instance.
     again = RegionMap.reopen(tmp_path / "instance.map", KERNEL_REGIONS, device=device)
     assert again is not None
-    assert not again.clean_bits[5] and again.clean_bits[9] and not again.sync_bits[9]
-    assert device.read_bytes()[:8192] == golden("insync")  # the mark never reached it
+    assert not again.clean_bits[5] and not again.clean_bits[9] and not again.sync_bits[9]
+    assert again.sync_bits[5]  # marked, but in sync: as the kernel believes
+    assert device.read_bytes()[:8192] == golden("insync")  # the marks never reached it
     again.push()
-    assert device.read_bytes()[:8192] == golden("region5-dirty")
+    expected = bytearray(golden("region5-dirty"))
+    expected[BITMAP_OFFSET + 1] &= ~(1 << 1)  # region 9
+    assert device.read_bytes()[:8192] == bytes(expected)
     again.close()
     rmap.close()
 

@@ -15,7 +15,7 @@ import pytest
 from shardlog import protocol
 from shardlog.logtable import LogTable
 from shardlog.protocol import Request, RequestType
-from shardlog.regionmap import BITMAP_OFFSET, state_file_path
+from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
 
 from .conftest import DISKLOG_IMAGES, SCENARIOS, load_capture
 
@@ -39,7 +39,7 @@ def replay(
         yield request, reply.error, reply.data
 
 
-def clean_bits_on_disk(path: Path) -> list[int]:
+def dirty_regions_stored(path: Path) -> list[int]:
     """Dirty regions, read from the file the way a restarted server would."""
     bitmap = path.read_bytes()[BITMAP_OFFSET : BITMAP_OFFSET + REGIONS // 8]
     return [r for r in range(REGIONS) if not bitmap[r >> 3] >> (r & 7) & 1]
@@ -89,16 +89,16 @@ def test_every_acknowledged_flush_has_its_marks_on_disk(table, state_dir, scenar
     for request, error, _ in replay(table, scenario, ctr_string="131072 core 1024 nosync"):
         assert error == 0
         if request.request_type is RequestType.CTR:
-            path = state_file_path(state_dir, request.uuid, request.luid)
+            path = instance_file_path(state_dir, request.uuid, request.luid)
         if request.request_type in (RequestType.MARK_REGION, RequestType.FLUSH):
             marked.update(request.regions)
         elif request.request_type is RequestType.CLEAR_REGION:
             marked.difference_update(request.regions)
         if request.request_type is RequestType.FLUSH and marked:
-            assert set(clean_bits_on_disk(path)) >= marked
+            assert set(dirty_regions_stored(path)) >= marked
             checked += 1
         if request.request_type is RequestType.POSTSUSPEND:
-            assert clean_bits_on_disk(path) == []  # every write completed and was cleared
+            assert dirty_regions_stored(path) == []  # every write completed and was cleared
     assert checked >= 100  # one per captured write
 
 
@@ -131,9 +131,9 @@ def test_disk_log_carries_the_kernels_bits_and_writes_its_layout(table, tmp_path
         if request.request_type is RequestType.IN_SYNC:
             assert data == struct.pack("=q", 1)  # the kernel's log said: all in sync
         if request.request_type is RequestType.FLUSH:
-            seen_dirty |= bool(clean_bits_on_disk(device))
+            seen_dirty |= bool(dirty_regions_stored(device))
         if request.request_type is RequestType.STATUS_INFO:
-            assert data == f"3 disk {device} A\0".encode()
+            assert data == b"3 disk 0:0 A\0"  # a regular file: no major:minor
     assert seen_dirty
     # Removed cleanly: the device holds the kernel's own all-clean image again.
     assert device.read_bytes()[:8192] == (DISKLOG_IMAGES / "disklog-after-remove.bin").read_bytes()
