@@ -15,9 +15,9 @@ owns what is not one log's business:
 - Nothing escapes :meth:`LogTable.handle`: every request gets an answer, with an exact
   payload size or a negative errno, and every refusal is logged with its reason.
 
-Two live instances of one uuid (a table reload: new luid, same uuid) are two entries; a
-core log's instances have separate instance files; a disk log's share the device, which the
-new instance reads at its RESUME, after the old one's last commit at POSTSUSPEND.
+Two live instances of one uuid (a table reload: new luid, same uuid) are two entries, each
+with its own instance file; a disk log's instances also share the device, which the new
+instance reads at its RESUME, after the old one's last commit at POSTSUSPEND.
 """
 
 from __future__ import annotations
@@ -48,7 +48,12 @@ class LogTable:
     def answer(self, request: Request) -> bytes:
         """The reply datagram for a decoded request."""
         error, data = self.handle(request)
-        return protocol.encode_reply(request, error, data)
+        try:
+            return protocol.encode_reply(request, error, data)
+        except ValueError:
+            # A payload of the wrong size is a bug here; the kernel still gets an answer.
+            log.exception("%s %s: bad reply payload", request.name, request.uuid)
+            return protocol.encode_reply_raw(request.header, -errno.EIO, b"")
 
     def handle(self, request: Request) -> tuple[int, bytes]:
         """Apply a request; return ``(error, payload)``, error 0 or a negative errno."""
@@ -65,7 +70,12 @@ class LogTable:
                 del self.logs[key]
                 dirty_log.destroy()
                 return 0, b""
-            return 0, dirty_log.handle(request)
+            first_resume = (request.request_type is RequestType.RESUME
+                            and dirty_log.state is LogState.PENDING)
+            data = dirty_log.handle(request)
+            if first_resume:
+                self._remove_stale_instances(request.uuid)
+            return 0, data
         except LogError as exc:
             log.warning("%s %s (luid %#x): %s", request.name, request.uuid, request.luid, exc)
             # -EAGAIN would make the kernel re-send at once, in a loop; -ESRCH would start
@@ -93,13 +103,11 @@ class LogTable:
             config = parse_ctr_string(request.ctr_string)
         except CtrArgsError as exc:
             raise LogError(errno.EINVAL, f"bad constructor: {exc}") from exc
-        if not request.reconnect:
-            if len(request.ctr_string) >= protocol.MAX_PAYLOAD:
-                # Its reconnect CTR (NUL counted) would not fit the kernel's buffer: after a
-                # server restart the kernel would retry it for ever.  Fail the load now.
-                raise LogError(errno.EINVAL, f"constructor string of {len(request.ctr_string)} "
-                               f"bytes leaves no room for its NUL in a reconnect")
-            self._remove_stale_instances(request.uuid)
+        if not request.reconnect and len(request.ctr_string) >= protocol.MAX_PAYLOAD:
+            # Its reconnect CTR (NUL counted) would not fit the kernel's buffer: after a
+            # server restart the kernel would retry it for ever.  Fail the load now.
+            raise LogError(errno.EINVAL, f"constructor string of {len(request.ctr_string)} "
+                           f"bytes leaves no room for its NUL in a reconnect")
         try:
             dirty_log = DirtyLog.construct(request.uuid, request.luid, config, self.state_dir,
                                            reconnect=request.reconnect)
@@ -113,8 +121,12 @@ class LogTable:
         return b"" if request.reconnect else dirty_log.ctr_reply(request.version)
 
     def _remove_stale_instances(self, uuid: str) -> None:
-        """A new activation starts over: instance files of this uuid that no live
-        instance here owns are left from instances whose DTR we missed."""
+        """Instance files of this uuid that no instance here owns, removed when a new
+        instance is first resumed.  Not earlier: right after a server restart the old
+        instance of a table reload is still live in the kernel and may yet reconnect, and
+        its file is what it will continue from.  Once the new instance is resumed, dm has
+        swapped the tables, so an instance that is not here is gone or about to be
+        destroyed: its DTR was missed."""
         live = {luid for (log_uuid, luid) in self.logs if log_uuid == uuid}
         for path in stale_instance_files(self.state_dir, uuid, live):
             log.info("removing stale instance file %s", path)

@@ -219,5 +219,7 @@ def _decode_payload(request_type: RequestType, data: bytes) -> dict[str, Any] | 
             "ctr_str": text.decode("ascii", "backslashreplace"),
             "nul_terminated": nul_terminated,
         }
+    if request_type is RequestType.DTR:
+        return {}  # an argv the uapi header once promised; ignored, as protocol.py does
     # Every other type carries no payload.
     return {} if not size else None

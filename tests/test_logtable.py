@@ -195,15 +195,31 @@ def test_a_disk_reload_carries_the_device_bits_to_the_new_instance(kernel, tmp_p
     assert device.exists()  # DTR of a disk log never touches the device's file
 
 
-def test_a_new_core_activation_removes_state_left_by_a_missed_dtr(state_dir):
+def test_a_new_activation_removes_instances_left_by_a_missed_dtr_at_its_resume(state_dir):
     stale = Kernel(LogTable(state_dir), uuid="u", luid=1)
     resumed(stale)
     stale_file = instance_file_path(state_dir, "u", 1)
     # The server restarts (the table is lost); the kernel removed the mirror meanwhile.
     fresh = Kernel(LogTable(state_dir), uuid="u", luid=2)
-    resumed(fresh)
+    assert fresh.ctr(CORE) == (0, b"")
+    assert stale_file.exists()  # not yet: it could be a reload's old, still live instance
+    fresh.ok(T.RESUME)
     assert not stale_file.exists()
     assert instance_file_path(state_dir, "u", 2).exists()
+
+
+def test_a_reload_right_after_a_restart_keeps_the_old_instance_restorable(state_dir):
+    old = resumed(Kernel(LogTable(state_dir), uuid="u", luid=1), NOSYNC)
+    old.set_region_sync(4, False)
+    # The server restarts; the first thing to arrive is the reload's new table.
+    table = LogTable(state_dir)
+    new = Kernel(table, uuid="u", luid=2)
+    assert new.ctr(CORE) == (0, b"")
+    # Then the old instance's I/O finds the server gone and reconnects.
+    old = Kernel(table, uuid="u", luid=1)
+    assert old.ctr(NOSYNC, reconnect=True) == (0, b"")
+    old.ok(T.RESUME)
+    assert old.sync_count() == 127 and old.in_sync(0) == 1  # continued, not reset
 
 
 # -- restart: the reconnect CTR restores saved state ---------------------------------------------
@@ -476,3 +492,11 @@ def test_a_repeated_resume_restarts_recovery_stopped_by_an_aborted_suspend(kerne
     assert kernel.resync_work() == (0, 0)
     kernel.ok(T.RESUME)
     assert kernel.resync_work() == (1, 0)
+
+
+def test_a_reply_of_the_wrong_size_still_answers_the_kernel(kernel, monkeypatch, caplog):
+    resumed(kernel)
+    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
+    monkeypatch.setattr(log, "handle", lambda request: b"\0" * 3)
+    assert kernel.send(T.IN_SYNC, protocol.pack_u64(0)) == (-errno.EIO, b"")
+    assert "bad reply payload" in caplog.text

@@ -401,7 +401,7 @@ def test_decode_shows_an_unknown_request_type_without_a_name_or_payload_view() -
         (RequestType.FLUSH, bytes(4)),
         (RequestType.SET_REGION_SYNC, bytes(8)),
         (RequestType.GET_SYNC_COUNT, b"\1"),
-        (RequestType.DTR, bytes(8)),
+        (RequestType.RESUME, bytes(8)),
     ],
     ids=lambda value: value.name if isinstance(value, RequestType) else f"{len(value)}B",
 )
@@ -434,3 +434,10 @@ def test_decode_shows_a_uuid_without_its_nul_in_full() -> None:
 def test_decode_shows_a_non_ascii_uuid_escaped() -> None:
     view = nlmessages.decode(protocol.encode_request(RequestType.DTR, seq=9, uuid=b"a\xffb"))
     assert view["request"]["uuid"] == "a\\xffb"
+
+
+def test_a_dtr_payload_is_shown_as_ignored_like_the_codec_ignores_it():
+    raw = protocol.encode_request(RequestType.DTR, seq=9, uuid="u", luid=1, data=b"argv")
+    assert protocol.decode_datagram(raw).regions == ()
+    view = nlmessages.decode(raw)
+    assert view["request"]["decoded"] == {} and view["request"]["data_hex"] == b"argv".hex()
