@@ -1,9 +1,10 @@
 """The ``shardlog`` command.
 
-- ``shardlog replay [CAPTURE]``: answer the requests of a recorded kernel session with a
-  real log table (instance files in a temporary or given state directory) and show what a
-  correct log answers.  Without an argument it replays the embedded default: the requests
-  a Debian 6.1 kernel sent while resyncing a 128-region mirror.
+- ``shardlog replay [CAPTURE]``: answer the requests of a recorded kernel session with the
+  real codec and a real log table (instance files in a temporary or given state
+  directory) and show what a correct log answers.  Without an argument it replays the
+  embedded default: the requests a Debian 6.1 kernel sent while resyncing a 128-region
+  mirror.  Log devices named in the capture are never opened: scratch files stand in.
 - ``shardlog decode [FILE]``: print datagrams (hex, one per line, or capture JSON lines)
   field by field, through the pyroute2 message class.
 
@@ -84,11 +85,12 @@ def read_datagrams(path: Path | None) -> Iterator[bytes]:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
-            text = json.loads(line)["raw_hex"] if line.startswith("{") else line
             try:
+                text = json.loads(line)["raw_hex"] if line.startswith("{") else line
                 yield bytes.fromhex(text)
-            except ValueError:
-                raise ValueError(f"line {number}: not a hex datagram") from None
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"line {number}: neither a hex datagram nor a JSON object "
+                                 "with raw_hex") from None
 
 
 def _open_capture(path: Path | None) -> TextIO:
@@ -112,17 +114,19 @@ def _replay(args: argparse.Namespace) -> int:
 
 def _replay_into(args: argparse.Namespace, state_dir: Path) -> int:
     table = LogTable(state_dir)
+    scratch = _ScratchDevices(state_dir / "replay-devices")
     lines: list[str] = []
     results: Counter[str] = Counter()
     refused = 0
     for raw in read_datagrams(args.capture):
         try:
-            request = protocol.decode_datagram(raw)
+            request = scratch.substitute(protocol.decode_datagram(raw))
         except ProtocolError as exc:
             lines.append(f"{'-':>6}  malformed: {exc.reason}")
             results["malformed"] += 1
             continue
-        error, data = table.handle(request)
+        reply = protocol.decode_reply(table.answer(request))
+        error, data = reply.error, reply.data
         refused += error != 0
         results[f"{request.name} {'ok' if error == 0 else error}"] += 1
         answer = _describe_answer(request, error, data)
@@ -130,6 +134,8 @@ def _replay_into(args: argparse.Namespace, state_dir: Path) -> int:
                      f"{_describe_payload(request):<14} -> {answer}")
     source = args.capture or f"embedded {DEFAULT_CAPTURE}"
     print(f"shardlog replay of {source}: {sum(results.values())} requests, state in {state_dir}")
+    for device, stand_in in scratch.replaced.items():
+        print(f"log device {device} of the capture replaced by the scratch file {stand_in}")
     if args.all or len(lines) <= 40:
         print("\n".join(lines))
     else:
@@ -138,6 +144,43 @@ def _replay_into(args: argparse.Namespace, state_dir: Path) -> int:
         print("\n".join(lines[-12:]))
     print("answers:", ", ".join(f"{key} x{n}" for key, n in sorted(results.items())))
     return 1 if refused else 0
+
+
+class _ScratchDevices:
+    """Stand-ins for the log devices a capture names.
+
+    A capture's ``7:2`` was a device in the machine that recorded it; on this host that
+    number may be somebody's disk, which a replayed RESUME would write to.  So every disk
+    log's device becomes a zeroed scratch file (new bits: all out of sync, as on a fresh
+    log device), the same file for the same device name.
+    """
+
+    SIZE = 4 << 20  # enough for 24 million regions' bits, like the captures' log device
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.replaced: dict[str, Path] = {}
+
+    def substitute(self, request: Request) -> Request:
+        if request.request_type is not RequestType.CTR:
+            return request
+        tokens = request.ctr_string.split()
+        if len(tokens) < 4 or tokens[1] not in ("disk", "clustered-disk"):
+            return request
+        tokens[2] = str(self._stand_in(tokens[2]))
+        data = " ".join(tokens).encode() + (b"\0" if request.reconnect else b"")
+        return protocol.decode_datagram(protocol.encode_request(
+            RequestType.CTR, seq=request.seq, uuid=request.uuid, luid=request.luid,
+            data=data, version=request.version))
+
+    def _stand_in(self, device: str) -> Path:
+        if device not in self.replaced:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            path = self.directory / f"device-{len(self.replaced)}"
+            with open(path, "wb") as f:
+                f.truncate(self.SIZE)
+            self.replaced[device] = path
+        return self.replaced[device]
 
 
 def _describe_payload(request: Request) -> str:

@@ -36,6 +36,20 @@ def test_replay_of_a_capture_file_reports_refused_requests(tmp_path):
     assert "unexpected argument '2'" in result.stderr
 
 
+def test_replay_never_opens_the_log_device_a_capture_names(tmp_path):
+    # capture-disklog names 7:2, which on this host may be somebody's loop device.
+    result = shardlog("replay", "--all", str(FIXTURES / "capture-disklog.jsonl"),
+                      "--state-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    scratch = tmp_path / "replay-devices" / "device-0"
+    assert f"log device 7:2 of the capture replaced by the scratch file {scratch}" in (
+        result.stdout)
+    ctr_lines = [line for line in result.stdout.splitlines() if " CTR " in line and "->" in line]
+    assert len(ctr_lines) == 1 and f"'131072 disk {scratch} 1024'" in ctr_lines[0]
+    assert "STATUS_INFO ok x2" in result.stdout
+    assert scratch.read_bytes()[:4] == b"rRiM"  # the disk log was written there instead
+
+
 def test_replay_shows_malformed_datagrams_and_goes_on(tmp_path):
     capture = tmp_path / "c.hex"
     good = json.loads((FIXTURES / "capture-plain.jsonl").read_text().splitlines()[0])["raw_hex"]
@@ -57,7 +71,9 @@ def test_decode_prints_each_datagram_as_json():
 
 def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):
     result = shardlog("decode", stdin="not hex\n")
-    assert result.returncode == 2 and "line 1: not a hex datagram" in result.stderr
+    assert result.returncode == 2 and "line 1: neither a hex datagram" in result.stderr
+    result = shardlog("decode", stdin='{"no_raw_hex": 1}\n')
+    assert result.returncode == 2 and "line 1: neither a hex datagram" in result.stderr
     result = shardlog("replay", str(tmp_path / "missing.hex"))
     assert result.returncode == 2 and "No such file" in result.stderr
     result = shardlog("decode", stdin="00\n")
