@@ -80,7 +80,7 @@ def test_plain_core_log_starts_out_of_sync_like_the_kernels(table, state_dir):
 
 
 @pytest.mark.parametrize("scenario", ["plain", "iflush"])
-def test_every_acknowledged_flush_has_its_marks_on_disk(table, state_dir, scenario):
+def test_every_acknowledged_flush_leaves_its_marks_in_the_instance_file(table, state_dir, scenario):
     """A nosync log, so that marks show: after each FLUSH reply, every region marked
     and not cleared since is dirty in the instance file as a restarted server would read it."""
     marked: set[int] = set()
