@@ -33,7 +33,7 @@ class SyncMode(Enum):
 
 #: The kernel truncates GET_REGION_SIZE's u64 reply to u32.
 MAX_REGION_SIZE = 1 << 31
-#: A bound on the bitmap (512 MiB per log) so that a typo cannot exhaust the host.
+#: A bound on the bitmaps (two of 512 MiB per log) so that a typo cannot exhaust the host.
 MAX_REGION_COUNT = 1 << 32
 
 _CORE_TYPES = ("core", "clustered-core")
