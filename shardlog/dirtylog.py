@@ -48,7 +48,8 @@ SET_REGION_SYNC; the sync count is kept incrementally; MARK, CLEAR and SET_REGIO
 idempotent; FLUSH with regions (integrated flush) marks them and then commits.
 
 Errors leave as :class:`LogError` (a positive errno, negated for the kernel, and the
-reason); the only I/O is through the RegionMap, whose failures arrive as StoreError.
+reason).  I/O happens only in the RegionMap (and, at CTR, in resolving a log device);
+its failures arrive as StoreError.
 """
 
 from __future__ import annotations

@@ -30,6 +30,8 @@ from shardlog.protocol import (
     CN_VAL_DM_USERSPACE_LOG,
     DM_UUID_LEN,
     NLMSG_DONE,
+    ONE_REGION_TYPES,
+    REGION_LIST_TYPES,
     ProtocolError,
     RequestType,
 )
@@ -41,11 +43,6 @@ _ULOG_SIZE = 160
 _PAYLOAD_OFFSET = _NLMSGHDR_SIZE + _CN_MSG_SIZE + _ULOG_SIZE
 #: Netlink pads messages to 4 bytes; real kernels hand recv() up to 3 bytes past nlmsg_len.
 _MAX_PAD = 3
-
-_ONE_REGION = frozenset(
-    {RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.IS_REMOTE_RECOVERING}
-)
-_REGION_LIST = frozenset({RequestType.MARK_REGION, RequestType.CLEAR_REGION, RequestType.FLUSH})
 
 
 # Lower-case, after the C struct, as pyroute2 names its own message classes.
@@ -198,9 +195,9 @@ def _c_string(raw: bytes) -> str:
 
 def _decode_payload(request_type: RequestType, data: bytes) -> dict[str, Any] | None:
     size = len(data)
-    if request_type in _ONE_REGION:
+    if request_type in ONE_REGION_TYPES:
         return {"regions": [struct.unpack("=Q", data)[0]]} if size == 8 else None
-    if request_type in _REGION_LIST:
+    if request_type in REGION_LIST_TYPES:
         if size % 8:
             return None
         return {"regions": list(struct.unpack(f"={size // 8}Q", data))}

@@ -101,10 +101,10 @@ _NO_PAYLOAD = frozenset(
         RequestType.STATUS_TABLE,
     }
 )
-_ONE_REGION = frozenset(
+ONE_REGION_TYPES = frozenset(
     {RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.IS_REMOTE_RECOVERING}
 )
-_REGION_LIST = frozenset(
+REGION_LIST_TYPES = frozenset(
     {RequestType.MARK_REGION, RequestType.CLEAR_REGION, RequestType.FLUSH}
 )
 
@@ -290,11 +290,11 @@ def _decode_payload(request_type: RequestType, version: int, data: bytes) -> _Pa
         if size:
             raise ValueError(f"carries no payload, got {size} bytes")
         return _NO_FIELDS
-    if request_type in _ONE_REGION:
+    if request_type in ONE_REGION_TYPES:
         if size != 8:
             raise ValueError(f"payload is one u64 region, got {size} bytes")
         return U64.unpack(data), False, "", False
-    if request_type in _REGION_LIST:
+    if request_type in REGION_LIST_TYPES:
         if size % 8:
             raise ValueError(f"region payload of {size} bytes is not a multiple of 8")
         count = size // 8
