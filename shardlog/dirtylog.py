@@ -151,27 +151,49 @@ class DirtyLog:
                     else "regions dirty on the log device count as out of sync")
             clean = config.sync_mode is SyncMode.NOSYNC and not reconnect
             rmap = RegionMap.create(path, config.region_count, device=device, clean=clean)
-            start = cls._first_resume(config)
-            # A reconnect with nothing saved takes what the device holds; but `sync`
-            # means every region is resynced at each activation, so there the device's
-            # bits (perhaps an earlier activation's) must not count.
-            if reconnect and start is ResumeFrom.DEVICE and config.sync_mode is not SyncMode.SYNC:
-                start = ResumeFrom.DEVICE_AS_SAVED
-            return cls(uuid, luid, config, rmap, device_name=device_name, resume_from=start)
+            return cls(uuid, luid, config, rmap, device_name=device_name,
+                       resume_from=cls._first_resume(config, reconnect))
         except StoreError as exc:
             if not reconnect:
                 raise
-            log.error("%s: reconnect CTR without storage (%s): serving from memory, every "
-                      "region out of sync, commits fail", _name(uuid, luid), exc)
-            rmap = RegionMap.create(None, config.region_count)
-            dirty_log = cls(uuid, luid, config, rmap, device_name=device_name,
-                            resume_from=ResumeFrom.MEMORY)
-            dirty_log.device_failed = True
-            return dirty_log
+            return cls._without_storage(uuid, luid, config, device, device_name, exc)
 
     @staticmethod
-    def _first_resume(config: LogConfig) -> ResumeFrom:
-        return ResumeFrom.DEVICE if config.is_disk else ResumeFrom.MEMORY
+    def _first_resume(config: LogConfig, reconnect: bool = False) -> ResumeFrom:
+        if not config.is_disk:
+            return ResumeFrom.MEMORY
+        # A reconnect with nothing saved takes what the device holds; but `sync` means
+        # every region is resynced at each activation, so there the device's bits
+        # (perhaps an earlier activation's) must not count.
+        if reconnect and config.sync_mode is not SyncMode.SYNC:
+            return ResumeFrom.DEVICE_AS_SAVED
+        return ResumeFrom.DEVICE
+
+    @classmethod
+    def _without_storage(cls, uuid: str, luid: int, config: LogConfig, device: Path | None,
+                         device_name: str | None, exc: StoreError) -> DirtyLog:
+        """A reconnected log whose instance file (or device) cannot be had: the kernel
+        would re-send a failed reconnect CTR for ever with the mirror's I/O waiting, so
+        it runs on with what there is — its device if only the state directory failed,
+        else memory alone — and a failed device in its status."""
+        if device is not None:
+            try:
+                rmap = RegionMap.create(None, config.region_count, device=device)
+            except StoreError:
+                pass
+            else:
+                log.error("%s: reconnect CTR without an instance file (%s): serving from the "
+                          "log device's bits", _name(uuid, luid), exc)
+                dirty_log = cls(uuid, luid, config, rmap, device_name=device_name,
+                                resume_from=cls._first_resume(config, reconnect=True))
+                dirty_log.device_failed = True
+                return dirty_log
+        log.error("%s: reconnect CTR without storage (%s): serving from memory, every "
+                  "region out of sync, commits fail", _name(uuid, luid), exc)
+        dirty_log = cls(uuid, luid, config, RegionMap.create(None, config.region_count),
+                        device_name=device_name, resume_from=ResumeFrom.MEMORY)
+        dirty_log.device_failed = True
+        return dirty_log
 
     def ctr_reply(self, version: int) -> bytes:
         """The CTR answer: since version 2 the kernel takes a log device to hold open."""

@@ -327,7 +327,8 @@ def test_a_full_filesystem_fails_new_logs_and_spares_existing_ones(tmp_path, cap
     finally:
         for dirty_log in table.logs.values():
             dirty_log.region_map.close()  # release the mappings so the mount can go
-        subprocess.run(["umount", str(mount)], check=True)
+        # Lazy: a mapping still held somewhere must not leave the mount behind.
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
 
 
 def test_a_failing_log_device_gives_eio_and_a_sticky_status(kernel, tmp_path, monkeypatch):
@@ -500,3 +501,22 @@ def test_a_reply_of_the_wrong_size_still_answers_the_kernel(kernel, monkeypatch,
     monkeypatch.setattr(log, "handle", lambda request: b"\0" * 3)
     assert kernel.send(T.IN_SYNC, protocol.pack_u64(0)) == (-errno.EIO, b"")
     assert "bad reply payload" in caplog.text
+
+
+def test_a_reconnect_whose_state_dir_failed_falls_back_to_the_log_device(tmp_path, caplog):
+    device = tmp_path / "logdev"
+    with open(device, "wb") as f:
+        f.truncate(1 << 20)
+    ctr = f"131072 disk {device} 1024 nosync"
+    before = resumed(Kernel(LogTable(tmp_path / "state")), ctr)
+    before.ok(T.FLUSH, protocol.pack_regions([3]))
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    after = Kernel(LogTable(not_a_dir), uuid=before.uuid, luid=before.luid)
+    assert after.ctr(ctr, reconnect=True) == (0, b"")
+    after.ok(T.RESUME)
+    assert "serving from the log device's bits" in caplog.text
+    assert after.in_sync(3) == 0 and after.sync_count() == 127  # the device's bits
+    assert after.status_info() == "3 disk 0:0 D\0"
+    after.ok(T.FLUSH, protocol.pack_regions([5]))  # the device still takes marks
+    assert device.read_bytes()[BITMAP_OFFSET] == 0xD7
