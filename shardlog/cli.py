@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import __version__, nlmessages, protocol
+from .ctrargs import CtrArgsError, parse_ctr_string
 from .logtable import LogTable
 from .protocol import ProtocolError, Request, RequestType
 
@@ -164,10 +165,14 @@ class _ScratchDevices:
     def substitute(self, request: Request) -> Request:
         if request.request_type is not RequestType.CTR:
             return request
-        tokens = request.ctr_string.split()
-        if len(tokens) < 4 or tokens[1] not in ("disk", "clustered-disk"):
+        try:
+            config = parse_ctr_string(request.ctr_string)
+        except CtrArgsError:
+            return request  # the log table refuses it, and says why
+        if config.device is None:
             return request
-        tokens[2] = str(self._stand_in(tokens[2]))
+        tokens = request.ctr_string.split()
+        tokens[2] = str(self._stand_in(config.device))  # "<sectors> <type> <device> …"
         data = " ".join(tokens).encode() + (b"\0" if request.reconnect else b"")
         return protocol.decode_datagram(protocol.encode_request(
             RequestType.CTR, seq=request.seq, uuid=request.uuid, luid=request.luid,

@@ -30,7 +30,7 @@ from . import protocol
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .dirtylog import DirtyLog, LogError, LogState
 from .protocol import Request, RequestType
-from .regionmap import StoreError, stale_instance_files
+from .regionmap import StoreError, remove_instance_file, stale_instance_files
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,4 @@ class LogTable:
         live = {luid for (log_uuid, luid) in self.logs if log_uuid == uuid}
         for path in stale_instance_files(self.state_dir, uuid, live):
             log.info("removing stale instance file %s", path)
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("cannot remove stale instance file %s: %s", path, exc)
+            remove_instance_file(path)

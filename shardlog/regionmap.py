@@ -275,9 +275,7 @@ class RegionMap:
         HEADER.pack_into(self._view, 0, MIRROR_MAGIC, MIRROR_DISK_VERSION, self.region_count)
         self._copy_clean_to_sync()
         outcome = ResumeOutcome(saved, reason, read_error)
-        self._touch(0, image_size(self.region_count) - 1)
-        self._dirtied = True
-        self.commit(everything=True)
+        self.push()
         return outcome
 
     def push(self) -> None:
@@ -356,10 +354,7 @@ class RegionMap:
             log.debug("%s: mapping still referenced; released when the last view goes",
                       self.path)
         if remove and self.path is not None:
-            try:
-                os.unlink(self.path)
-            except OSError as exc:
-                log.warning("cannot remove instance file %s: %s", self.path, exc)
+            remove_instance_file(self.path)
 
 
 # -- where an image persists -----------------------------------------------------------------
@@ -548,6 +543,14 @@ def instance_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     reconnect CTR.  The uuid is percent-escaped to stay one path component.
     """
     return state_dir / "logs" / f"{quote(uuid, safe='')}@{luid:016x}.map"
+
+
+def remove_instance_file(path: Path) -> None:
+    """Remove an instance file; failing to is worth a warning, not an error."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.warning("cannot remove instance file %s: %s", path, exc)
 
 
 def stale_instance_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[Path]:
