@@ -36,6 +36,18 @@ def requires_root(what: str) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="session")
+def private_netns() -> None:
+    """Moves the test process into a private network namespace (once per session), where
+    a simulated kernel and shardlog talk over real connector sockets and nothing can reach
+    the real kernel (shardlog.kernelsim.netns).  Later tests stay in it: none needs the
+    host's network."""
+    requires_root("a private network namespace (unshare -n)")
+    from shardlog.kernelsim import netns
+
+    netns.enter_private_netns()
+
+
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Iterator[Path]:
     """A real 4 MiB block device (a loop device over a file), detached afterwards."""
