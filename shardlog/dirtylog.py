@@ -206,6 +206,27 @@ class DirtyLog:
         either; everything that matters was committed by the last FLUSH/POSTSUSPEND)."""
         self.region_map.close(remove=True)
 
+    def restore(self) -> None:
+        """Bring a log re-created from its CTR record (the server restarted under a live
+        kernel) to where the kernel believes it is, as the kernel's own reconnect would
+        (CTR, then RESUME) — except that an instance never resumed stays pending: its
+        first RESUME must still read the device *after* the old instance of a reload has
+        committed its last marks."""
+        if self._resume_from is ResumeFrom.INSTANCE:
+            self._resume(None)
+
+    def shutdown(self) -> None:
+        """The server stops: commit everything (clears included) and close, keeping the
+        instance file for the server that comes next.  Failures are logged: the next
+        server's reconnect RESUME writes the image back anyway."""
+        try:
+            if self.state is not LogState.PENDING:
+                self._commit(everything=True)
+        except LogError:
+            pass
+        finally:
+            self.region_map.close()
+
     @property
     def name(self) -> str:
         return _name(self.uuid, self.luid)
@@ -223,7 +244,7 @@ class DirtyLog:
 
     # -- life cycle -------------------------------------------------------------------------
 
-    def _resume(self, request: Request) -> bytes:
+    def _resume(self, request: Request | None) -> bytes:
         # RESUME restarts recovery (dm_rh_start_recovery), whatever else it does.
         self.recovery_halted = False
         if self.state is LogState.RESUMED:
@@ -354,12 +375,21 @@ class DirtyLog:
         return b""
 
     def _flush(self, request: Request) -> bytes:
+        self.stage_flush(request)
+        self.commit_flush()
+        return b""
+
+    def stage_flush(self, request: Request) -> None:
+        """A FLUSH's marks, without its commit: a server committing several logs' FLUSHes
+        together calls :meth:`commit_flush` before any of their replies goes out."""
         # Integrated flush (version 3): the regions to mark ride in the FLUSH itself, and
         # the reply promises they are durable like any other mark.
         for region in self._checked(request, marks=bool(request.regions)):
             self.region_map.mark(region)
+
+    def commit_flush(self) -> None:
+        """Make every mark so far durable (LogError EIO if the store fails)."""
         self._commit(everything=False)
-        return b""
 
     def _get_resync_work(self, request: Request) -> bytes:
         if self.state is not LogState.RESUMED or self.recovery_halted:

@@ -9,6 +9,10 @@ owns what is not one log's business:
   (protocol.md §1.6).  A first CTR for a ``(uuid, luid)`` that was already resumed is a new
   activation at the same kernel address whose DTR we never saw: it replaces the old one.
 - DTR forgets a log.
+- A request for a log it does not know, but whose CTR it recorded before a restart
+  (records.py), re-creates that log as the kernel's reconnect would, and is answered.
+- With ``defer_commit``, FLUSHes only stage their marks, and :meth:`LogTable.commit_deferred`
+  commits every staged log before any of their replies goes out (group commit).
 - A request for a log it does not know is answered -ESRCH, never -EINVAL: -ESRCH makes the
   kernel re-send CTR + RESUME and retry (§1.6b), while -EINVAL would fail a FLUSH (the
   mirror's log is marked failed) or an IN_SYNC (writes then go to one leg only).
@@ -24,18 +28,26 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-from . import protocol
+from . import protocol, records
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .dirtylog import DirtyLog, LogError, LogState
 from .protocol import Request, RequestType
-from .regionmap import StoreError, remove_instance_file, stale_instance_files
+from .regionmap import (
+    StoreError,
+    instance_file_path,
+    remove_instance_file,
+    stale_instance_files,
+)
 
 log = logging.getLogger(__name__)
 
 LogKey = tuple[str, int]
 _RESERVED_ERRNOS = frozenset({errno.EAGAIN, errno.ESRCH})
+_T = TypeVar("_T")
 
 
 class LogTable:
@@ -44,38 +56,78 @@ class LogTable:
     def __init__(self, state_dir: Path):
         self.state_dir = Path(state_dir)
         self.logs: dict[LogKey, DirtyLog] = {}
+        self._deferred: list[tuple[Request, DirtyLog]] = []
 
-    def answer(self, request: Request) -> bytes:
-        """The reply datagram for a decoded request."""
-        error, data = self.handle(request)
-        try:
-            return protocol.encode_reply(request, error, data)
-        except ValueError:
-            # A payload of the wrong size is a bug here; the kernel still gets an answer.
-            log.exception("%s %s: bad reply payload", request.name, request.uuid)
-            return protocol.encode_reply_raw(request.header, -errno.EIO, b"")
+    def answer(self, request: Request, *, defer_commit: bool = False) -> bytes | None:
+        """The reply datagram for a decoded request.
+
+        With ``defer_commit`` a FLUSH only stages its marks and answers None; its reply
+        comes from :meth:`commit_deferred`, which commits every staged log at once.
+        """
+        if defer_commit and request.request_type is RequestType.FLUSH:
+            outcome = self._guarded(request, self._stage_flush)
+            if outcome is None:
+                return None
+            return self._encode(request, *outcome)
+        return self._encode(request, *self.handle(request))
+
+    def commit_deferred(self) -> list[bytes]:
+        """Commit every log with a staged FLUSH, then return the replies of those FLUSHes
+        (a log staged twice is committed once)."""
+        deferred, self._deferred = self._deferred, []
+        outcomes: dict[int, tuple[int, bytes]] = {}
+        replies = []
+        for request, dirty_log in deferred:
+            outcome = outcomes.get(id(dirty_log))
+            if outcome is None:
+                outcome = self._guarded(request, lambda _request, log=dirty_log: (
+                    log.commit_flush() or (0, b"")))
+                outcomes[id(dirty_log)] = outcome
+            replies.append(self._encode(request, *outcome))
+        return replies
+
+    def close(self) -> None:
+        """The server stops: every log commits everything and keeps its files."""
+        for dirty_log in self.logs.values():
+            dirty_log.shutdown()
+        self.logs.clear()
 
     def handle(self, request: Request) -> tuple[int, bytes]:
         """Apply a request; return ``(error, payload)``, error 0 or a negative errno."""
-        try:
-            if request.request_type is RequestType.CTR:
-                return 0, self._construct(request)
-            key = (request.uuid, request.luid)
-            dirty_log = self.logs.get(key)
+        return self._guarded(request, self._apply)
+
+    def _apply(self, request: Request) -> tuple[int, bytes]:
+        if request.request_type is RequestType.CTR:
+            return 0, self._construct(request)
+        key = (request.uuid, request.luid)
+        dirty_log = self.logs.get(key)
+        if request.request_type is RequestType.DTR:
+            return self._destroy(key, dirty_log)
+        if dirty_log is None:
+            dirty_log = self._restore(request)
             if dirty_log is None:
                 log.info("%s for unknown log %s (luid %#x): -ESRCH, the kernel will "
                          "reconnect", request.name, request.uuid, request.luid)
                 return -errno.ESRCH, b""
-            if request.request_type is RequestType.DTR:
-                del self.logs[key]
-                dirty_log.destroy()
-                return 0, b""
-            first_resume = (request.request_type is RequestType.RESUME
-                            and dirty_log.state is LogState.PENDING)
-            data = dirty_log.handle(request)
-            if first_resume:
-                self._remove_stale_instances(request.uuid)
-            return 0, data
+        first_resume = (request.request_type is RequestType.RESUME
+                        and dirty_log.state is LogState.PENDING)
+        data = dirty_log.handle(request)
+        if first_resume:
+            self._remove_stale_instances(request.uuid)
+        return 0, data
+
+    def _stage_flush(self, request: Request) -> tuple[int, bytes] | None:
+        dirty_log = self.logs.get((request.uuid, request.luid))
+        if dirty_log is None:
+            return self._apply(request)  # restored, or -ESRCH: answered at once
+        dirty_log.stage_flush(request)
+        self._deferred.append((request, dirty_log))
+        return None
+
+    def _guarded(self, request: Request, step: Callable[[Request], _T]) -> _T | tuple[int, bytes]:
+        """Run a step for a request; any failure becomes the errno the kernel gets."""
+        try:
+            return step(request)
         except LogError as exc:
             log.warning("%s %s (luid %#x): %s", request.name, request.uuid, request.luid, exc)
             # -EAGAIN would make the kernel re-send at once, in a loop; -ESRCH would start
@@ -85,6 +137,49 @@ class LogTable:
             # A bug must not leave the kernel waiting 15 s and retrying for ever.
             log.exception("%s %s (luid %#x) failed", request.name, request.uuid, request.luid)
             return -errno.EIO, b""
+
+    @staticmethod
+    def _encode(request: Request, error: int, data: bytes) -> bytes:
+        try:
+            return protocol.encode_reply(request, error, data)
+        except ValueError:
+            # A payload of the wrong size is a bug here; the kernel still gets an answer.
+            log.exception("%s %s: bad reply payload", request.name, request.uuid)
+            return protocol.encode_reply_raw(request.header, -errno.EIO, b"")
+
+    def _destroy(self, key: LogKey, dirty_log: DirtyLog | None) -> tuple[int, bytes]:
+        uuid, luid = key
+        record = records.record_path(self.state_dir, uuid, luid)
+        if dirty_log is not None:
+            del self.logs[key]
+            dirty_log.destroy()
+        elif not record.exists():
+            log.info("DTR for unknown log %s (luid %#x)", uuid, luid)
+            return -errno.ESRCH, b""  # ignored by the kernel
+        else:
+            # A log of a server before a restart, gone before any other request came.
+            remove_instance_file(instance_file_path(self.state_dir, uuid, luid))
+        records.remove(record)
+        return 0, b""
+
+    def _restore(self, request: Request) -> DirtyLog | None:
+        """Re-create a live log from its CTR record (records.py): what the kernel's
+        reconnect would do after an -ESRCH, done at once."""
+        ctr_string = records.load(self.state_dir, request.uuid, request.luid)
+        if ctr_string is None:
+            return None
+        try:
+            config = parse_ctr_string(ctr_string)
+        except CtrArgsError as exc:
+            log.error("CTR record of %s (luid %#x) is unusable: %s", request.uuid,
+                      request.luid, exc)
+            return None
+        dirty_log = DirtyLog.construct(request.uuid, request.luid, config, self.state_dir,
+                                       reconnect=True)
+        dirty_log.restore()
+        self.logs[(request.uuid, request.luid)] = dirty_log
+        log.info("%s: restored from its CTR record (%s)", dirty_log.name, dirty_log.state.value)
+        return dirty_log
 
     def _construct(self, request: Request) -> bytes:
         key = (request.uuid, request.luid)
@@ -115,6 +210,11 @@ class LogTable:
             log.error("CTR %s (luid %#x): %s", request.uuid, request.luid, exc)
             raise LogError(exc.errno, str(exc)) from exc
         self.logs[key] = dirty_log
+        try:
+            records.save(self.state_dir, request.uuid, request.luid, request.ctr_string)
+        except OSError as exc:
+            log.warning("%s: cannot record its CTR (%s); after a restart the kernel's "
+                        "reconnect brings it back", dirty_log.name, exc)
         log.info("%s: constructed (%s%s), %d regions of %d sectors", dirty_log.name,
                  config.log_type, ", reconnect" if request.reconnect else "",
                  config.region_count, config.region_size)
@@ -131,3 +231,4 @@ class LogTable:
         for path in stale_instance_files(self.state_dir, uuid, live):
             log.info("removing stale instance file %s", path)
             remove_instance_file(path)
+            records.remove(records.beside(path))

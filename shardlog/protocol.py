@@ -244,6 +244,37 @@ def decode_datagram(buf: bytes | bytearray | memoryview) -> Request:
     return Request(luid, uuid, version, seq, request_type, data, header, *fields)
 
 
+class Peek(NamedTuple):
+    """What routing needs from a request datagram, read without decoding it."""
+
+    uuid_field: bytes  # the raw uuid bytes up to their NUL: the routing key
+    seq: int
+    request_type: int  # raw: not yet checked against RequestType
+    header: bytes  # the 160-byte dm_ulog_request header, for an answer without a decode
+
+
+_PEEK_MIN = _NL_CN + ULOG_HEADER.size
+
+
+def peek_request(buf: bytes) -> Peek | None:
+    """Routing fields of a datagram addressed to dm-log-userspace with a whole request
+    header, or None (then :func:`decode_datagram` says what is wrong).  Nothing past the
+    header is checked: whoever answers the request decodes it in full."""
+    if len(buf) < _PEEK_MIN:
+        return None
+    nlmsg_type, idx, val = _PEEK_ROUTE.unpack_from(buf, 4)
+    if nlmsg_type != NLMSG_DONE or idx != CN_IDX_DM or val != CN_VAL_DM_USERSPACE_LOG:
+        return None
+    header = buf[_NL_CN:_PEEK_MIN]
+    seq, request_type = _PEEK_SEQ_TYPE.unpack_from(header, _ULOG_OFFSET_SEQ)
+    uuid_field = header[8 : 8 + DM_UUID_LEN].split(b"\0", 1)[0]
+    return Peek(uuid_field, seq, request_type, header)
+
+
+_PEEK_ROUTE = struct.Struct("=H10xII")  # nlmsg_type, then cn_msg.id after the netlink header
+_PEEK_SEQ_TYPE = struct.Struct("=II")
+
+
 # Every request of a log carries the same 129-byte uuid field: remember the ones that were
 # already checked.  Bounded, so that forged uuids cannot grow it without limit.
 _uuid_cache: dict[bytes, str] = {}

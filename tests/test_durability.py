@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol
+from shardlog import protocol, records
 from shardlog.logtable import LogTable
 from shardlog.protocol import RequestType as T
 from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
@@ -103,8 +103,16 @@ def test_a_killed_core_log_server_loses_no_acknowledged_mark(state_dir, integrat
     acknowledged = serve_and_kill(state_dir, ctr, integrated, acks_before_kill=300)
     image = instance_file_path(state_dir, "durable", 7).read_bytes()
     assert acknowledged and acknowledged <= dirty_regions(image)
-    # A restarted server, through the kernel's reconnect, continues where the dead one
-    # stopped: the marks stand, and the regions are still in sync, as the kernel believes.
+    # A restarted server continues where the dead one stopped: the marks stand, and the
+    # regions are still in sync, as the kernel believes.  It restores the log from its CTR
+    # record at the first request ...
+    kernel = Kernel(LogTable(state_dir), uuid="durable", luid=7)
+    assert kernel.sync_count() == REGIONS
+    log = kernel.table.logs[("durable", 7)]
+    assert not any(log.region_map.clean_bits[region] for region in acknowledged)
+    kernel.table.close()
+    # ... and without the record, the kernel's own reconnect brings back the same.
+    records.remove(records.record_path(state_dir, "durable", 7))
     kernel = Kernel(LogTable(state_dir), uuid="durable", luid=7)
     assert kernel.send(T.GET_SYNC_COUNT) == (-errno.ESRCH, b"")
     assert kernel.ctr(ctr, reconnect=True) == (0, b"")

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from shardlog import protocol
+from shardlog import protocol, records
 from shardlog.dirtylog import LogState
 from shardlog.logtable import LogTable
 from shardlog.protocol import RequestType as T
@@ -225,18 +225,32 @@ def test_a_reload_right_after_a_restart_keeps_the_old_instance_restorable(state_
 # -- restart: the reconnect CTR restores saved state ---------------------------------------------
 
 
-def test_a_restarted_server_continues_a_core_log_exactly(state_dir):
+def restarted(before: Kernel, ctr: str, via: str) -> Kernel:
+    """A new server for ``before``'s log, which the kernel still has (SIGKILL: nothing was
+    written since).  ``via="record"``: the server restores the log from its CTR record at
+    the first request; ``via="reconnect"``: without a record, the kernel's reconnect loop
+    (-ESRCH, CTR with its NUL, RESUME) brings it back."""
+    after = Kernel(LogTable(before.table.state_dir), uuid=before.uuid, luid=before.luid)
+    after.seq = before.seq
+    if via == "reconnect":
+        records.remove(records.record_path(after.table.state_dir, after.uuid, after.luid))
+        assert after.send(T.GET_SYNC_COUNT) == (-errno.ESRCH, b"")
+        assert after.ctr(ctr, reconnect=True) == (0, b"")
+        after.ok(T.RESUME)
+    return after
+
+
+RESTART_PATHS = pytest.mark.parametrize("via", ["record", "reconnect"])
+
+
+@RESTART_PATHS
+def test_a_restarted_server_continues_a_core_log_exactly(state_dir, via):
     before = resumed(Kernel(LogTable(state_dir)), NOSYNC)
     before.set_region_sync(5, False)  # a leg write failed there
     before.ok(T.FLUSH, protocol.pack_regions([1, 2]))  # two writes in flight
     before.ok(T.CLEAR_REGION, protocol.pack_regions([2]))  # one completed
     before.ok(T.MARK_REGION, protocol.pack_regions([3]))  # acknowledged, FLUSH not yet sent
-    # SIGKILL: nothing else is written.  A new server, the kernel's reconnect loop:
-    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
-    after.seq = before.seq
-    assert after.send(T.IN_SYNC, protocol.pack_u64(1)) == (-errno.ESRCH, b"")
-    assert after.ctr(NOSYNC, reconnect=True) == (0, b"")
-    after.ok(T.RESUME)
+    after = restarted(before, NOSYNC, via)
     # The kernel kept its state (its hint says "all in sync", so it will not ask for resync
     # work before the next resume): regions 1-3 are in sync, only their writes are pending.
     assert [after.in_sync(r) for r in range(6)] == [1, 1, 1, 1, 1, 0]
@@ -248,7 +262,9 @@ def test_a_restarted_server_continues_a_core_log_exactly(state_dir):
     assert image[BITMAP_OFFSET] & 0b1000 == 0
 
 
-def test_a_restarted_server_makes_a_disk_logs_unflushed_marks_durable(state_dir, tmp_path):
+@RESTART_PATHS
+def test_a_restarted_server_makes_a_disk_logs_unflushed_marks_durable(
+        state_dir, tmp_path, via):
     device = tmp_path / "logdev"
     with open(device, "wb") as f:
         f.truncate(1 << 20)
@@ -256,9 +272,9 @@ def test_a_restarted_server_makes_a_disk_logs_unflushed_marks_durable(state_dir,
     before = resumed(Kernel(LogTable(state_dir)), ctr)
     before.ok(T.MARK_REGION, protocol.pack_regions([7]))  # answered; FLUSH not yet sent
     assert device.read_bytes()[BITMAP_OFFSET] == 0xFF  # the device has not seen it
-    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
-    assert after.ctr(ctr, reconnect=True) == (0, b"")
-    after.ok(T.RESUME)
+    after = restarted(before, ctr, via)
+    if via == "record":
+        assert after.ok(T.GET_SYNC_COUNT)  # the first request restores the log
     assert device.read_bytes()[BITMAP_OFFSET] == 0x7F  # written back at the RESUME
     assert after.in_sync(7) == 1 and after.sync_count() == 128
 
