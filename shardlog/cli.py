@@ -1,5 +1,7 @@
 """The ``shardlog`` command.
 
+- ``shardlog serve``: the server the kernel talks to (front process and workers, in the
+  foreground; see front.py).  Needs root.
 - ``shardlog replay [CAPTURE]``: answer the requests of a recorded kernel session with the
   real codec and a real log table (instance files in a temporary or given state
   directory) and show what a correct log answers.  Without an argument it replays the
@@ -8,7 +10,8 @@
 - ``shardlog decode [FILE]``: print datagrams (hex, one per line, or capture JSON lines)
   field by field, through the pyroute2 message class.
 
-Exit codes: 0 success, 1 a replayed request was refused, 2 bad input or usage.
+Exit codes: 0 success, 1 a replayed request was refused or the server failed, 2 bad
+input or usage.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import gzip
 import json
 import logging
+import os
 import struct
 import sys
 import tempfile
@@ -37,9 +41,11 @@ DEFAULT_CAPTURE = "kernel-6.1-resync.hex.gz"
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    level = args.log_level or args.default_log_level
     logging.basicConfig(
-        level=getattr(logging, args.log_level.upper()),
-        format="%(levelname)s %(name)s: %(message)s",
+        level=getattr(logging, level.upper()),
+        # The pid tells the front and each worker apart (the front logs workers' pids).
+        format="%(levelname)s [%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
@@ -55,9 +61,27 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shardlog", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"shardlog {__version__}")
-    parser.add_argument("--log-level", default="warning",
-                        choices=["debug", "info", "warning", "error"])
+    levels = ["debug", "info", "warning", "error"]
+    parser.add_argument("--log-level", choices=levels, help="default: info for serve, "
+                        "warning otherwise")
+    parser.set_defaults(default_log_level="warning")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="serve the kernel's dirty logs (root)")
+    serve.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+                       help="worker processes (default: the number of CPUs)")
+    serve.add_argument("--state-dir", type=Path, default=Path("/var/lib/shardlog"),
+                       help="instance files and CTR records (default: /var/lib/shardlog)")
+    serve.add_argument("--metrics-addr", default="127.0.0.1:9783", metavar="HOST:PORT",
+                       help="serve Prometheus metrics here (default 127.0.0.1:9783; "
+                            "'' turns them off)")
+    serve.add_argument("--pid-file", type=Path,
+                       help="written once the socket is subscribed and every worker is up")
+    serve.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS)
+    serve.add_argument("--test-peer", type=int, metavar="PORT",
+                       help="also take requests from this netlink port, and reply to it: "
+                            "for a simulated kernel in a private network namespace only")
+    serve.set_defaults(run=_serve, default_log_level="info")
 
     replay = commands.add_parser("replay", help="answer a recorded kernel session")
     replay.add_argument("capture", nargs="?", type=Path,
@@ -73,6 +97,26 @@ def _parser() -> argparse.ArgumentParser:
     decode.add_argument("file", nargs="?", type=Path, help="hex or JSON lines (default: stdin)")
     decode.set_defaults(run=_decode)
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .front import Front, ServeConfig, ServeError
+
+    config = ServeConfig(workers=args.workers, state_dir=args.state_dir,
+                         metrics_addr=args.metrics_addr or None, pid_file=args.pid_file,
+                         test_peer=args.test_peer)
+    try:
+        return Front(config).run()
+    except ServeError as exc:
+        print(f"shardlog serve: {exc}", file=sys.stderr)
+        return 1
 
 
 # -- input ---------------------------------------------------------------------------------------

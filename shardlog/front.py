@@ -1,0 +1,492 @@
+"""The front process: the netlink socket, routing to workers, and their supervision.
+
+Theory of operation
+-------------------
+The kernel multicasts every request to the sockets in connector group 7 and takes the
+first reply per seq (protocol.md §1.1).  The front is the only member.  One event loop
+(epoll) sleeps on the socket, on each worker's reply pipe, and on a self-pipe for
+signals (gunicorn's Arbiter: signals are queued, never handled inline).
+
+- **Requests.**  On each wakeup the front drains the socket, drops what does not come
+  from the kernel (netlink port 0) or, in tests, the named peer, and routes each request
+  by a CRC of its log's uuid to a worker: every instance of a log (a reload's two luids)
+  meets in one worker, in order.  The datagram travels as it came, in a tagged frame
+  (frames.py), one pipe write per worker per wakeup.  The front decodes nothing beyond
+  the routing fields; a datagram too broken to route is answered here (-EINVAL when the
+  kernel waits for it) or dropped when it was not a request for us.
+- **Replies** come back tagged, in any order, and go to the kernel as they arrive.  The
+  front remembers each tag's request header until its reply, so that...
+- **Supervision**: a worker that dies (its reply pipe reaches EOF) costs only what it
+  held: each such request is answered -EAGAIN, which makes the kernel re-send it at once
+  with a new seq, and a new worker takes its place and restores its logs from their
+  files as their requests come (records.py).  The others serve throughout.  A worker
+  that dies again and again right after starting stops the server instead (the kernel
+  then sees no server, and waits for the next one via its reconnect loop).
+- **Stop** (SIGTERM, SIGINT): leave group 7 first, so that the kernel's next request
+  finds no server (-ESRCH, its reconnect loop) instead of a socket nobody reads; forward
+  what is already queued; close the workers' request pipes; they answer what they hold,
+  commit every log and exit; the front sends their last replies and exits 0.
+
+The socket is set up with the standard library: pyroute2 0.9's NetlinkSocket drives its
+file descriptor from an asyncio endpoint, while the front needs a plain descriptor in
+its own epoll loop and a process that can fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import socket
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import multiprocess
+
+from . import frames, protocol, worker
+from .frames import FrameError, FrameReader, Kind
+from .kernelsim.netns import kernel_connector_reachable
+from .metrics import FrontCollector, FrontStats, serve_metrics
+
+log = logging.getLogger(__name__)
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
+SO_RCVBUFFORCE = 33  # not in the socket module: SO_RCVBUF capped by rmem_max otherwise
+KERNEL_PORT = 0
+RECEIVE_BUFFER = 32 << 20  # a multicast dropped for want of room costs the mirror 15 s
+PIPE_SIZE = 1 << 20
+F_SETPIPE_SZ = 1031
+DRAIN_LIMIT = 512  # datagrams per wakeup, so that replies are not starved by a flood
+READ_SIZE = 1 << 20
+QUICK_DEATH = 1.0  # seconds: a worker that dies sooner after its start failed to start
+QUICK_DEATHS_TO_GIVE_UP = 5
+STOP_TIMEOUT = 60.0
+START_TIMEOUT = 30.0
+CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+
+
+class ServeError(Exception):
+    """The server cannot start; the message says why, in one line."""
+
+
+@dataclass
+class ServeConfig:
+    workers: int
+    state_dir: Path
+    metrics_addr: str | None = None
+    pid_file: Path | None = None
+    test_peer: int | None = None  # a netlink port allowed to play the kernel (tests)
+    receive_buffer: int = RECEIVE_BUFFER
+
+
+@dataclass(eq=False)
+class WorkerSlot:
+    """One worker position: the process serving it now and the front's ends of its pipes."""
+
+    index: int
+    process: multiprocess.Process
+    request_fd: int  # front → worker, non-blocking
+    reply_fd: int  # worker → front
+    started: float
+    ready: bool = False
+    out: bytearray = field(default_factory=bytearray)  # frames not yet taken by the pipe
+    waiting_for_pipe: bool = False
+    in_flight: dict[int, bytes] = field(default_factory=dict)  # tag → request header
+    reader: FrameReader = field(default_factory=FrameReader)
+    quick_deaths: int = 0
+
+
+class Front:
+    """The server's main process."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.stats = FrontStats()
+        self.slots: list[WorkerSlot] = []
+        self.sock: socket.socket | None = None
+        self.epoll = select.epoll()
+        self.handlers: dict[int, object] = {}
+        self.allowed_ports = {KERNEL_PORT}
+        self.reply_address = (KERNEL_PORT, 0)
+        if config.test_peer is not None:
+            self.allowed_ports.add(config.test_peer)
+            self.reply_address = (config.test_peer, 0)
+        self.metrics_server = None
+        self.stopping = False
+        self.exit_code = 0
+        self.serving = False
+        self._next_tag = 0
+        self._signal_r, self._signal_w = socket.socketpair()
+        self._last_warning: dict[str, float] = {}
+        self._stop_deadline = 0.0
+
+    # -- start -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; the exit code."""
+        try:
+            self._start()
+            self._loop()
+        finally:
+            self._close()
+        return self.exit_code
+
+    def _start(self) -> None:
+        check_privileges()
+        config = self.config
+        if config.test_peer is not None and kernel_connector_reachable():
+            raise ServeError("--test-peer is for a private network namespace (unshare -n): "
+                             "here the real kernel would wait for replies sent to the peer")
+        try:
+            (config.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ServeError(f"state directory {config.state_dir}: {exc.strerror}") from exc
+        for sock in (self._signal_r, self._signal_w):
+            sock.setblocking(False)
+        signal.set_wakeup_fd(self._signal_w.fileno())
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _note_signal)
+        self._watch(self._signal_r.fileno(), self._on_signal)
+        if config.metrics_addr:
+            try:
+                self.metrics_server = serve_metrics(
+                    config.metrics_addr, FrontCollector(self.stats, self._gauges))
+            except (OSError, ValueError) as exc:
+                raise ServeError(f"metrics address {config.metrics_addr}: {exc}") from exc
+        self.sock = self._open_socket()
+        self._watch(self.sock.fileno(), self._on_requests)
+        for index in range(config.workers):
+            self.slots.append(self._spawn(index))
+        log.info("starting %d workers, state in %s, netlink port %d%s", config.workers, config.state_dir, self.sock.getsockname()[0],
+                 f", test peer {config.test_peer}" if config.test_peer is not None else "")
+
+    def _open_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol.NETLINK_CONNECTOR)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
+                            self.config.receive_buffer)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.receive_buffer)
+        # nl_groups stays 0: it is a bitmask, and 7 there would join groups 1-3.
+        sock.bind((0, 0))
+        try:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
+        except PermissionError as exc:
+            sock.close()
+            raise ServeError(f"cannot join connector group 7 ({exc.strerror}): "
+                             "shardlog serve needs root") from exc
+        sock.setblocking(False)
+        return sock
+
+    def _spawn(self, index: int, quick_deaths: int = 0) -> WorkerSlot:
+        request_r, request_w = os.pipe()
+        reply_r, reply_w = os.pipe()
+        for fd in (request_w, reply_w):
+            with contextlib.suppress(OSError):  # the default 64 KiB works, with more wakeups
+                fcntl.fcntl(fd, F_SETPIPE_SZ, PIPE_SIZE)
+        inherited = [request_w, reply_r, self.epoll, self._signal_r, self._signal_w]
+        if self.sock is not None:
+            inherited.append(self.sock)
+        if self.metrics_server is not None:
+            inherited.append(self.metrics_server.socket)
+        for slot in self.slots:
+            inherited += [slot.request_fd, slot.reply_fd]
+        process = multiprocess.get_context("fork").Process(
+            target=worker.run, name=f"shardlog-worker-{index}",
+            args=(index, request_r, reply_w, self.config.state_dir, inherited))
+        process.start()
+        os.close(request_r)
+        os.close(reply_w)
+        os.set_blocking(request_w, False)
+        slot = WorkerSlot(index, process, request_w, reply_r, time.monotonic(),
+                          quick_deaths=quick_deaths)
+        self._watch(reply_r, lambda: self._on_replies(slot))
+        log.info("worker %d started (pid %d)", index, process.pid)
+        return slot
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        started = time.monotonic()
+        while True:
+            if not self.serving and not self.stopping and all(s.ready for s in self.slots):
+                self._now_serving()
+            if self.stopping and not self.slots:
+                return
+            if self.stopping and time.monotonic() > self._stop_deadline:
+                log.error("%d workers did not stop within %.0f s: killed", len(self.slots),
+                          STOP_TIMEOUT)
+                self.exit_code = 1
+                return
+            if not self.serving and not self.stopping and (
+                    time.monotonic() - started > START_TIMEOUT):
+                raise ServeError(f"workers did not start within {START_TIMEOUT:.0f} s")
+            for fd, _events in self.epoll.poll(1.0):
+                handler = self.handlers.get(fd)
+                if handler is not None:
+                    handler()
+
+    def _now_serving(self) -> None:
+        self.serving = True
+        if self.config.pid_file is not None:
+            _write_pid_file(self.config.pid_file)
+        log.info("serving: subscribed to connector group 7, %d workers up", len(self.slots))
+
+    def _on_requests(self) -> None:
+        sock, stats, slots = self.sock, self.stats, self.slots
+        allowed, nslots = self.allowed_ports, len(slots)
+        touched: set[WorkerSlot] = set()
+        for _ in range(DRAIN_LIMIT):
+            try:
+                datagram, (port, _groups) = sock.recvfrom(READ_SIZE)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                stats.enobufs += 1
+                self._warn("enobufs", "receive buffer overflowed: requests were lost; the "
+                           "kernel re-sends them after 15 s (%d so far)", stats.enobufs)
+                continue
+            if port not in allowed:
+                stats.dropped_sender += 1
+                self._warn("sender", "dropped a datagram from netlink port %d: only the "
+                           "kernel may drive shardlog (%d so far)", port, stats.dropped_sender)
+                continue
+            peek = protocol.peek_request(datagram)
+            if peek is None:
+                self._answer_unroutable(datagram)
+                continue
+            stats.requests[peek.request_type & 0xFF] += 1
+            slot = slots[zlib.crc32(peek.uuid_field) % nslots]
+            tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
+            slot.in_flight[tag] = peek.header
+            slot.out += frames.pack_tagged(Kind.REQUEST, tag, datagram)
+            touched.add(slot)
+        for slot in touched:
+            self._write_requests(slot)
+
+    def _answer_unroutable(self, datagram: bytes) -> None:
+        try:
+            protocol.decode_datagram(datagram)
+        except protocol.ProtocolError as exc:
+            if exc.reply is None:
+                self.stats.dropped_not_for_us += 1
+                self._warn("not_for_us", "dropped a datagram not for dm-log-userspace: %s",
+                           exc.reason)
+                return
+            self.stats.malformed += 1
+            self._warn("malformed", "malformed request answered -EINVAL: %s", exc.reason)
+            self._send(exc.reply)
+
+    def _write_requests(self, slot: WorkerSlot) -> None:
+        try:
+            written = os.write(slot.request_fd, slot.out)
+        except BlockingIOError:
+            written = 0
+        except BrokenPipeError:
+            return  # it died: its reply pipe's EOF is on the way
+        del slot.out[:written]
+        if slot.out and not slot.waiting_for_pipe:
+            slot.waiting_for_pipe = True
+            self.epoll.register(slot.request_fd, select.EPOLLOUT)
+            self.handlers[slot.request_fd] = lambda: self._write_requests(slot)
+        elif not slot.out and slot.waiting_for_pipe:
+            slot.waiting_for_pipe = False
+            self._unwatch(slot.request_fd)
+
+    def _on_replies(self, slot: WorkerSlot) -> None:
+        try:
+            data = os.read(slot.reply_fd, READ_SIZE)
+        except BlockingIOError:
+            return
+        try:
+            received = slot.reader.feed(data) if data else []
+        except FrameError as exc:
+            log.error("worker %d sent a corrupt frame (%s): replacing it", slot.index, exc)
+            slot.process.kill()
+            data = b""
+            received = []
+        for kind, body in received:
+            if kind == Kind.REPLY:
+                tag, reply = frames.split_tag(body)
+                slot.in_flight.pop(tag, None)
+                if reply:
+                    self._send(reply)
+            elif kind == Kind.READY:
+                slot.ready = True
+        if not data:
+            self._worker_ended(slot)
+
+    def _send(self, reply: bytes) -> None:
+        try:
+            self.sock.sendto(reply, self.reply_address)
+        except OSError as exc:
+            self.stats.send_errors += 1
+            self._warn("send", "a reply was refused: %s (%d so far)", exc.strerror,
+                       self.stats.send_errors)
+
+    # -- supervision -------------------------------------------------------------------------
+
+    def _worker_ended(self, slot: WorkerSlot) -> None:
+        self._unwatch(slot.reply_fd)
+        if slot.waiting_for_pipe:
+            self._unwatch(slot.request_fd)
+        os.close(slot.reply_fd)
+        if slot.request_fd >= 0:
+            os.close(slot.request_fd)
+        slot.process.join(5.0)
+        if slot.process.is_alive():
+            slot.process.kill()
+            slot.process.join()
+        code = slot.process.exitcode
+        for header in slot.in_flight.values():
+            self.stats.eagain_replies += 1
+            self._send(protocol.encode_reply_raw(header, -errno.EAGAIN, b""))
+        lost = len(slot.in_flight)
+        if self.stopping:
+            self.slots.remove(slot)
+            if code != 0:
+                log.error("worker %d exited with %s while stopping", slot.index, code)
+                self.exit_code = 1
+            return
+        log.error("worker %d (pid %d) died (%s); %d requests in flight answered -EAGAIN",
+                  slot.index, slot.process.pid, _exit_reason(code), lost)
+        quick = time.monotonic() - slot.started < QUICK_DEATH
+        quick_deaths = slot.quick_deaths + 1 if quick else 0
+        if quick_deaths >= QUICK_DEATHS_TO_GIVE_UP:
+            log.critical("worker %d died %d times right after starting: stopping",
+                         slot.index, quick_deaths)
+            self.slots.remove(slot)
+            self.exit_code = 1
+            self._stop()
+            return
+        self.stats.worker_restarts += 1
+        self.slots[self.slots.index(slot)] = self._spawn(slot.index, quick_deaths)
+
+    # -- stop --------------------------------------------------------------------------------
+
+    def _on_signal(self) -> None:
+        try:
+            received = self._signal_r.recv(64)
+        except BlockingIOError:
+            return
+        if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in received):
+            if not self.stopping:
+                log.info("stopping (signal): committing every log")
+            self._stop()
+
+    def _stop(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        if self.sock is not None:
+            try:
+                self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, protocol.CN_IDX_DM)
+            except OSError as exc:
+                log.warning("cannot leave connector group 7: %s", exc)
+            self._on_requests()  # what was queued before we left
+            self._unwatch(self.sock.fileno())
+        for slot in self.slots:
+            self._close_requests(slot)
+        self._stop_deadline = time.monotonic() + STOP_TIMEOUT
+
+    def _close_requests(self, slot: WorkerSlot) -> None:
+        """Hand the worker everything queued for it, then EOF: it answers, commits, exits."""
+        if slot.waiting_for_pipe:
+            self._unwatch(slot.request_fd)
+            slot.waiting_for_pipe = False
+        try:
+            os.set_blocking(slot.request_fd, True)
+            if slot.out:
+                os.write(slot.request_fd, slot.out)
+        except OSError:
+            pass  # died meanwhile: answered -EAGAIN at its EOF
+        slot.out.clear()
+        os.close(slot.request_fd)
+        slot.request_fd = -1
+
+    def _close(self) -> None:
+        for slot in self.slots:
+            if slot.process.is_alive():
+                slot.process.kill()
+        if self.sock is not None:
+            self.sock.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+        signal.set_wakeup_fd(-1)
+        self.epoll.close()
+        if self.config.pid_file is not None and self.serving:
+            _remove_pid_file(self.config.pid_file)
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _watch(self, fd: int, handler) -> None:
+        self.epoll.register(fd, select.EPOLLIN)
+        self.handlers[fd] = handler
+
+    def _unwatch(self, fd: int) -> None:
+        self.handlers.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self.epoll.unregister(fd)
+
+    def _gauges(self) -> dict[str, float]:
+        return {
+            "workers_up": sum(1 for slot in self.slots if slot.ready),
+            "requests_in_flight": sum(len(slot.in_flight) for slot in self.slots),
+        }
+
+    def _warn(self, kind: str, message: str, *args) -> None:
+        """A warning at most once a second per kind: a flood must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_warning.get(kind, -1.0) >= 1.0:
+            self._last_warning[kind] = now
+            log.warning(message, *args)
+
+
+def check_privileges() -> None:
+    """ServeError unless this process may join group 7 and have its replies taken."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if ":" in line)
+    effective = int(fields["CapEff"], 16)
+    missing = [name for name, bit in (("CAP_NET_ADMIN", CAP_NET_ADMIN),
+                                      ("CAP_SYS_ADMIN", CAP_SYS_ADMIN))
+               if not effective >> bit & 1]
+    if missing:
+        raise ServeError(f"shardlog serve needs root: {' and '.join(missing)} missing "
+                         "(CAP_NET_ADMIN to join connector group 7, CAP_SYS_ADMIN for the "
+                         "kernel to accept replies)")
+
+
+def _note_signal(signum, frame) -> None:
+    """Nothing to do here: the wakeup fd carries the signal to the loop."""
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _write_pid_file(path: Path) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(f"{os.getpid()}\n")
+    os.replace(temporary, path)
+
+
+def _remove_pid_file(path: Path) -> None:
+    try:
+        if path.read_text().strip() == str(os.getpid()):
+            path.unlink()
+    except OSError:
+        pass

@@ -1,0 +1,126 @@
+"""A worker: the logs of one shard, served from request frames on a pipe.  No netlink.
+
+Theory of operation
+-------------------
+The front process forks N workers and routes every request by a hash of its log's uuid,
+so all instances of one log (a reload's old and new luid) meet in one worker, in order,
+with no locking between processes.  A worker owns a :class:`~shardlog.logtable.LogTable`
+and the instance files of its logs.
+
+Each wakeup it reads everything the pipe holds and answers the batch:
+
+1. every request is decoded and applied; replies to all but FLUSH go out at once, in one
+   write;
+2. the FLUSHes only staged their marks: the batch's logs are then committed one after
+   another (msync / fdatasync) and only then are their replies written.  Under load a
+   batch holds the FLUSHes of many logs, and none waits for a commit it does not need:
+   a reply never precedes its own log's commit.
+
+A malformed datagram gets the -EINVAL reply the codec prepared (the front forwards only
+datagrams it could route, so there always is one).  Nothing a request does can end the
+loop: LogTable answers every failure with an errno.
+
+The worker ends at EOF on its request pipe — the front closed it to stop the server, or
+the front died — by committing every log (clears included) and closing its files, which
+stay for the next server.  It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or
+systemd's stop reaches the whole process group, and the front orders the shutdown so
+that the requests in flight are answered first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+from . import frames, protocol
+from .frames import FrameReader, Kind
+from .logtable import LogTable
+from .protocol import ProtocolError
+
+log = logging.getLogger(__name__)
+
+READ_SIZE = 1 << 20
+
+
+def run(index: int, requests_fd: int, replies_fd: int, state_dir: Path,
+        inherited: list) -> None:
+    """The worker process's main function (the target of its multiprocess.Process).
+
+    ``inherited`` are the front's descriptors (numbers, or objects with ``close()``) that
+    the fork copied here.  They are closed first: above all the netlink socket, which
+    would otherwise stay subscribed to group 7 after the front died, so that the kernel
+    would wait 15 s on a socket nobody reads instead of reconnecting; and the other
+    workers' pipes, whose EOF would never come."""
+    for item in inherited:
+        _close_quietly(item)
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    table = LogTable(state_dir)
+    try:
+        _write(replies_fd, frames.pack(Kind.READY))
+        serve(table, requests_fd, replies_fd)
+    finally:
+        count = len(table.logs)
+        table.close()
+        log.debug("worker %d: stopped, %d logs committed", index, count)
+
+
+def serve(table: LogTable, requests_fd: int, replies_fd: int) -> None:
+    """Answer request frames until EOF on ``requests_fd``."""
+    reader = FrameReader()
+    while True:
+        data = os.read(requests_fd, READ_SIZE)
+        if not data:
+            if reader.partial:
+                log.error("the front's last request frame was cut off")
+            return
+        now = bytearray()
+        deferred_tags = []  # FLUSHes staged in this batch, in LogTable's order
+        for kind, body in reader.feed(data):
+            if kind != Kind.REQUEST:
+                log.error("unexpected frame kind %d from the front, ignored", kind)
+                continue
+            tag, datagram = frames.split_tag(body)
+            reply = answer(table, datagram)
+            if reply is not None:
+                now += frames.pack_tagged(Kind.REPLY, tag, reply)
+            else:
+                deferred_tags.append(tag)
+        if now:
+            _write(replies_fd, now)
+        if deferred_tags:
+            replies = table.commit_deferred()
+            _write(replies_fd, b"".join(
+                frames.pack_tagged(Kind.REPLY, tag, reply)
+                for tag, reply in zip(deferred_tags, replies, strict=True)))
+
+
+def answer(table: LogTable, datagram: bytes) -> bytes | None:
+    """The reply to one datagram, or None for a FLUSH whose commit is deferred."""
+    try:
+        request = protocol.decode_datagram(datagram)
+    except ProtocolError as exc:
+        log.warning("malformed request: %s", exc.reason)
+        return exc.reply or b""  # no reply possible: an empty frame settles the tag
+    return table.answer(request, defer_commit=True)
+
+
+def _write(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _close_quietly(item) -> None:
+    try:
+        if isinstance(item, int):
+            os.close(item)
+        else:
+            item.close()
+    except OSError:
+        pass
