@@ -165,8 +165,9 @@ class Front:
         self._watch(self.sock.fileno(), self._on_requests)
         for index in range(config.workers):
             self.slots.append(self._spawn(index))
-        log.info("starting %d workers, state in %s, netlink port %d%s", config.workers, config.state_dir, self.sock.getsockname()[0],
-                 f", test peer {config.test_peer}" if config.test_peer is not None else "")
+        peer = f", test peer {config.test_peer}" if config.test_peer is not None else ""
+        log.info("starting %d workers, state in %s, netlink port %d%s", config.workers,
+                 config.state_dir, self.sock.getsockname()[0], peer)
 
     def _open_socket(self) -> socket.socket:
         sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol.NETLINK_CONNECTOR)

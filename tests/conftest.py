@@ -37,15 +37,17 @@ def requires_root(what: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def private_netns() -> None:
+def private_netns() -> Path:
     """Moves the test process into a private network namespace (once per session), where
     a simulated kernel and shardlog talk over real connector sockets and nothing can reach
     the real kernel (shardlog.kernelsim.netns).  Later tests stay in it: none needs the
-    host's network."""
+    host's network.  Returns a path to the namespace left behind (for ``nsenter``)."""
     requires_root("a private network namespace (unshare -n)")
     from shardlog.kernelsim import netns
 
+    host_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
     netns.enter_private_netns()
+    return Path(f"/proc/{os.getpid()}/fd/{host_fd}")
 
 
 @pytest.fixture
