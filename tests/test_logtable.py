@@ -536,3 +536,97 @@ def test_a_reconnect_whose_state_dir_failed_falls_back_to_the_log_device(tmp_pat
     assert after.status_info() == "3 disk 0:0 D\0"
     after.ok(T.FLUSH, protocol.pack_regions([5]))  # the device still takes marks
     assert device.read_bytes()[BITMAP_OFFSET] == 0xD7
+
+
+# -- CTR records: restoring what a restarted server lost ----------------------------------------
+
+
+def test_every_ctr_is_recorded_and_dtr_removes_the_record(kernel, state_dir):
+    resumed(kernel, NOSYNC)
+    record = records.record_path(state_dir, kernel.uuid, kernel.luid)
+    assert record.read_text() == NOSYNC
+    kernel.ok(T.DTR)
+    assert not record.exists()
+
+
+def test_a_never_resumed_instance_is_restored_pending_for_its_first_resume(state_dir):
+    before = Kernel(LogTable(state_dir))
+    assert before.ctr(NOSYNC) == (0, b"")  # then the server died, before GET_REGION_SIZE
+    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
+    assert after.ok(T.GET_REGION_SIZE) == protocol.pack_u64(1024)  # no -ESRCH: the table
+    log = after.table.logs[(after.uuid, after.luid)]  # load would fail on it
+    assert log.state is LogState.PENDING  # a reload's old instance may still write
+    after.ok(T.RESUME)
+    assert after.sync_count() == 128  # the first RESUME's work: nosync
+
+
+def test_dtr_of_a_recorded_log_the_server_lost_removes_its_files(state_dir):
+    before = resumed(Kernel(LogTable(state_dir)))
+    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
+    assert after.send(T.DTR) == (0, b"")
+    assert not instance_file_path(state_dir, after.uuid, after.luid).exists()
+    assert not records.record_path(state_dir, after.uuid, after.luid).exists()
+    assert after.send(T.DTR) == (-errno.ESRCH, b"")  # nothing left: the kernel ignores it
+
+
+def test_stale_instances_lose_their_records_too(state_dir):
+    resumed(Kernel(LogTable(state_dir), uuid="u", luid=1))
+    fresh = resumed(Kernel(LogTable(state_dir), uuid="u", luid=2))
+    assert not records.record_path(state_dir, "u", 1).exists()
+    assert records.record_path(state_dir, "u", 2).exists()
+    assert fresh.sync_count() == 0
+
+
+def test_a_record_that_cannot_be_written_costs_only_the_shortcut(kernel, state_dir,
+                                                                 monkeypatch, caplog):
+    def refuse(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(records, "save", refuse)
+    resumed(kernel)
+    assert "cannot record its CTR" in caplog.text
+    after = Kernel(LogTable(state_dir), uuid=kernel.uuid, luid=kernel.luid)
+    assert after.send(T.GET_SYNC_COUNT) == (-errno.ESRCH, b"")  # the kernel reconnects
+
+
+# -- group commit ---------------------------------------------------------------------------------
+
+
+def test_deferred_flushes_are_committed_together_before_any_reply(state_dir):
+    table = LogTable(state_dir)
+    kernels = [resumed(Kernel(table, uuid=f"u{n}"), NOSYNC) for n in range(3)]
+    maps = [table.logs[(k.uuid, k.luid)].region_map for k in kernels]
+    before = [m.commits for m in maps]
+    flushes = [k.request(T.FLUSH, protocol.pack_regions([n])) for n, k in enumerate(kernels)]
+    again = kernels[0].request(T.FLUSH)  # a log staged twice is committed once
+    for request in (*flushes, again):
+        assert table.answer(request, defer_commit=True) is None
+    assert [m.commits for m in maps] == before  # marked, nothing synced yet
+    replies = [protocol.decode_reply(r) for r in table.commit_deferred()]
+    assert [(r.seq, r.error) for r in replies] == [(q.seq, 0) for q in (*flushes, again)]
+    assert [m.commits for m in maps] == [n + 1 for n in before]
+    assert table.commit_deferred() == []
+    # Anything but FLUSH is answered at once, deferral or not.
+    assert table.answer(kernels[1].request(T.GET_SYNC_COUNT), defer_commit=True)
+
+
+def test_a_failed_group_commit_fails_only_that_logs_flush(state_dir, monkeypatch):
+    table = LogTable(state_dir)
+    good, bad = (resumed(Kernel(table, uuid=u), NOSYNC) for u in ("good", "bad"))
+    bad_map = table.logs[(bad.uuid, bad.luid)].region_map
+
+    def failing_commit(everything=False):
+        raise StoreError(errno.EIO, "write error", device_failed=True)
+
+    monkeypatch.setattr(bad_map, "commit", failing_commit)
+    requests = [k.request(T.FLUSH, protocol.pack_regions([1])) for k in (bad, good)]
+    for request in requests:
+        table.answer(request, defer_commit=True)
+    errors = [protocol.decode_reply(r).error for r in table.commit_deferred()]
+    assert errors == [-errno.EIO, 0]
+
+
+def test_a_deferred_flush_for_an_unknown_log_is_answered_at_once(table):
+    kernel = Kernel(table, uuid="nobody")
+    reply = table.answer(kernel.request(T.FLUSH), defer_commit=True)
+    assert protocol.decode_reply(reply).error == -errno.ESRCH
