@@ -65,7 +65,7 @@ RECEIVE_BUFFER = 32 << 20  # a multicast dropped for want of room costs the mirr
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031
 DRAIN_LIMIT = 512  # datagrams per wakeup, so that replies are not starved by a flood
-READ_SIZE = 1 << 20
+DATAGRAM_BUFFER = 1 << 16  # a request is at most 528 bytes; anything longer is cut
 QUICK_DEATH = 1.0  # seconds: a worker that dies sooner after its start failed to start
 QUICK_DEATHS_TO_GIVE_UP = 5
 STOP_TIMEOUT = 60.0
@@ -127,6 +127,9 @@ class Front:
         self._signal_r, self._signal_w = socket.socketpair()
         self._last_warning: dict[str, float] = {}
         self._stop_deadline = 0.0
+        # One receive buffer for every datagram: recvfrom(n) would allocate n bytes each.
+        self._receive_buffer = bytearray(DATAGRAM_BUFFER)
+        self._receive_view = memoryview(self._receive_buffer)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -245,9 +248,10 @@ class Front:
         sock, stats, slots = self.sock, self.stats, self.slots
         allowed, nslots = self.allowed_ports, len(slots)
         touched: set[WorkerSlot] = set()
+        buffer, view = self._receive_buffer, self._receive_view
         for _ in range(DRAIN_LIMIT):
             try:
-                datagram, (port, _groups) = sock.recvfrom(READ_SIZE)
+                size, (port, _groups) = sock.recvfrom_into(buffer)
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -262,6 +266,7 @@ class Front:
                 self._warn("sender", "dropped a datagram from netlink port %d: only the "
                            "kernel may drive shardlog (%d so far)", port, stats.dropped_sender)
                 continue
+            datagram = bytes(view[:size])
             peek = protocol.peek_request(datagram)
             if peek is None:
                 self._answer_unroutable(datagram)
@@ -306,17 +311,14 @@ class Front:
 
     def _on_replies(self, slot: WorkerSlot) -> None:
         try:
-            data = os.read(slot.reply_fd, READ_SIZE)
+            received = slot.reader.read(slot.reply_fd)
         except BlockingIOError:
             return
-        try:
-            received = slot.reader.feed(data) if data else []
         except FrameError as exc:
             log.error("worker %d sent a corrupt frame (%s): replacing it", slot.index, exc)
             slot.process.kill()
-            data = b""
-            received = []
-        for kind, body in received:
+            received = None
+        for kind, body in received or ():
             if kind == Kind.REPLY:
                 tag, reply = frames.split_tag(body)
                 slot.in_flight.pop(tag, None)
@@ -324,7 +326,7 @@ class Front:
                     self._send(reply)
             elif kind == Kind.READY:
                 slot.ready = True
-        if not data:
+        if received is None:
             self._worker_ended(slot)
 
     def _send(self, reply: bytes) -> None:

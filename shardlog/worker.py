@@ -41,8 +41,6 @@ from .protocol import ProtocolError
 
 log = logging.getLogger(__name__)
 
-READ_SIZE = 1 << 20
-
 
 def run(index: int, requests_fd: int, replies_fd: int, state_dir: Path,
         inherited: list) -> None:
@@ -73,14 +71,14 @@ def serve(table: LogTable, requests_fd: int, replies_fd: int) -> None:
     """Answer request frames until EOF on ``requests_fd``."""
     reader = FrameReader()
     while True:
-        data = os.read(requests_fd, READ_SIZE)
-        if not data:
+        received = reader.read(requests_fd)
+        if received is None:
             if reader.partial:
                 log.error("the front's last request frame was cut off")
             return
         now = bytearray()
         deferred_tags = []  # FLUSHes staged in this batch, in LogTable's order
-        for kind, body in reader.feed(data):
+        for kind, body in received:
             if kind != Kind.REQUEST:
                 log.error("unexpected frame kind %d from the front, ignored", kind)
                 continue
