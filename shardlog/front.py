@@ -15,7 +15,7 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   the routing fields; a datagram too broken to route is answered here (-EINVAL when the
   kernel waits for it) or dropped when it was not a request for us.
 - **Replies** come back tagged, in any order, and go to the kernel as they arrive.  The
-  front remembers each tag's request header until its reply, so that...
+  front remembers each tag's request seq until its reply, so that...
 - **Supervision**: a worker that dies (its reply pipe reaches EOF) costs only what it
   held: each such request is answered -EAGAIN, which makes the kernel re-send it at once
   with a new seq, and a new worker takes its place and restores its logs from their
@@ -99,7 +99,7 @@ class WorkerSlot:
     ready: bool = False
     out: bytearray = field(default_factory=bytearray)  # frames not yet taken by the pipe
     waiting_for_pipe: bool = False
-    in_flight: dict[int, bytes] = field(default_factory=dict)  # tag → request header
+    in_flight: dict[int, int] = field(default_factory=dict)  # tag → the request's seq
     reader: FrameReader = field(default_factory=FrameReader)
     quick_deaths: int = 0
 
@@ -274,7 +274,7 @@ class Front:
             stats.requests[peek.request_type & 0xFF] += 1
             slot = slots[zlib.crc32(peek.uuid_field) % nslots]
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
-            slot.in_flight[tag] = peek.header
+            slot.in_flight[tag] = peek.seq
             slot.out += frames.pack_tagged(Kind.REQUEST, tag, datagram)
             touched.add(slot)
         for slot in touched:
@@ -351,9 +351,12 @@ class Front:
             slot.process.kill()
             slot.process.join()
         code = slot.process.exitcode
-        for header in slot.in_flight.values():
+        for seq in slot.in_flight.values():
+            # As a connector ACK: a full reply with -EAGAIN would also set the kernel's
+            # reply size to 0 (fill_pkg), and the answer to its re-send would then fail
+            # with -ENOSPC.  The ACK path keeps the size for exactly this retry.
             self.stats.eagain_replies += 1
-            self._send(protocol.encode_reply_raw(header, -errno.EAGAIN, b""))
+            self._send(protocol.encode_ack(seq, errno.EAGAIN))
         lost = len(slot.in_flight)
         if self.stopping:
             self.slots.remove(slot)
