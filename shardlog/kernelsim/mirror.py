@@ -311,11 +311,12 @@ class Mirror:
             integrated_flush=(self.log.integrated_flush if integrated_flush is None
                               else integrated_flush),
             flush_delay=flush_delay)
+        if not self.suspended:
+            self.suspend()
+        # What the legs are like once this one's I/O has drained at its suspend.
         grown = range(self.nr_regions, new_log.region_count)
         new = Mirror(new_log, legs_differ=self._unsynced.union(grown), dirty=self._dirty,
                      nr_legs=self.nr_legs)
-        if not self.suspended:
-            self.suspend()
         new.resume()
         self.log.dtr()
         return new
