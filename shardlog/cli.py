@@ -32,6 +32,7 @@ from typing import TextIO
 
 from . import __version__, nlmessages, protocol
 from .ctrargs import CtrArgsError, parse_ctr_string
+from .front import RECEIVE_BUFFER, Front, ServeConfig, ServeError
 from .logtable import LogTable
 from .protocol import ProtocolError, Request, RequestType
 
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
                             "'' turns them off)")
     serve.add_argument("--pid-file", type=Path,
                        help="written once the socket is subscribed and every worker is up")
+    serve.add_argument("--receive-buffer", type=_positive, default=RECEIVE_BUFFER,
+                       metavar="BYTES", help="the netlink socket's receive buffer (default "
+                       f"{RECEIVE_BUFFER >> 20} MiB): requests that overflow it are lost and "
+                       "re-sent by the kernel only after 15 s")
     serve.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS)
     serve.add_argument("--test-peer", type=int, metavar="PORT",
                        help="also take requests from this netlink port, and reply to it: "
@@ -107,11 +112,9 @@ def _positive(text: str) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .front import Front, ServeConfig, ServeError
-
     config = ServeConfig(workers=args.workers, state_dir=args.state_dir,
                          metrics_addr=args.metrics_addr or None, pid_file=args.pid_file,
-                         test_peer=args.test_peer)
+                         test_peer=args.test_peer, receive_buffer=args.receive_buffer)
     try:
         return Front(config).run()
     except ServeError as exc:
