@@ -256,7 +256,10 @@ class Front:
                 break
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
-                    raise
+                    # Nothing else is expected of a netlink receive; whatever it is, the
+                    # server must stay up for the next wakeup.
+                    self._warn("receive", "receiving from the netlink socket: %s", exc)
+                    break
                 stats.enobufs += 1
                 self._warn("enobufs", "receive buffer overflowed: requests were lost; the "
                            "kernel re-sends them after 15 s (%d so far)", stats.enobufs)
