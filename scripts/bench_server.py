@@ -1,0 +1,705 @@
+#!/usr/bin/env python3
+"""Benchmark: the whole server (`shardlog serve`) against a minimal netlink echo peer.
+
+What is measured
+----------------
+Both servers are driven over a real connector socket by the same simulated-kernel load
+(``shardlog.kernelsim.load.run_load``), in a private network namespace:
+
+- **echo peer** — the cost of any server at all: one forked process in connector group
+  7 that answers every request with a full reply of its type's exact size (zero payload,
+  error 0), patched into the receive buffer in place;
+- **shardlog** — ``python -m shardlog.cli serve --workers 2`` with its state directory
+  on disk, 128 ``core`` logs (nosync) created and resumed before any timing.
+
+Loads, the same for both:
+
+(a) IN_SYNC, serial (1 in flight), across all logs: the request reads and writes ask
+    most, and the latency target (p50 at most 2.5x the echo round trip);
+(b) the kernel's write path (IN_SYNC x2, MARK, FLUSH, CLEAR, FLUSH per write) with 64
+    logs' requests in flight: the throughput target (at least 0.8x the echo peer's);
+(c) the read path (IN_SYNC) with 64 in flight: for information;
+(d) integrated FLUSHes, serial, each carrying a region never marked before, so that
+    every one really commits (msync): the FLUSH target, at most 50 us over a *bare
+    msync* of one freshly dirtied page of a MAP_SHARED file in the same state
+    directory, measured in the same round around the FLUSH load (the echo peer's FLUSH
+    is shown, but is not the baseline).
+
+Why ratios: these 2-core machines are noisy (other jobs, frequency changes) and a figure
+in requests/s from one run says little about the next.  So every figure is set against
+a baseline measured in the same run: the servers take turns (echo, shardlog, echo, ...)
+for several rounds, only one of them subscribed to group 7 at a time, each round's ratio
+is taken against the adjacent echo round, and the medians are reported, so that drift
+hits both sides.  A server run holds three processes (front + 2 workers) and the load
+generator a fourth, on 2 cores: the throughput ratio includes that contention.  On a VM
+the serial round trip itself is bimodal: waking a process on an idle (halted) vCPU costs
+tens of microseconds, on a busy one a few, so the serial ratio depends on what else the
+machine runs; the rounds show it.
+
+    .venv/bin/python scripts/bench_server.py [--quick] [--state-dir DIR] [--json FILE]
+
+Needs root (a private network namespace).  DIR (default: a temporary directory under
+the current one) must be on a disk-backed filesystem: on tmpfs msync costs nothing and
+the FLUSH comparison means nothing.  The exit code is 0 whether or not the targets are
+met (this is a measurement, not a test); non-zero only when the benchmark itself fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+
+from shardlog import protocol
+from shardlog.kernelsim import LoadResult, Stream, log_streams, run_load
+from shardlog.kernelsim.connector import group7_listeners
+from shardlog.kernelsim.netns import enter_private_netns
+from shardlog.protocol import RequestType as T
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33  # not exported by the socket module
+RCVBUF = 32 << 20
+LOAD_PORT = 0x6B73  # the simulated kernel's socket; the server's --test-peer
+UUID_PREFIX = "bench"
+FLUSH_UUID = "bench-flush"
+LOG_REGIONS = 1024
+FLUSH_REGIONS = 1 << 20  # room for every FLUSH of a round to mark a region of its own
+PAGE = mmap.PAGESIZE
+
+# Where a datagram holds what the echo peer reads or patches (protocol.py's layout):
+# nlmsghdr (16) | cn_msg (20) | dm_ulog_request header (160) | data.
+_NL_LEN, _NL_SEQ, _CN_LEN = slice(0, 4), slice(8, 12), slice(32, 34)
+_ULOG_ERROR, _ULOG_DATA_SIZE = slice(180, 184), slice(192, 196)
+_ULOG_TYPE_AT = 188
+_HEADERS = 196
+
+
+class BenchError(Exception):
+    """The benchmark could not measure (not: a target was missed)."""
+
+
+# --- the loads -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Load:
+    key: str
+    title: str
+    in_flight: int
+    kind: str  # "read", "write" or "flush" (FLUSH walking new regions)
+    target: str  # what the ratio compares, see verdicts()
+
+
+LOADS = (
+    Load("serial", "(a) IN_SYNC, serial", 1, "read", "p50"),
+    Load("write64", "(b) write path, 64 in flight", 64, "write", "throughput"),
+    Load("read64", "(c) read path, 64 in flight", 64, "read", "info"),
+    Load("flush", "(d) FLUSH + new mark, serial", 1, "flush", "flush"),
+)
+
+
+@dataclass
+class Settings:
+    rounds: int
+    seconds: float  # per timed load (a)-(c)
+    warmup: int  # requests sent before each timed load, not counted
+    flushes: int  # FLUSHes (and bare msyncs) per round
+    logs: int
+    workers: int
+
+
+@dataclass
+class Measured:
+    """One load on one server in one round."""
+
+    requests_per_second: float
+    p50_us: float
+    p99_us: float
+    requests: int
+    p50_by_type_us: dict[str, float] = field(default_factory=dict)
+    cpu_us_per_request: dict[str, float] = field(default_factory=dict)
+
+
+def measured(result: LoadResult, cpu: dict[str, float]) -> Measured:
+    if result.errors or result.resends:
+        raise BenchError(f"the load saw errors {result.errors} and {result.resends} resends")
+    return Measured(
+        requests_per_second=result.requests_per_second,
+        p50_us=result.p50(), p99_us=result.p99(), requests=result.requests,
+        p50_by_type_us={name: result.p50(name) for name in sorted(result.latencies_ns)},
+        cpu_us_per_request={name: seconds * 1e6 / result.requests
+                            for name, seconds in cpu.items()})
+
+
+def streams_for(load: Load, logs: Sequence[str], flushes: int) -> list[Stream]:
+    if load.kind == "flush":
+        # One log, a FLUSH per region never marked before: every one must msync.
+        cycle = [(T.FLUSH, protocol.pack_regions([region])) for region in range(flushes)]
+        return [Stream.build(FLUSH_UUID, 1, cycle)]
+    # Every log its own region, so that the logs' bitmaps are not all alike.
+    return [log_streams([(uuid, 1)], load.kind, regions=(index % LOG_REGIONS,))[0]
+            for index, uuid in enumerate(logs)]
+
+
+def run_one(sock: socket.socket, load: Load, streams: list[Stream], settings: Settings,
+            cpu_of: Callable[[], dict[str, float]]) -> Measured:
+    if load.kind == "flush":
+        # No warm-up: it would mark regions, and wrapping around would flush nothing new.
+        cpu_before = cpu_of()
+        result = run_load(sock, streams, in_flight=1, count=settings.flushes)
+    else:
+        run_load(sock, streams, in_flight=load.in_flight, count=settings.warmup)
+        cpu_before = cpu_of()
+        result = run_load(sock, streams, in_flight=load.in_flight, duration=settings.seconds)
+    cpu_after = cpu_of()
+    return measured(result, {name: cpu_after[name] - cpu_before.get(name, 0.0)
+                             for name in cpu_after})
+
+
+# --- the echo peer -------------------------------------------------------------------
+
+
+def _reply_patches() -> list[tuple[bytes, bytes, bytes, bytes, int] | None]:
+    """Per request type byte: nlmsg_len, cn_msg.len, data_size, payload, datagram size."""
+    patches: list[tuple[bytes, bytes, bytes, bytes, int] | None] = [None] * 256
+    for request_type, size in protocol.REPLY_SIZES.items():
+        size = size or 0  # variable-size replies (CTR, STATUS_*): empty
+        total = _HEADERS + size
+        patches[request_type] = (total.to_bytes(4, "little"),
+                                 (total - 36).to_bytes(2, "little"),
+                                 size.to_bytes(4, "little"), bytes(size), total)
+    return patches
+
+
+def echo_peer(reply_port: int, ready_fd: int) -> None:
+    """The echo peer's process: join group 7, answer everything, until killed.
+
+    The reply is the request itself, patched: nlmsg_len, nlmsg_seq (0, as shardlog's),
+    cn_msg.len, error 0, data_size, and a zero payload of the type's reply size."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol.NETLINK_CONNECTOR)
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    sock.bind((0, 0))
+    sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
+    os.write(ready_fd, b"r")
+    os.close(ready_fd)
+    patches = _reply_patches()
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    recv_into, sendto, destination = sock.recv_into, sock.sendto, (reply_port, 0)
+    zero4 = bytes(4)
+    while True:
+        size = recv_into(buf)
+        if size < _HEADERS:
+            continue
+        patch = patches[buf[_ULOG_TYPE_AT]]
+        if patch is None:
+            continue
+        nl_len, cn_len, data_size, payload, total = patch
+        buf[_NL_LEN] = nl_len
+        buf[_NL_SEQ] = zero4
+        buf[_CN_LEN] = cn_len
+        buf[_ULOG_ERROR] = zero4
+        buf[_ULOG_DATA_SIZE] = data_size
+        if payload:
+            buf[_HEADERS:total] = payload
+        sendto(view[:total], destination)
+
+
+@contextmanager
+def running_echo_peer(reply_port: int) -> Iterator[int]:
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the parent's code
+        try:
+            os.close(ready_r)
+            echo_peer(reply_port, ready_w)
+        except BaseException as exc:
+            print(f"echo peer: {exc!r}", file=sys.stderr)
+        finally:
+            os._exit(1)
+    os.close(ready_w)
+    try:
+        if os.read(ready_r, 1) != b"r":
+            raise BenchError("the echo peer did not start")
+        expect_one_listener("echo peer")
+        yield pid
+    finally:
+        os.close(ready_r)
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        wait_for_no_listener()
+
+
+# --- shardlog --------------------------------------------------------------------------
+
+
+class Server:
+    """``shardlog serve`` in its own session, with its state and log under ``run_dir``."""
+
+    def __init__(self, run_dir: Path, workers: int, peer: int):
+        self.state_dir = run_dir / "state"
+        self.pid_file = run_dir / "serve.pid"
+        self.log_path = run_dir / "serve.log"
+        self.command = [sys.executable, "-m", "shardlog.cli", "--log-level", "warning",
+                        "serve", "--workers", str(workers), "--state-dir",
+                        str(self.state_dir), "--test-peer", str(peer),
+                        "--pid-file", str(self.pid_file), "--metrics-addr", ""]
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=log,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self.pid_file.exists():
+            if self.process.poll() is not None:
+                raise BenchError(f"shardlog serve exited {self.process.returncode}:\n"
+                                 f"{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"shardlog serve not serving after {timeout:.0f} s:\n"
+                                 f"{self.log_tail()}")
+            time.sleep(0.01)
+        expect_one_listener("shardlog")
+
+    def log_tail(self, lines: int = 20) -> str:
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def pids(self) -> dict[str, list[int]]:
+        """The front and its workers (its children)."""
+        assert self.process is not None
+        front = self.process.pid
+        workers = []
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                with suppress(OSError, IndexError, ValueError):
+                    if _stat_fields(int(entry.name))[2] == front:
+                        workers.append(int(entry.name))
+        return {"front": [front], "workers": workers}
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """SIGTERM, as systemd does; it must commit every log and exit 0."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise BenchError(f"shardlog serve did not stop within {timeout:.0f} s") from exc
+        if code != 0:
+            raise BenchError(f"shardlog serve exited {code} after SIGTERM:\n{self.log_tail()}")
+        wait_for_no_listener()
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def _stat_fields(pid: int) -> tuple[float, float, int]:
+    """(user CPU seconds, system CPU seconds, parent pid) of a process (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks, int(fields[1])
+
+
+def cpu_seconds(processes: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds so far of each named group of processes and of this one (``load``, the
+    simulated kernel): ``name`` is user + system, ``name sys`` the system part."""
+    times = os.times()
+    cpu = {"load": times.user + times.system, "load sys": times.system}
+    for name, pids in processes.items():
+        user = system = 0.0
+        for pid in pids:
+            with suppress(OSError):
+                pid_user, pid_system, _ = _stat_fields(pid)
+                user += pid_user
+                system += pid_system
+        cpu[name], cpu[f"{name} sys"] = user + system, system
+    return cpu
+
+
+def ask(sock: socket.socket, seq: int, request_type: T, uuid: str,
+        data: bytes = b"") -> None:
+    """One request, outside any timing; its reply must say 0."""
+    with suppress(ConnectionRefusedError):  # no kernel at port 0 in this namespace
+        sock.sendto(protocol.encode_request(request_type, seq=seq, uuid=uuid, luid=1,
+                                            data=data), (0, 1 << (protocol.CN_IDX_DM - 1)))
+    while True:
+        try:
+            reply = protocol.decode_reply(sock.recv(65536))
+        except TimeoutError as exc:
+            raise BenchError(f"no reply to {request_type.name} for {uuid}") from exc
+        if reply.seq == seq:
+            if reply.error:
+                raise BenchError(f"{request_type.name} for {uuid}: error {reply.error}")
+            return
+
+
+def open_logs(sock: socket.socket, logs: Sequence[str]) -> None:
+    sock.settimeout(10.0)
+    seq = 1 << 31  # far from run_load's seqs, which start at 0
+    for uuid, regions in [*((uuid, LOG_REGIONS) for uuid in logs),
+                          (FLUSH_UUID, FLUSH_REGIONS)]:
+        ask(sock, seq, T.CTR, uuid, f"{regions * 8} core 8 nosync".encode())
+        ask(sock, seq + 1, T.RESUME, uuid)
+        seq += 2
+
+
+def expect_one_listener(what: str) -> None:
+    members = group7_listeners(exclude_port=LOAD_PORT)
+    if len(members) != 1:
+        raise BenchError(f"{what}: expected one member of connector group 7, found "
+                         f"{len(members)} (ports {members})")
+
+
+def wait_for_no_listener(timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while group7_listeners(exclude_port=LOAD_PORT):
+        if time.monotonic() > deadline:
+            raise BenchError("a server is still subscribed to group 7")
+        time.sleep(0.01)
+
+
+# --- the bare msync ---------------------------------------------------------------------
+
+
+def bare_msync_ns(directory: Path, count: int) -> list[int]:
+    """Latencies of: store one byte into a MAP_SHARED page of a file, msync that page."""
+    probe = directory / "msync-probe"
+    with open(probe, "wb") as f:
+        f.write(bytes(PAGE))  # allocated, not sparse: as shardlog's instance files
+    fd = os.open(probe, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, PAGE) as page:
+            now_ns = time.perf_counter_ns
+            samples = []
+            for n in range(count):
+                start = now_ns()
+                page[n % PAGE] = (n & 0xFF) ^ 0x5A
+                page.flush(0, PAGE)
+                samples.append(now_ns() - start)
+            return samples
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def percentile_us(samples_ns: list[int], q: float) -> float:
+    ordered = sorted(samples_ns)
+    return ordered[max(1, -(-len(ordered) * q // 100)) - 1] / 1000
+
+
+# --- one run -----------------------------------------------------------------------------
+
+
+@dataclass
+class Rounds:
+    """Per server (and "msync"), per load key: one Measured per round."""
+
+    echo: dict[str, list[Measured]] = field(default_factory=dict)
+    shardlog: dict[str, list[Measured]] = field(default_factory=dict)
+    msync: list[Measured] = field(default_factory=list)
+
+
+def open_load_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol.NETLINK_CONNECTOR)
+    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    sock.bind((LOAD_PORT, 0))
+    return sock
+
+
+def measure(base_dir: Path, settings: Settings) -> Rounds:
+    logs = [f"{UUID_PREFIX}-{n:04d}" for n in range(settings.logs)]
+    streams = {load.key: streams_for(load, logs, settings.flushes) for load in LOADS}
+    rounds = Rounds()
+    sock = open_load_socket()
+    try:
+        for number in range(1, settings.rounds + 1):
+            with running_echo_peer(LOAD_PORT) as pid:
+                results = {}
+                for load in LOADS:
+                    results[load.key] = run_one(sock, load, streams[load.key], settings,
+                                                partial(cpu_seconds, {"peer": [pid]}))
+            record(rounds.echo, results)
+            report_round(number, settings.rounds, "echo", results)
+
+            run_dir = base_dir / f"round-{number}"
+            run_dir.mkdir()
+            server = Server(run_dir, settings.workers, LOAD_PORT)
+            try:
+                server.start()
+                open_logs(sock, logs)
+                processes = server.pids()
+                results = {}
+                msync_ns: list[int] = []
+                msync_cpu = 0.0
+                for load in LOADS:
+                    if load.kind == "flush":  # bracket the FLUSH load with bare msyncs
+                        msync_cpu -= cpu_seconds({})["load"]
+                        msync_ns += bare_msync_ns(server.state_dir, settings.flushes // 2)
+                        msync_cpu += cpu_seconds({})["load"]
+                    results[load.key] = run_one(sock, load, streams[load.key], settings,
+                                                partial(cpu_seconds, processes))
+                    if load.kind == "flush":
+                        msync_cpu -= cpu_seconds({})["load"]
+                        msync_ns += bare_msync_ns(server.state_dir, settings.flushes // 2)
+                        msync_cpu += cpu_seconds({})["load"]
+                server.stop()
+            finally:
+                server.kill()
+            rounds.msync.append(Measured(
+                requests_per_second=len(msync_ns) / (sum(msync_ns) / 1e9),
+                p50_us=percentile_us(msync_ns, 50), p99_us=percentile_us(msync_ns, 99),
+                requests=len(msync_ns),
+                cpu_us_per_request={"load": msync_cpu * 1e6 / len(msync_ns)}))
+            record(rounds.shardlog, results)
+            report_round(number, settings.rounds, "shardlog", results, rounds.msync[-1])
+    finally:
+        sock.close()
+    return rounds
+
+
+def record(into: dict[str, list[Measured]], results: dict[str, Measured]) -> None:
+    for key, result in results.items():
+        into.setdefault(key, []).append(result)
+
+
+def report_round(number: int, total: int, server: str, results: dict[str, Measured],
+                 msync: Measured | None = None) -> None:
+    parts = [f"{key} {r.requests_per_second:,.0f}/s p50 {r.p50_us:.1f}"
+             for key, r in results.items()]
+    if msync is not None:
+        parts.append(f"msync p50 {msync.p50_us:.1f}")
+    print(f"  round {number}/{total} {server:<8} " + " | ".join(parts), flush=True)
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@dataclass
+class Verdict:
+    load: str
+    what: str
+    value: float
+    per_round: list[float]
+    target: str
+    met: bool | None  # None: for information
+
+
+def verdicts(rounds: Rounds) -> list[Verdict]:
+    """Each round's shardlog figure against the baseline of the same round, then medians."""
+    out = []
+    for load in LOADS:
+        echo, shard = rounds.echo[load.key], rounds.shardlog[load.key]
+        if load.target == "p50":
+            per_round = [s.p50_us / e.p50_us for e, s in zip(echo, shard, strict=True)]
+            value = median(per_round)
+            out.append(Verdict(load.key, "p50 shardlog/echo", value, per_round,
+                               "<= 2.5x", value <= 2.5))
+        elif load.target in ("throughput", "info"):
+            per_round = [s.requests_per_second / e.requests_per_second
+                         for e, s in zip(echo, shard, strict=True)]
+            value = median(per_round)
+            met = value >= 0.8 if load.target == "throughput" else None
+            out.append(Verdict(load.key, "req/s shardlog/echo", value, per_round,
+                               ">= 0.8x" if met is not None else "(info)", met))
+        else:
+            per_round = [s.p50_us - m.p50_us
+                         for m, s in zip(rounds.msync, shard, strict=True)]
+            value = median(per_round)
+            out.append(Verdict(load.key, "FLUSH p50 - msync p50 (us)", value, per_round,
+                               "<= +50 us", value <= 50))
+    return out
+
+
+def summary(results: list[Measured]) -> Measured:
+    """Medians over rounds, figure by figure."""
+    return Measured(
+        requests_per_second=median([r.requests_per_second for r in results]),
+        p50_us=median([r.p50_us for r in results]),
+        p99_us=median([r.p99_us for r in results]),
+        requests=sum(r.requests for r in results),
+        p50_by_type_us={name: median([r.p50_by_type_us.get(name, float("nan"))
+                                      for r in results])
+                        for name in results[0].p50_by_type_us},
+        cpu_us_per_request={name: median([r.cpu_us_per_request.get(name, 0.0)
+                                          for r in results])
+                            for name in results[0].cpu_us_per_request})
+
+
+def print_report(rounds: Rounds, checks: list[Verdict]) -> None:
+    head = (f"{'load':<32} {'baseline':<6} {'req/s':>9} {'p50 us':>7} {'p99 us':>7}"
+            f"   {'shardlog':>9} {'p50 us':>7} {'p99 us':>7}   {'ratio':>9}"
+            f"  {'target':<9} verdict")
+    print()
+    print("medians over rounds (ratios: the median of each round's ratio):")
+    print(head)
+    print("-" * len(head))
+    for load, check in zip(LOADS, checks, strict=True):
+        shard = summary(rounds.shardlog[load.key])
+        base, name = summary(rounds.echo[load.key]), "echo"
+        if load.kind == "flush":
+            base, name = summary(rounds.msync), "msync"
+        ratio = f"{check.value:+.1f} us" if load.kind == "flush" else f"{check.value:.2f}x"
+        verdict = {True: "PASS", False: "MISS", None: "-"}[check.met]
+        print(f"{load.title:<32} {name:<6} {base.requests_per_second:>9,.0f} "
+              f"{base.p50_us:>7.1f} {base.p99_us:>7.1f}   "
+              f"{shard.requests_per_second:>9,.0f} {shard.p50_us:>7.1f} {shard.p99_us:>7.1f}"
+              f"   {ratio:>9}  {check.target:<9} {verdict}")
+    echo_flush = summary(rounds.echo["flush"])
+    print(f"{'    (echo peer answering FLUSH)':<32} {'echo':<6} "
+          f"{echo_flush.requests_per_second:>9,.0f} {echo_flush.p50_us:>7.1f} "
+          f"{echo_flush.p99_us:>7.1f}")
+    print()
+    print("per round:")
+    for check in checks:
+        values = ", ".join(f"{v:.2f}" for v in check.per_round)
+        print(f"  {check.load:<8} {check.what:<28} {values}")
+    print()
+    print("CPU per request, us (of which in the kernel); 'load' is the simulated kernel:")
+    for load in LOADS:
+        echo = summary(rounds.echo[load.key]).cpu_us_per_request
+        shard = summary(rounds.shardlog[load.key]).cpu_us_per_request
+        print(f"  {load.key:<8} echo: {cpu_text(echo):<32} shardlog: {cpu_text(shard)}")
+    msync_cpu = summary(rounds.msync).cpu_us_per_request["load"]
+    print(f"  bare msync (store + msync of one page): {msync_cpu:.1f}")
+    write = summary(rounds.shardlog["write64"]).p50_by_type_us
+    echo_write = summary(rounds.echo["write64"]).p50_by_type_us
+    print()
+    print("write path p50 by request type (us), echo -> shardlog:")
+    print("  " + ", ".join(f"{name} {echo_write.get(name, float('nan')):.0f} -> {v:.0f}"
+                           for name, v in write.items()))
+
+
+def cpu_text(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{name} {us:.1f} ({cpu.get(f'{name} sys', 0.0):.1f})"
+                     for name, us in cpu.items() if not name.endswith(" sys"))
+
+
+# --- the machine -------------------------------------------------------------------------
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (the longest mount point above it)."""
+    path = path.resolve()
+    best, kind = "", "?"
+    with open("/proc/self/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            mount_point = fields[1].replace("\\040", " ")
+            inside = path == Path(mount_point) or Path(mount_point) in path.parents
+            if inside and len(mount_point) >= len(best):
+                best, kind = mount_point, fields[2]
+    return kind
+
+
+def cpu_model() -> str:
+    with suppress(OSError), open("/proc/cpuinfo") as info:
+        for line in info:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def machine() -> dict[str, object]:
+    return {"nproc": len(os.sched_getaffinity(0)), "cpus": os.cpu_count(),
+            "cpu": cpu_model(), "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+# --- main --------------------------------------------------------------------------------
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (about 20 s), for a smoke test")
+    parser.add_argument("--rounds", type=int, help="echo/shardlog rounds (default 5; quick 3)")
+    parser.add_argument("--seconds", type=float,
+                        help="per timed load and round (default 3; quick 0.8)")
+    parser.add_argument("--flushes", type=int,
+                        help="FLUSHes per round, as many bare msyncs (default 2000; quick 500)")
+    parser.add_argument("--logs", type=int, default=128, help="core logs (default 128)")
+    parser.add_argument("--workers", type=int, default=2, help="shardlog workers (default 2)")
+    parser.add_argument("--state-dir", type=Path, default=Path("."),
+                        help="where the temporary state directory goes (default: the "
+                             "current directory; must be disk-backed, not tmpfs)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write the numbers here")
+    args = parser.parse_args()
+    settings = Settings(
+        rounds=args.rounds or (3 if args.quick else 5),
+        seconds=args.seconds or (0.8 if args.quick else 3.0),
+        warmup=500 if args.quick else 2000,
+        flushes=args.flushes or (500 if args.quick else 2000),
+        logs=args.logs, workers=args.workers)
+    if settings.logs < 64 or settings.rounds < 1 or settings.flushes < 2:
+        parser.error("need --logs >= 64 (64 in flight), --rounds >= 1, --flushes >= 2")
+
+    try:
+        enter_private_netns()
+    except OSError as exc:
+        print(f"bench_server: cannot enter a private network namespace ({exc.strerror}): "
+              "run as root (CAP_SYS_ADMIN)", file=sys.stderr)
+        return 2
+    host = machine()
+    filesystem = filesystem_of(args.state_dir)
+    print(f"machine: nproc {host['nproc']} ({host['cpu']}), kernel {host['kernel']}, "
+          f"Python {host['python']}")
+    print(f"command: {shlex.join(sys.orig_argv)}")
+    print(f"settings: {settings.rounds} rounds x (echo, shardlog), {settings.seconds:g} s per "
+          f"load, {settings.flushes} FLUSHes, {settings.logs} core logs, "
+          f"{settings.workers} workers; state on {filesystem} ({args.state_dir.resolve()})")
+    if filesystem in ("tmpfs", "ramfs"):
+        print("warning: the state directory is on tmpfs: msync costs nothing there, so the "
+              "FLUSH comparison means nothing", file=sys.stderr)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench_server-", dir=args.state_dir) as base:
+        try:
+            rounds = measure(Path(base), settings)
+        except BenchError as exc:
+            print(f"bench_server: {exc}", file=sys.stderr)
+            return 1
+    checks = verdicts(rounds)
+    print_report(rounds, checks)
+    print(f"\n{time.monotonic() - started:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": host, "command": sys.orig_argv, "filesystem": filesystem,
+            "settings": asdict(settings),
+            "rounds": {"echo": {k: [asdict(m) for m in v] for k, v in rounds.echo.items()},
+                       "shardlog": {k: [asdict(m) for m in v]
+                                    for k, v in rounds.shardlog.items()},
+                       "msync": [asdict(m) for m in rounds.msync]},
+            "verdicts": [asdict(c) for c in checks],
+        }, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
