@@ -1,10 +1,10 @@
 """Frames between the front process and its workers: raw bytes over pipes, no pickling.
 
-Every frame is a 5-byte header (body length, kind) and its body.  A request travels as the
-kernel's datagram itself, a reply as the datagram to send back; both carry the front's
-``tag`` for the request, so that the front knows which requests a worker still holds
-(answered -EAGAIN if it dies) and replies may return in any order (a worker answers a
-batch's FLUSHes after their group commit, everything else at once).
+Every frame is a 9-byte header (payload length, kind, tag) and its payload.  A request
+travels as the kernel's datagram itself, a reply as the datagram to send back; both carry
+the front's ``tag`` for the request, so that the front knows which requests a worker still
+holds (answered -EAGAIN if it dies) and replies may return in any order (a worker answers
+a batch's FLUSHes after their group commit, everything else at once).
 
 Pickling costs ~38 µs a round trip and multiprocess's Connection framing 11-17 µs against
 ~7 µs for a raw pipe (design.md); a struct header and one ``os.write`` per batch keep the
@@ -17,32 +17,23 @@ import os
 import struct
 from enum import IntEnum
 
-HEADER = struct.Struct("=IB")  # body length, kind
-TAG = struct.Struct("=I")  # leads the body of REQUEST and REPLY frames
-MAX_BODY = 1 << 20  # far above any datagram: a larger length means a corrupt stream
+HEADER = struct.Struct("=IBI")  # payload length, kind, tag
+MAX_PAYLOAD = 1 << 20  # far above any datagram: a larger length means a corrupt stream
 READ_SIZE = 1 << 20  # a batch: up to ~2000 frames a read
 
 
 class Kind(IntEnum):
-    REQUEST = 1  # front → worker: tag + the kernel's datagram
-    REPLY = 2  # worker → front: tag + the datagram to send (empty: nothing to send)
-    READY = 3  # worker → front: started, its logs table is up
+    REQUEST = 1  # front → worker: the kernel's datagram
+    REPLY = 2  # worker → front: the datagram to send (empty: nothing to send)
+    READY = 3  # worker → front: started, its logs table is up (tag 0, no payload)
 
 
 class FrameError(Exception):
     """A stream that cannot be parsed: the peer is broken, not one request."""
 
 
-def pack(kind: Kind, body: bytes = b"") -> bytes:
-    return HEADER.pack(len(body), kind) + body
-
-
-def pack_tagged(kind: Kind, tag: int, datagram: bytes) -> bytes:
-    return HEADER.pack(TAG.size + len(datagram), kind) + TAG.pack(tag) + datagram
-
-
-def split_tag(body: bytes) -> tuple[int, bytes]:
-    return TAG.unpack_from(body)[0], body[TAG.size :]
+def pack(kind: Kind, tag: int = 0, payload: bytes = b"") -> bytes:
+    return HEADER.pack(len(payload), kind, tag) + payload
 
 
 class FrameReader:
@@ -58,28 +49,28 @@ class FrameReader:
         self._view = memoryview(self._buffer)
         self._pending = b""
 
-    def read(self, fd: int) -> list[tuple[int, bytes]] | None:
-        """Every whole frame one read brings, as ``(kind, body)``; None at EOF."""
+    def read(self, fd: int) -> list[tuple[int, int, bytes]] | None:
+        """Every whole frame one read brings, as ``(kind, tag, payload)``; None at EOF."""
         count = os.readv(fd, [self._buffer])
         if not count:
             return None
         return self.feed(self._view[:count])
 
-    def feed(self, data: bytes | memoryview) -> list[tuple[int, bytes]]:
-        """Every whole frame in what was read so far, as ``(kind, body)``."""
+    def feed(self, data: bytes | memoryview) -> list[tuple[int, int, bytes]]:
+        """Every whole frame in what was read so far, as ``(kind, tag, payload)``."""
         frames = []
         buf = self._pending + bytes(data) if self._pending else data
         offset, end = 0, len(buf)
-        header_size = HEADER.size
+        header_size, unpack = HEADER.size, HEADER.unpack_from
         while end - offset >= header_size:
-            length, kind = HEADER.unpack_from(buf, offset)
-            if length > MAX_BODY:
+            length, kind, tag = unpack(buf, offset)
+            if length > MAX_PAYLOAD:
                 raise FrameError(f"frame of {length} bytes (kind {kind})")
             start = offset + header_size
             if end - start < length:
                 break
             offset = start + length
-            frames.append((kind, bytes(buf[start:offset])))
+            frames.append((kind, tag, bytes(buf[start:offset])))
         self._pending = bytes(buf[offset:])
         return frames
 

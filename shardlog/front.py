@@ -278,7 +278,7 @@ class Front:
             slot = slots[zlib.crc32(peek.uuid_field) % nslots]
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
             slot.in_flight[tag] = peek.seq
-            slot.out += frames.pack_tagged(Kind.REQUEST, tag, datagram)
+            slot.out += frames.pack(Kind.REQUEST, tag, datagram)
             touched.add(slot)
         for slot in touched:
             self._write_requests(slot)
@@ -321,9 +321,8 @@ class Front:
             log.error("worker %d sent a corrupt frame (%s): replacing it", slot.index, exc)
             slot.process.kill()
             received = None
-        for kind, body in received or ():
+        for kind, tag, reply in received or ():
             if kind == Kind.REPLY:
-                tag, reply = frames.split_tag(body)
                 slot.in_flight.pop(tag, None)
                 if reply:
                     self._send(reply)

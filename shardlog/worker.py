@@ -78,14 +78,13 @@ def serve(table: LogTable, requests_fd: int, replies_fd: int) -> None:
             return
         now = bytearray()
         deferred_tags = []  # FLUSHes staged in this batch, in LogTable's order
-        for kind, body in received:
+        for kind, tag, datagram in received:
             if kind != Kind.REQUEST:
                 log.error("unexpected frame kind %d from the front, ignored", kind)
                 continue
-            tag, datagram = frames.split_tag(body)
             reply = answer(table, datagram)
             if reply is not None:
-                now += frames.pack_tagged(Kind.REPLY, tag, reply)
+                now += frames.pack(Kind.REPLY, tag, reply)
             else:
                 deferred_tags.append(tag)
         if now:
@@ -93,7 +92,7 @@ def serve(table: LogTable, requests_fd: int, replies_fd: int) -> None:
         if deferred_tags:
             replies = table.commit_deferred()
             _write(replies_fd, b"".join(
-                frames.pack_tagged(Kind.REPLY, tag, reply)
+                frames.pack(Kind.REPLY, tag, reply)
                 for tag, reply in zip(deferred_tags, replies, strict=True)))
 
 
