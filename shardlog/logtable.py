@@ -29,7 +29,6 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
@@ -49,7 +48,6 @@ log = logging.getLogger(__name__)
 LogKey = tuple[str, int]
 _RESERVED_ERRNOS = frozenset({errno.EAGAIN, errno.ESRCH})
 _T = TypeVar("_T")
-COMMIT_THREADS = 8  # syncs of one batch in flight at once
 
 
 class LogTable:
@@ -59,7 +57,6 @@ class LogTable:
         self.state_dir = Path(state_dir)
         self.logs: dict[LogKey, DirtyLog] = {}
         self._deferred: list[tuple[Request, DirtyLog]] = []
-        self._committers: ThreadPoolExecutor | None = None  # made at the first group commit
 
     def answer(self, request: Request, *, defer_commit: bool = False) -> bytes | None:
         """The reply datagram for a decoded request.
@@ -76,45 +73,24 @@ class LogTable:
 
     def commit_deferred(self) -> list[bytes]:
         """Commit every log with a staged FLUSH, then return the replies of those FLUSHes
-        (a log staged twice is committed once).
-
-        The logs that must sync are committed at once from a few threads: each sync waits
-        on the disk with the GIL released, and concurrent syncs share the filesystem's
-        journal commit and the device's cache flush, where one after another each would
-        pay for its own.
-        """
+        (a log staged twice is committed once)."""
         deferred, self._deferred = self._deferred, []
-        first_request: dict[int, tuple[Request, DirtyLog]] = {}
-        for request, dirty_log in deferred:
-            first_request.setdefault(id(dirty_log), (request, dirty_log))
-        syncing = [item for item in first_request.values() if item[1].region_map.needs_commit]
-        outcomes = {}
-        if len(syncing) > 1:
-            if self._committers is None:
-                self._committers = ThreadPoolExecutor(COMMIT_THREADS, "commit")
-            for (_request, dirty_log), outcome in zip(
-                    syncing, self._committers.map(self._commit_one, syncing), strict=True):
-                outcomes[id(dirty_log)] = outcome
+        outcomes: dict[int, tuple[int, bytes]] = {}
         replies = []
         for request, dirty_log in deferred:
             outcome = outcomes.get(id(dirty_log))
             if outcome is None:
-                outcome = outcomes[id(dirty_log)] = self._commit_one((request, dirty_log))
+                outcome = self._guarded(request, lambda _request, log=dirty_log: (
+                    log.commit_flush() or (0, b"")))
+                outcomes[id(dirty_log)] = outcome
             replies.append(self._encode(request, *outcome))
         return replies
-
-    def _commit_one(self, item: tuple[Request, DirtyLog]) -> tuple[int, bytes]:
-        request, dirty_log = item
-        return self._guarded(request, lambda _request: dirty_log.commit_flush() or (0, b""))
 
     def close(self) -> None:
         """The server stops: every log commits everything and keeps its files."""
         for dirty_log in self.logs.values():
             dirty_log.shutdown()
         self.logs.clear()
-        if self._committers is not None:
-            self._committers.shutdown()
-            self._committers = None
 
     def handle(self, request: Request) -> tuple[int, bytes]:
         """Apply a request; return ``(error, payload)``, error 0 or a negative errno."""

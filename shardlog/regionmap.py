@@ -45,7 +45,6 @@ file on a full filesystem is a SIGBUS, which would kill the process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -458,24 +457,8 @@ class LogDevice(_Store):
 
 
 def msync(mapping: mmap.mmap, offset: int, length: int) -> None:
-    """msync(MS_SYNC) of part of a mapping (``offset`` page-aligned): one named place, so
-    that tests can watch it.
-
-    Through libc, not ``mmap.flush``: that holds the GIL for the whole sync, while a worker
-    syncs the files of a batch's FLUSHes from several threads at once (the filesystem and
-    the block layer then merge their journal commits and cache flushes).
-    """
-    anchor = ctypes.c_char.from_buffer(mapping, offset)
-    address = ctypes.addressof(anchor)
-    del anchor  # no export may outlive the call: it would keep the mapping from closing
-    if _libc.msync(address, length, MS_SYNC) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-MS_SYNC = 4
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.msync.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    """msync(MS_SYNC) of part of a mapping: one named place, so that tests can watch it."""
+    mapping.flush(offset, length)
 
 
 def _create_instance_file(path: Path | None, size: int) -> mmap.mmap:
