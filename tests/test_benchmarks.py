@@ -1,0 +1,37 @@
+"""The benchmark scripts still run, end to end (a smoke run: their numbers go in the
+README, from full runs; nothing here is timed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import requires_root
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+def test_the_core_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_core.py", "--seconds", "0.05",
+         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "FLUSH with a new mark" in result.stdout
+
+
+def test_the_server_benchmark_runs_both_servers_and_reports_every_target(tmp_path):
+    requires_root("the server benchmark (a private network namespace)")
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_server.py", "--rounds", "1", "--seconds", "0.3",
+         "--flushes", "50", "--logs", "70", "--state-dir", str(tmp_path),
+         "--json", str(report)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for line in ("(a) IN_SYNC, serial", "(b) write path, 64 in flight",
+                 "(d) FLUSH + new mark, serial"):
+        assert line in result.stdout
+    verdicts = json.loads(report.read_text())["verdicts"]
+    assert {v["load"] for v in verdicts} == {"serial", "write64", "read64", "flush"}
+    assert all(v["value"] > 0 for v in verdicts)  # both servers answered every load
