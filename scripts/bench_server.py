@@ -68,7 +68,7 @@ from pathlib import Path
 from shardlog import protocol
 from shardlog.kernelsim import LoadResult, Stream, log_streams, run_load
 from shardlog.kernelsim.connector import group7_listeners
-from shardlog.kernelsim.netns import enter_private_netns
+from shardlog.netns import enter_private_netns
 from shardlog.protocol import RequestType as T
 
 SOL_NETLINK = 270

@@ -44,6 +44,7 @@ import signal
 import socket
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,8 +52,8 @@ import multiprocess
 
 from . import frames, protocol, worker
 from .frames import FrameError, FrameReader, Kind
-from .kernelsim.netns import kernel_connector_reachable
 from .metrics import FrontCollector, FrontStats, serve_metrics
+from .netns import kernel_connector_reachable
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class Front:
         self.slots: list[WorkerSlot] = []
         self.sock: socket.socket | None = None
         self.epoll = select.epoll()
-        self.handlers: dict[int, object] = {}
+        self.handlers: dict[int, Callable[[], None]] = {}
         self.allowed_ports = {KERNEL_PORT}
         self.reply_address = (KERNEL_PORT, 0)
         if config.test_peer is not None:
@@ -437,7 +438,7 @@ class Front:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _watch(self, fd: int, handler) -> None:
+    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
         self.epoll.register(fd, select.EPOLLIN)
         self.handlers[fd] = handler
 

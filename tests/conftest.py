@@ -40,10 +40,10 @@ def requires_root(what: str) -> None:
 def private_netns() -> Path:
     """Moves the test process into a private network namespace (once per session), where
     a simulated kernel and shardlog talk over real connector sockets and nothing can reach
-    the real kernel (shardlog.kernelsim.netns).  Later tests stay in it: none needs the
+    the real kernel (shardlog.netns).  Later tests stay in it: none needs the
     host's network.  Returns a path to the namespace left behind (for ``nsenter``)."""
     requires_root("a private network namespace (unshare -n)")
-    from shardlog.kernelsim import netns
+    from shardlog import netns
 
     host_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
     netns.enter_private_netns()

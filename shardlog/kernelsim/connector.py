@@ -5,7 +5,7 @@ Theory of operation
 dm-log-userspace-transfer.c sends every log operation as one connector message to group
 ``CN_IDX_DM`` (7) and sleeps until a reply with the same seq arrives (protocol.md §1.5,
 §1.6).  :class:`Connector` is that module, played by a user process inside a private
-network namespace (:mod:`.netns`), where a NETLINK_CONNECTOR socket reaches only the other
+network namespace (:mod:`shardlog.netns`), where a NETLINK_CONNECTOR socket reaches only the other
 sockets of the namespace and never a real kernel:
 
 - **One seq counter for every log** (``dm_ulog_seq++``, wrapping at 2**32), taken under a
@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .. import protocol
+from ..netns import kernel_connector_reachable
 from ..protocol import RequestType
-from .netns import kernel_connector_reachable
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ class Connector:
                  remote_recovering_interval: float = 0.25, history: int = 4096):
         if kernel_connector_reachable():
             raise RuntimeError("a kernel connector answers here: the simulated kernel runs "
-                               "only in a private network namespace (kernelsim.netns)")
+                               "only in a private network namespace (shardlog.netns)")
         self.port = port
         self.retry_timeout = retry_timeout
         self.check_listeners = check_listeners
