@@ -242,7 +242,11 @@ class Front:
     def _now_serving(self) -> None:
         self.serving = True
         if self.config.pid_file is not None:
-            _write_pid_file(self.config.pid_file)
+            try:
+                _write_pid_file(self.config.pid_file)
+            except OSError as exc:
+                raise ServeError(f"cannot write pid file {self.config.pid_file}: "
+                                 f"{exc.strerror}") from exc
         log.info("serving: subscribed to connector group 7, %d workers up", len(self.slots))
 
     def _on_requests(self) -> None:

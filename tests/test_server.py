@@ -89,6 +89,16 @@ def test_a_state_dir_that_cannot_be_made_fails_the_start_clearly(tmp_path):
     assert "shardlog serve: state directory" in server.log
 
 
+def test_a_pid_file_that_cannot_be_written_stops_the_server_clearly(tmp_path):
+    server = ServerProcess(tmp_path / "state", extra=("--pid-file", "/nonexistent/x.pid"))
+    server.pid_file = tmp_path / "never"
+    with pytest.raises(AssertionError, match="exited 1"):
+        server.start()
+    assert "shardlog serve: cannot write pid file /nonexistent/x.pid" in server.log
+    assert not server.worker_pids() or all(
+        not Path(f"/proc/{pid}").exists() for pid in server.worker_pids())
+
+
 def test_a_test_peer_is_refused_outside_a_private_namespace(tmp_path, private_netns):
     # The initial namespace has the kernel's connector: replies there must go to port 0.
     result = subprocess.run(
