@@ -81,10 +81,15 @@ class LogTable:
             outcome = outcomes.get(id(dirty_log))
             if outcome is None:
                 outcome = self._guarded(request, lambda _request, log=dirty_log: (
-                    log.commit_flush() or (0, b"")))
+                    self._commit_staged(log)))
                 outcomes[id(dirty_log)] = outcome
             replies.append(self._encode(request, *outcome))
         return replies
+
+    @staticmethod
+    def _commit_staged(dirty_log: DirtyLog) -> tuple[int, bytes]:
+        dirty_log.commit_flush()
+        return 0, b""
 
     def close(self) -> None:
         """The server stops: every log commits everything and keeps its files."""
