@@ -14,10 +14,11 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   (frames.py), one pipe write per worker per wakeup.  The front decodes nothing beyond
   the routing fields; a datagram too broken to route is answered here (-EINVAL when the
   kernel waits for it) or dropped when it was not a request for us.
-- **Replies** come back tagged, in any order, and go to the kernel as they arrive.  The
-  front remembers each tag's request seq until its reply, so that...
+- **Replies** come back tagged, in any order, and go to the kernel as they arrive.  Until
+  then the front keeps each tag's request seq: that is what it needs if the worker dies.
 - **Supervision**: a worker that dies (its reply pipe reaches EOF) costs only what it
-  held: each such request is answered -EAGAIN, which makes the kernel re-send it at once
+  held: each such request is answered -EAGAIN (a connector ACK: a full reply would zero
+  the kernel's reply size for the re-send), which makes the kernel re-send it at once
   with a new seq, and a new worker takes its place and restores its logs from their
   files as their requests come (records.py).  The others serve throughout.  A worker
   that dies again and again right after starting stops the server instead (the kernel
