@@ -317,6 +317,8 @@ class Front:
         elif not slot.out and slot.waiting_for_pipe:
             slot.waiting_for_pipe = False
             self._unwatch(slot.request_fd)
+        if not slot.out and self.stopping:
+            self._close_requests(slot)
 
     def _on_replies(self, slot: WorkerSlot) -> None:
         try:
@@ -410,21 +412,18 @@ class Front:
             self._on_requests()  # what was queued before we left
             self._unwatch(self.sock.fileno())
         for slot in self.slots:
-            self._close_requests(slot)
+            if slot.out:
+                self._write_requests(slot)  # closes the pipe when all is written
+            else:
+                self._close_requests(slot)
         self._stop_deadline = time.monotonic() + STOP_TIMEOUT
 
     def _close_requests(self, slot: WorkerSlot) -> None:
-        """Hand the worker everything queued for it, then EOF: it answers, commits, exits."""
-        if slot.waiting_for_pipe:
-            self._unwatch(slot.request_fd)
-            slot.waiting_for_pipe = False
-        try:
-            os.set_blocking(slot.request_fd, True)
-            if slot.out:
-                os.write(slot.request_fd, slot.out)
-        except OSError:
-            pass  # died meanwhile: answered -EAGAIN at its EOF
-        slot.out.clear()
+        """EOF to the worker once it has everything queued for it: it answers, commits
+        every log and exits.  Until then the loop goes on writing (a worker that is slow
+        to read must not block the front, which is still sending replies)."""
+        if slot.request_fd < 0 or slot.out:
+            return  # closed already, or _write_requests closes it once drained
         os.close(slot.request_fd)
         slot.request_fd = -1
 
