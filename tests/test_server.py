@@ -80,6 +80,27 @@ def test_sigterm_commits_every_log_clears_included(server, peer):
     assert bitmap & 0b11000 == 0b01000  # 3 clean again, 4 still dirty
 
 
+def test_sigterm_answers_everything_queued_for_a_slow_worker_first(server, peer):
+    peer.sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: room for all
+    uuid = uuids_for_worker(0, 2, 1)[0]
+    peer.open_log(uuid)
+    slow = server.worker_pids()[0]
+    os.kill(slow, signal.SIGSTOP)
+    # More than its 1 MiB pipe holds: the rest waits in the front when the stop begins.
+    sent = {peer.request(T.IN_SYNC, protocol.pack_u64(n % 100), uuid=uuid)
+            for n in range(6000)}
+    time.sleep(0.5)
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    os.kill(slow, signal.SIGCONT)
+    answered = set()
+    while (reply := peer.receive(5.0)) is not None and len(answered) < len(sent):
+        assert reply.error == 0
+        answered.add(reply.seq)
+    assert answered == sent
+    assert server.process.wait(30) == 0
+
+
 def test_a_state_dir_that_cannot_be_made_fails_the_start_clearly(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
