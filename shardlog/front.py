@@ -276,14 +276,15 @@ class Front:
                            "kernel may drive shardlog (%d so far)", port, stats.dropped_sender)
                 continue
             datagram = bytes(view[:size])
-            peek = protocol.peek_request(datagram)
-            if peek is None:
+            routing = protocol.peek_request(datagram)
+            if routing is None:
                 self._answer_unroutable(datagram)
                 continue
-            stats.requests[peek.request_type & 0xFF] += 1
-            slot = slots[zlib.crc32(peek.uuid_field) % nslots]
+            uuid_field, seq, request_type = routing
+            stats.requests[request_type & 0xFF] += 1
+            slot = slots[zlib.crc32(uuid_field) % nslots]
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
-            slot.in_flight[tag] = peek.seq
+            slot.in_flight[tag] = seq
             slot.out += frames.pack(Kind.REQUEST, tag, datagram)
             touched.add(slot)
         for slot in touched:

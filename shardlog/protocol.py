@@ -244,35 +244,25 @@ def decode_datagram(buf: bytes | bytearray | memoryview) -> Request:
     return Request(luid, uuid, version, seq, request_type, data, header, *fields)
 
 
-class Peek(NamedTuple):
-    """What routing needs from a request datagram, read without decoding it."""
-
-    uuid_field: bytes  # the raw uuid bytes up to their NUL: the routing key
-    seq: int
-    request_type: int  # raw: not yet checked against RequestType
-    header: bytes  # the 160-byte dm_ulog_request header, for an answer without a decode
-
-
 _PEEK_MIN = _NL_CN + ULOG_HEADER.size
+# nlmsg_type, then cn_msg.id, then (in dm_ulog_request) uuid, seq and request_type.
+_PEEK = struct.Struct(f"=4xH10xII12x8x{DM_UUID_LEN}s3x8xII")
 
 
-def peek_request(buf: bytes) -> Peek | None:
-    """Routing fields of a datagram addressed to dm-log-userspace with a whole request
-    header, or None (then :func:`decode_datagram` says what is wrong).  Nothing past the
-    header is checked: whoever answers the request decodes it in full."""
+def peek_request(buf: bytes) -> tuple[bytes, int, int] | None:
+    """What routing needs from a datagram, read without decoding it: ``(uuid_field,
+    seq, request_type)`` — the uuid's bytes up to their NUL (the routing key), the seq the
+    kernel waits on, the raw type (not yet checked) — for a datagram addressed to
+    dm-log-userspace with a whole request header; otherwise None (then
+    :func:`decode_datagram` says what is wrong).  Nothing past the header is checked:
+    whoever answers the request decodes it in full.  One unpack: it runs per request in
+    the front."""
     if len(buf) < _PEEK_MIN:
         return None
-    nlmsg_type, idx, val = _PEEK_ROUTE.unpack_from(buf, 4)
+    nlmsg_type, idx, val, uuid_field, seq, request_type = _PEEK.unpack_from(buf)
     if nlmsg_type != NLMSG_DONE or idx != CN_IDX_DM or val != CN_VAL_DM_USERSPACE_LOG:
         return None
-    header = buf[_NL_CN:_PEEK_MIN]
-    seq, request_type = _PEEK_SEQ_TYPE.unpack_from(header, _ULOG_OFFSET_SEQ)
-    uuid_field = header[8 : 8 + DM_UUID_LEN].split(b"\0", 1)[0]
-    return Peek(uuid_field, seq, request_type, header)
-
-
-_PEEK_ROUTE = struct.Struct("=H10xII")  # nlmsg_type, then cn_msg.id after the netlink header
-_PEEK_SEQ_TYPE = struct.Struct("=II")
+    return uuid_field.partition(b"\0")[0], seq, request_type
 
 
 # Every request of a log carries the same 129-byte uuid field: remember the ones that were

@@ -38,6 +38,7 @@ from shardlog.protocol import (
     pack_set_region_sync,
     pack_string,
     pack_u64,
+    peek_request,
 )
 
 RT = RequestType
@@ -1156,3 +1157,29 @@ def test_a_single_bit_flip_is_never_silently_misread_as_another_seq(raw, bit):
             assert flipped in addressing, (flipped, exc.reason)
     else:
         assert req.seq == u32(raw, OFF_SEQ)
+
+
+# -- routing without a decode -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capture", [p.name for p in CAPTURES])
+def test_peek_reads_the_routing_fields_of_every_captured_request(capture):
+    for rec in capture_records(capture):
+        raw = bytes.fromhex(rec["raw_hex"])
+        req = decode_datagram(raw)
+        assert peek_request(raw) == (req.uuid.encode(), req.seq, req.request_type)
+
+
+def test_peek_routes_one_log_alike_whatever_follows_its_uuids_nul():
+    raw = bytearray(encode_request(RT.IN_SYNC, seq=5, uuid="lv", luid=1,
+                                            data=pack_u64(0)))
+    raw[36 + 8 + 3 : 36 + 8 + 10] = b"garbage"  # after "lv\0"
+    assert peek_request(bytes(raw))[0] == b"lv"
+
+
+def test_peek_declines_what_it_cannot_route():
+    raw = encode_request(RT.IN_SYNC, seq=5, uuid="lv", luid=1,
+                                  data=pack_u64(0))
+    assert peek_request(raw[:195]) is None  # no whole request header
+    assert peek_request(raw[:16] + (9).to_bytes(4, "little") + raw[20:]) is None
+    assert peek_request(raw[:4] + (1).to_bytes(2, "little") + raw[6:]) is None
