@@ -32,7 +32,7 @@ from typing import TextIO
 
 from . import __version__, nlmessages, protocol
 from .ctrargs import CtrArgsError, parse_ctr_string
-from .front import RECEIVE_BUFFER, Front, ServeConfig, ServeError
+from .front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
 from .logtable import LogTable
 from .protocol import ProtocolError, Request, RequestType
 
@@ -82,6 +82,10 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="BYTES", help="the netlink socket's receive buffer (default "
                        f"{RECEIVE_BUFFER >> 20} MiB): requests that overflow it are lost and "
                        "re-sent by the kernel only after 15 s")
+    serve.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT,
+                       metavar="SECONDS", help="kill and replace a worker that answers "
+                       f"nothing this long while it holds requests (default {WORKER_TIMEOUT:.0f};"
+                       " the kernel retries after 15)")
     serve.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS)
     serve.add_argument("--test-peer", type=int, metavar="PORT",
                        help="also take requests from this netlink port, and reply to it: "
@@ -114,7 +118,8 @@ def _positive(text: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(workers=args.workers, state_dir=args.state_dir,
                          metrics_addr=args.metrics_addr or None, pid_file=args.pid_file,
-                         test_peer=args.test_peer, receive_buffer=args.receive_buffer)
+                         test_peer=args.test_peer, receive_buffer=args.receive_buffer,
+                         worker_timeout=args.worker_timeout)
     try:
         return Front(config).run()
     except ServeError as exc:

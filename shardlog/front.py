@@ -72,6 +72,10 @@ QUICK_DEATH = 1.0  # seconds: a worker that dies sooner after its start failed t
 QUICK_DEATHS_TO_GIVE_UP = 5
 STOP_TIMEOUT = 60.0
 START_TIMEOUT = 30.0
+# Below the kernel's 15 s retry: a hung worker's requests are answered -EAGAIN (once it
+# is dead) before the kernel would time them out and wait again.
+WORKER_TIMEOUT = 10.0
+HANG_CHECK_INTERVAL = 0.5
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 
 
@@ -87,6 +91,7 @@ class ServeConfig:
     pid_file: Path | None = None
     test_peer: int | None = None  # a netlink port allowed to play the kernel (tests)
     receive_buffer: int = RECEIVE_BUFFER
+    worker_timeout: float = WORKER_TIMEOUT  # a worker silent this long with work is killed
 
 
 @dataclass(eq=False)
@@ -104,6 +109,8 @@ class WorkerSlot:
     in_flight: dict[int, int] = field(default_factory=dict)  # tag → the request's seq
     reader: FrameReader = field(default_factory=FrameReader)
     quick_deaths: int = 0
+    progress: float = 0.0  # when it last answered, or was handed work while idle
+    killed_as_hung: bool = False
 
 
 class Front:
@@ -129,6 +136,7 @@ class Front:
         self._signal_r, self._signal_w = socket.socketpair()
         self._last_warning: dict[str, float] = {}
         self._stop_deadline = 0.0
+        self._next_hang_check = 0.0
         # One receive buffer for every datagram: recvfrom(n) would allocate n bytes each.
         self._receive_buffer = bytearray(DATAGRAM_BUFFER)
         self._receive_view = memoryview(self._receive_buffer)
@@ -239,6 +247,24 @@ class Front:
                 handler = self.handlers.get(fd)
                 if handler is not None:
                     handler()
+            if time.monotonic() >= self._next_hang_check:
+                self._next_hang_check = time.monotonic() + HANG_CHECK_INTERVAL
+                self._kill_hung_workers()
+
+    def _kill_hung_workers(self) -> None:
+        """A worker that holds requests and has answered none for ``worker_timeout``
+        seconds is killed: its requests are then answered -EAGAIN and a new worker
+        restores its logs, where the kernel would wait 15 s per try, for ever."""
+        now = time.monotonic()
+        for slot in self.slots:
+            if (slot.in_flight and not slot.killed_as_hung
+                    and now - slot.progress > self.config.worker_timeout):
+                log.error("worker %d (pid %d) answered nothing for %.0f s with %d requests "
+                          "in hand: killing it", slot.index, slot.process.pid,
+                          now - slot.progress, len(slot.in_flight))
+                slot.killed_as_hung = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.process.pid, signal.SIGKILL)
 
     def _now_serving(self) -> None:
         self.serving = True
@@ -283,6 +309,8 @@ class Front:
             uuid_field, seq, request_type = routing
             stats.requests[request_type & 0xFF] += 1
             slot = slots[zlib.crc32(uuid_field) % nslots]
+            if not slot.in_flight:
+                slot.progress = time.monotonic()
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
             slot.in_flight[tag] = seq
             slot.out += frames.pack(Kind.REQUEST, tag, datagram)
@@ -330,6 +358,8 @@ class Front:
             log.error("worker %d sent a corrupt frame (%s): replacing it", slot.index, exc)
             slot.process.kill()
             received = None
+        if received:
+            slot.progress = time.monotonic()
         for kind, tag, reply in received or ():
             if kind == Kind.REPLY:
                 slot.in_flight.pop(tag, None)

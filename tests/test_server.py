@@ -278,6 +278,26 @@ def test_a_killed_worker_answers_its_requests_eagain_and_comes_back(server, peer
     assert f"worker 0 (pid {victim}) died (killed by SIGKILL)" in server.log
 
 
+def test_a_hung_worker_is_replaced_before_the_kernel_would_time_out(tmp_path, peer):
+    server = ServerProcess(tmp_path / "state", extra=("--worker-timeout", "1")).start()
+    try:
+        uuid = uuids_for_worker(0, 2, 1)[0]
+        peer.open_log(uuid)
+        peer.ok(T.FLUSH, protocol.pack_regions([4]), uuid=uuid)
+        hung = server.worker_pids()[0]
+        os.kill(hung, signal.SIGSTOP)  # alive, holding what it is sent, answering nothing
+        seq = peer.request(T.IN_SYNC, protocol.pack_u64(4), uuid=uuid)
+        started = time.monotonic()
+        reply = peer.receive(10.0)
+        assert (reply.seq, reply.ack, reply.error) == (seq, True, -errno.EAGAIN)
+        assert time.monotonic() - started < 5  # well inside the kernel's 15 s
+        assert f"worker 0 (pid {hung}) answered nothing for" in server.log
+        assert peer.is_clean(4, uuid=uuid) == 0  # the re-sent request: restored, answered
+        assert server.metrics()["shardlog_worker_restarts_total"] == 1
+    finally:
+        server.close()
+
+
 def test_a_worker_that_keeps_dying_at_start_stops_the_server(tmp_path, peer):
     state = tmp_path / "state"
     server = ServerProcess(state).start()
