@@ -84,3 +84,24 @@ def test_the_console_script_is_installed():
     script = Path(sys.executable).parent / "shardlog"
     result = subprocess.run([str(script), "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("shardlog ")
+
+
+def test_the_systemd_unit_starts_serve_with_options_it_has():
+    unit = (Path(__file__).parents[1] / "scripts" / "shardlog.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    binary, *args = exec_start.removeprefix("ExecStart=").split()
+    assert binary.endswith("/shardlog") and args[0] == "serve"
+    from shardlog.cli import _parser
+
+    parsed = _parser().parse_args(args)  # SystemExit on an option serve does not have
+    assert parsed.pid_file == Path("/run/shardlog.pid")
+    assert f"PIDFile={parsed.pid_file}" in unit
+    assert "KillMode=mixed" in unit  # SIGTERM to the front only: it orders the stop
+
+
+def test_serve_help_lists_its_options():
+    result = shardlog("serve", "--help")
+    assert result.returncode == 0
+    for option in ("--workers", "--state-dir", "--metrics-addr", "--pid-file",
+                   "--log-level", "--receive-buffer", "--worker-timeout", "--test-peer"):
+        assert option in result.stdout
