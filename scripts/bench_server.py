@@ -69,11 +69,9 @@ from shardlog import protocol
 from shardlog.kernelsim import LoadResult, Stream, log_streams, run_load
 from shardlog.kernelsim.connector import group7_listeners
 from shardlog.netns import enter_private_netns
+from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import RequestType as T
 
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-SO_RCVBUFFORCE = 33  # not exported by the socket module
 RCVBUF = 32 << 20
 LOAD_PORT = 0x6B73  # the simulated kernel's socket; the server's --test-peer
 UUID_PREFIX = "bench"
@@ -194,10 +192,7 @@ def echo_peer(reply_port: int, ready_fd: int) -> None:
     cn_msg.len, error 0, data_size, and a zero payload of the type's reply size."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol.NETLINK_CONNECTOR)
-    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-    sock.bind((0, 0))
-    sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
+    sock = open_connector_socket(receive_buffer=RCVBUF, join_group_7=True)
     os.write(ready_fd, b"r")
     os.close(ready_fd)
     patches = _reply_patches()
@@ -345,7 +340,7 @@ def ask(sock: socket.socket, seq: int, request_type: T, uuid: str,
     """One request, outside any timing; its reply must say 0."""
     with suppress(ConnectionRefusedError):  # no kernel at port 0 in this namespace
         sock.sendto(protocol.encode_request(request_type, seq=seq, uuid=uuid, luid=1,
-                                            data=data), (0, 1 << (protocol.CN_IDX_DM - 1)))
+                                            data=data), (0, GROUP_7_MASK))
     while True:
         try:
             reply = protocol.decode_reply(sock.recv(65536))
@@ -424,10 +419,7 @@ class Rounds:
 
 
 def open_load_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol.NETLINK_CONNECTOR)
-    sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
-    sock.bind((LOAD_PORT, 0))
-    return sock
+    return open_connector_socket(LOAD_PORT, receive_buffer=RCVBUF)
 
 
 def measure(base_dir: Path, settings: Settings) -> Rounds:

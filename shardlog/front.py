@@ -55,13 +55,10 @@ from . import frames, protocol, worker
 from .frames import FrameError, FrameReader, Kind
 from .metrics import FrontCollector, FrontStats, serve_metrics
 from .netns import kernel_connector_reachable
+from .nlsocket import leave_group_7, open_connector_socket
 
 log = logging.getLogger(__name__)
 
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-NETLINK_DROP_MEMBERSHIP = 2
-SO_RCVBUFFORCE = 33  # not in the socket module: SO_RCVBUF capped by rmem_max otherwise
 KERNEL_PORT = 0
 RECEIVE_BUFFER = 32 << 20  # a multicast dropped for want of room costs the mirror 15 s
 PIPE_SIZE = 1 << 20
@@ -183,18 +180,10 @@ class Front:
                  config.state_dir, self.sock.getsockname()[0], peer)
 
     def _open_socket(self) -> socket.socket:
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol.NETLINK_CONNECTOR)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE,
-                            self.config.receive_buffer)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.config.receive_buffer)
-        # nl_groups stays 0: it is a bitmask, and 7 there would join groups 1-3.
-        sock.bind((0, 0))
-        try:
-            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
+            sock = open_connector_socket(receive_buffer=self.config.receive_buffer,
+                                         join_group_7=True)
         except PermissionError as exc:
-            sock.close()
             raise ServeError(f"cannot join connector group 7 ({exc.strerror}): "
                              "shardlog serve needs root") from exc
         sock.setblocking(False)
@@ -437,7 +426,7 @@ class Front:
         self.stopping = True
         if self.sock is not None:
             try:
-                self.sock.setsockopt(SOL_NETLINK, NETLINK_DROP_MEMBERSHIP, protocol.CN_IDX_DM)
+                leave_group_7(self.sock)
             except OSError as exc:
                 log.warning("cannot leave connector group 7: %s", exc)
             self._on_requests()  # what was queued before we left

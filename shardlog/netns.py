@@ -15,8 +15,9 @@ import errno
 import os
 import socket
 
+from .nlsocket import open_connector_socket
+
 CLONE_NEWNET = 0x40000000
-NETLINK_CONNECTOR = 11
 
 
 def enter_private_netns() -> None:
@@ -36,8 +37,7 @@ def kernel_connector_reachable() -> bool:
 
     A zero-length connector message is harmless to a real kernel (the connector drops
     messages shorter than a cn_msg); in a private namespace the send is refused."""
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, NETLINK_CONNECTOR) as sock:
-        sock.bind((0, 0))
+    with open_connector_socket() as sock:
         nlmsghdr = (16).to_bytes(4, "little") + bytes(12)
         try:
             sock.sendto(nlmsghdr, (0, 0))

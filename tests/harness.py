@@ -19,10 +19,10 @@ import zlib
 from pathlib import Path
 
 from shardlog import protocol
+from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import Reply, RequestType
 
 PEER_PORT = 0x7E57
-GROUP_7 = 1 << (protocol.CN_IDX_DM - 1)
 
 
 class ServerProcess:
@@ -117,15 +117,13 @@ class RawPeer:
     server's replies: byte-level tests (the simulated kernel is shardlog.kernelsim)."""
 
     def __init__(self, port: int = PEER_PORT):
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
-                                  protocol.NETLINK_CONNECTOR)
-        self.sock.bind((port, 0))
+        self.sock = open_connector_socket(port)
         self.seq = 1000
 
     def send_raw(self, datagram: bytes) -> None:
         # The multicast is delivered; the send then finds no kernel at port 0 here.
         with contextlib.suppress(ConnectionRefusedError):
-            self.sock.sendto(datagram, (0, GROUP_7))
+            self.sock.sendto(datagram, (0, GROUP_7_MASK))
 
     def send_anything(self, datagram: bytes) -> bool:
         """Like send_raw, for bytes netlink may refuse to carry (empty: ENODATA)."""

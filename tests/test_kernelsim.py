@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import itertools
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from shardlog.kernelsim import (
     run_load,
 )
 from shardlog.logtable import LogTable
+from shardlog.nlsocket import open_connector_socket
 from shardlog.protocol import Request, RequestType
 
 pytestmark = pytest.mark.usefixtures("private_netns")
@@ -48,10 +48,7 @@ class Responder:
         self.hook = hook
         self.sim_port = sim_port
         self.requests: list[Request] = []
-        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
-                                  protocol.NETLINK_CONNECTOR)
-        self.sock.bind((0, 0))
-        self.sock.setsockopt(270, 1, protocol.CN_IDX_DM)  # NETLINK_ADD_MEMBERSHIP
+        self.sock = open_connector_socket(join_group_7=True)
         self.sock.settimeout(0.05)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -514,9 +511,7 @@ def test_run_load_keeps_one_request_per_log_outstanding(conn, serve):
 def test_run_load_on_a_raw_socket(serve):
     port = next(_ports)
     server = serve(sim_port=port)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
-                       protocol.NETLINK_CONNECTOR) as sock:
-        sock.bind((port, 0))
+    with open_connector_socket(port) as sock:
         uuid = new_uuid()
         server.table.handle(protocol.decode_datagram(protocol.encode_request(
             T.CTR, seq=0, uuid=uuid, luid=1, data=b"800 core 8 nosync")))

@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardlog import protocol, records
+from shardlog.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socket
 from shardlog.protocol import RequestType as T
 from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
 
-from .harness import GROUP_7, PEER_PORT, RawPeer, ServerProcess, uuids_for_worker
+from .harness import PEER_PORT, RawPeer, ServerProcess, uuids_for_worker
 
 pytestmark = pytest.mark.usefixtures("private_netns")
 
@@ -81,7 +82,7 @@ def test_sigterm_commits_every_log_clears_included(server, peer):
 
 
 def test_sigterm_answers_everything_queued_for_a_slow_worker_first(server, peer):
-    peer.sock.setsockopt(socket.SOL_SOCKET, 33, 16 << 20)  # SO_RCVBUFFORCE: room for all
+    peer.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)  # room for all
     uuid = uuids_for_worker(0, 2, 1)[0]
     peer.open_log(uuid)
     slow = server.worker_pids()[0]
@@ -170,9 +171,8 @@ def test_a_non_root_process_cannot_forge_a_request(server, peer):
         os.setgid(65534)
         os.setuid(65534)
         outcomes = []
-        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, protocol.NETLINK_CONNECTOR)
-        sock.bind((0, 0))
-        for destination in ((0, GROUP_7), (server_port, 0), (PEER_PORT, 0)):
+        sock = open_connector_socket()
+        for destination in ((0, GROUP_7_MASK), (server_port, 0), (PEER_PORT, 0)):
             try:
                 sock.sendto(forged, destination)
                 outcomes.append("sent")

@@ -52,14 +52,12 @@ from typing import NamedTuple
 
 from .. import protocol
 from ..netns import kernel_connector_reachable
+from ..nlsocket import GROUP_7_MASK, open_connector_socket
 from ..protocol import RequestType
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 0x6B73
-#: ``nl_groups`` bit of group CN_IDX_DM, for sendto and for /proc/net/netlink.
-GROUP_7_MASK = 1 << (protocol.CN_IDX_DM - 1)
-SO_RCVBUFFORCE = 33  # asm-generic/socket.h; not exported by Python's socket module
 _RECEIVE_POLL = 0.1  # how long the receiver blocks before it looks at the stop flag
 _RCVBUF = 8 << 20
 _RECEIVE_BUFFER = 65536  # above the connector's 16 KiB limit: nothing is cut short
@@ -159,18 +157,8 @@ class Connector:
         self._lock = threading.Lock()  # receiving_list_lock, and the counters
         self._waiters: dict[int, _Waiter] = {}
         self._closed = False
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
-                                   protocol.NETLINK_CONNECTOR)
-        try:
-            self._sock.bind((port, 0))
-            # A lost reply costs a retry_timeout stall: give replies plenty of room.
-            try:
-                self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
-            except PermissionError:
-                self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-        except OSError:
-            self._sock.close()
-            raise
+        # A lost reply costs a retry_timeout stall: give replies plenty of room.
+        self._sock = open_connector_socket(port, receive_buffer=_RCVBUF)
         self._receiver: threading.Thread | None = None
         self._stop_receiver = threading.Event()
         self._start_receiver()

@@ -35,8 +35,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .. import protocol
+from ..nlsocket import GROUP_7_MASK
 from ..protocol import RequestType
-from .connector import GROUP_7_MASK, Connector, RawLink
+from .connector import Connector, RawLink
 
 # Where each copy of the seq sits in a request datagram, and where a reply says what.
 _SEQ = struct.Struct("=I")
