@@ -55,7 +55,6 @@ import shlex
 import signal
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,6 +67,7 @@ from pathlib import Path
 from shardlog import protocol
 from shardlog.kernelsim import LoadResult, Stream, log_streams, run_load
 from shardlog.kernelsim.connector import group7_listeners
+from shardlog.kernelsim.serveprocess import ServeFailed, ServeProcess
 from shardlog.netns import enter_private_netns
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import RequestType as T
@@ -247,38 +247,17 @@ def running_echo_peer(reply_port: int) -> Iterator[int]:
 # --- shardlog --------------------------------------------------------------------------
 
 
-class Server:
-    """``shardlog serve`` in its own session, with its state and log under ``run_dir``."""
+class Server(ServeProcess):
+    """``shardlog serve`` for one round: the only member of group 7 while it runs."""
 
     def __init__(self, run_dir: Path, workers: int, peer: int):
-        self.state_dir = run_dir / "state"
-        self.pid_file = run_dir / "serve.pid"
-        self.log_path = run_dir / "serve.log"
-        self.command = [sys.executable, "-m", "shardlog.cli", "--log-level", "warning",
-                        "serve", "--workers", str(workers), "--state-dir",
-                        str(self.state_dir), "--test-peer", str(peer),
-                        "--pid-file", str(self.pid_file), "--metrics-addr", ""]
-        self.process: subprocess.Popen[bytes] | None = None
+        super().__init__(run_dir / "state", workers=workers, test_peer=peer,
+                         log_level="warning", run_dir=run_dir)
 
-    def start(self, timeout: float = 30.0) -> None:
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=log,
-                                            start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self.pid_file.exists():
-            if self.process.poll() is not None:
-                raise BenchError(f"shardlog serve exited {self.process.returncode}:\n"
-                                 f"{self.log_tail()}")
-            if time.monotonic() > deadline:
-                raise BenchError(f"shardlog serve not serving after {timeout:.0f} s:\n"
-                                 f"{self.log_tail()}")
-            time.sleep(0.01)
+    def start(self, timeout: float = 30.0) -> Server:
+        super().start(timeout)
         expect_one_listener("shardlog")
-
-    def log_tail(self, lines: int = 20) -> str:
-        if not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return self
 
     def pids(self) -> dict[str, list[int]]:
         """The front and its workers (its children)."""
@@ -292,23 +271,14 @@ class Server:
                         workers.append(int(entry.name))
         return {"front": [front], "workers": workers}
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, as systemd does; it must commit every log and exit 0."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise BenchError(f"shardlog serve did not stop within {timeout:.0f} s") from exc
+        code = super().stop(timeout)
         if code != 0:
-            raise BenchError(f"shardlog serve exited {code} after SIGTERM:\n{self.log_tail()}")
+            tail = "\n".join(self.log.splitlines()[-20:])
+            raise BenchError(f"shardlog serve exited {code} after SIGTERM:\n{tail}")
         wait_for_no_listener()
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            with suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        return code
 
 
 def _stat_fields(pid: int) -> tuple[float, float, int]:
@@ -674,7 +644,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_server-", dir=args.state_dir) as base:
         try:
             rounds = measure(Path(base), settings)
-        except BenchError as exc:
+        except (BenchError, ServeFailed) as exc:
             print(f"bench_server: {exc}", file=sys.stderr)
             return 1
     checks = verdicts(rounds)

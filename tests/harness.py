@@ -8,70 +8,34 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 import urllib.request
 import zlib
 from pathlib import Path
 
 from shardlog import protocol
+from shardlog.kernelsim.serveprocess import ServeProcess
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import Reply, RequestType
 
 PEER_PORT = 0x7E57
 
 
-class ServerProcess:
-    """``shardlog serve`` in its own session (so that a test can kill the whole server)."""
+class ServerProcess(ServeProcess):
+    """A test's ``shardlog serve``: taking requests from the test peer's port, with its
+    metrics on a free local port."""
 
     def __init__(self, state_dir: Path, *, workers: int = 2, peer: int | None = PEER_PORT,
                  extra: tuple[str, ...] = (), run_dir: Path | None = None):
-        self.state_dir = state_dir
-        self.workers = workers
-        self.peer = peer
-        self.extra = extra
-        run_dir = run_dir or state_dir.parent  # where its pid file and log go
-        self.pid_file = run_dir / f"{state_dir.name}.pid"
-        self.log_path = run_dir / f"{state_dir.name}.log"
         self.metrics_port = _free_port()
-        self.process: subprocess.Popen | None = None
+        super().__init__(state_dir, workers=workers, test_peer=peer,
+                         metrics_addr=f"127.0.0.1:{self.metrics_port}", extra=extra,
+                         run_dir=run_dir)
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
-        self.pid_file.unlink(missing_ok=True)
-        command = [sys.executable, "-m", "shardlog.cli", "--log-level", "info", "serve",
-                   "--workers", str(self.workers), "--state-dir", str(self.state_dir),
-                   "--pid-file", str(self.pid_file),
-                   "--metrics-addr", f"127.0.0.1:{self.metrics_port}", *self.extra]
-        if self.peer is not None:
-            command += ["--test-peer", str(self.peer)]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(command, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self.pid_file.exists():
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited {self.process.returncode}:\n{self.log}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not serving after {timeout} s:\n{self.log}")
-            time.sleep(0.02)
+        super().start(timeout)
         assert int(self.pid_file.read_text()) == self.process.pid
         return self
-
-    @property
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def worker_pids(self) -> list[int]:
-        """The front's children, in worker-index order (from the log of their starts)."""
-        pids: dict[int, int] = {}
-        for line in self.log.splitlines():
-            if "worker " in line and " started (pid " in line:
-                words = line.split("worker ", 1)[1].split()
-                pids[int(words[0])] = int(words[3].rstrip(")"))
-        return [pids[index] for index in sorted(pids)]
 
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics, keyed by its name with labels."""
@@ -83,27 +47,6 @@ class ServerProcess:
                 name, value = line.rsplit(" ", 1)
                 samples[name] = float(value)
         return samples
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, as systemd does; the exit code."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
-
-    def kill(self) -> None:
-        """SIGKILL the front and every worker at once."""
-        assert self.process is not None
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def close(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.kill()
-        else:
-            # Workers of a front that died on its own must not outlive the test.
-            for pid in self.worker_pids():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
 
 
 def _free_port() -> int:

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardlog import protocol, records
+from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socket
 from shardlog.protocol import RequestType as T
 from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
@@ -106,7 +107,7 @@ def test_a_state_dir_that_cannot_be_made_fails_the_start_clearly(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     server = ServerProcess(blocker / "state", run_dir=tmp_path)
-    with pytest.raises(AssertionError, match="exited 1"):
+    with pytest.raises(ServeFailed, match="exited 1"):
         server.start()
     assert "shardlog serve: state directory" in server.log
 
@@ -114,7 +115,7 @@ def test_a_state_dir_that_cannot_be_made_fails_the_start_clearly(tmp_path):
 def test_a_pid_file_that_cannot_be_written_stops_the_server_clearly(tmp_path):
     server = ServerProcess(tmp_path / "state", extra=("--pid-file", "/nonexistent/x.pid"))
     server.pid_file = tmp_path / "never"
-    with pytest.raises(AssertionError, match="exited 1"):
+    with pytest.raises(ServeFailed, match="exited 1"):
         server.start()
     assert "shardlog serve: cannot write pid file /nonexistent/x.pid" in server.log
     assert not server.worker_pids() or all(

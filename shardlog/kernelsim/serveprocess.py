@@ -1,0 +1,95 @@
+"""``shardlog serve`` as a child process, for whatever plays the kernel against it.
+
+Tests, the benchmark (and capacity scripts) all start a real server the same way: in its
+own session, so that one ``killpg`` kills the front and every worker at once (a server
+crash, for real); with its pid file and log beside its state directory; started means
+"its pid file appeared" (the server writes it once subscribed to group 7 with every worker
+up), and a server that exits first fails the start with its log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ServeFailed(Exception):
+    """The server did not start, or did not stop as it should; the message has its log."""
+
+
+class ServeProcess:
+    """One ``shardlog serve``; :meth:`start` it, then :meth:`stop` or :meth:`kill` it."""
+
+    def __init__(self, state_dir: Path, *, workers: int = 2, test_peer: int | None = None,
+                 metrics_addr: str = "", log_level: str = "info",
+                 extra: tuple[str, ...] = (), run_dir: Path | None = None):
+        self.state_dir = state_dir
+        run_dir = run_dir or state_dir.parent  # where its pid file and log go
+        self.pid_file = run_dir / f"{state_dir.name}.pid"
+        self.log_path = run_dir / f"{state_dir.name}.log"
+        self.command = [sys.executable, "-m", "shardlog.cli", "--log-level", log_level,
+                        "serve", "--workers", str(workers), "--state-dir", str(state_dir),
+                        "--pid-file", str(self.pid_file), "--metrics-addr", metrics_addr]
+        if test_peer is not None:
+            self.command += ["--test-peer", str(test_peer)]
+        self.command += extra  # last: an option given here wins
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 30.0) -> ServeProcess:
+        self.pid_file.unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=log,
+                                            start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not self.pid_file.exists():
+            if self.process.poll() is not None:
+                raise ServeFailed(f"shardlog serve exited {self.process.returncode}:\n"
+                                  f"{self.log}")
+            if time.monotonic() > deadline:
+                raise ServeFailed(f"shardlog serve not serving after {timeout:.0f} s:\n"
+                                  f"{self.log}")
+            time.sleep(0.01)
+        return self
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def worker_pids(self) -> list[int]:
+        """The workers' pids in worker-index order, the current process of each slot last
+        (from the front's "worker N started (pid P)" lines: log level info or lower)."""
+        pids: dict[int, int] = {}
+        for line in self.log.splitlines():
+            if "worker " in line and " started (pid " in line:
+                words = line.split("worker ", 1)[1].split()
+                pids[int(words[0])] = int(words[3].rstrip(")"))
+        return [pids[index] for index in sorted(pids)]
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, as systemd does; the exit code (ServeFailed if it does not stop)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise ServeFailed(f"shardlog serve did not stop within {timeout:.0f} s") from exc
+
+    def kill(self) -> None:
+        """SIGKILL the front and every worker at once."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def close(self) -> None:
+        """Nothing of this server outlives the caller, whatever state it is in."""
+        self.kill()
+        # Workers of a front that died on its own.
+        for pid in self.worker_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
