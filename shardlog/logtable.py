@@ -39,7 +39,7 @@ from .protocol import Request, RequestType
 from .regionmap import (
     StoreError,
     instance_file_path,
-    remove_instance_file,
+    remove_state_file,
     stale_instance_files,
 )
 
@@ -163,8 +163,8 @@ class LogTable:
             return -errno.ESRCH, b""  # ignored by the kernel
         else:
             # A log of a server before a restart, gone before any other request came.
-            remove_instance_file(instance_file_path(self.state_dir, uuid, luid))
-        records.remove(record)
+            remove_state_file(instance_file_path(self.state_dir, uuid, luid))
+        remove_state_file(record)
         return 0, b""
 
     def _restore(self, request: Request) -> DirtyLog | None:
@@ -235,5 +235,5 @@ class LogTable:
         live = {luid for (log_uuid, luid) in self.logs if log_uuid == uuid}
         for path in stale_instance_files(self.state_dir, uuid, live):
             log.info("removing stale instance file %s", path)
-            remove_instance_file(path)
-            records.remove(records.beside(path))
+            remove_state_file(path)
+            remove_state_file(records.beside(path))

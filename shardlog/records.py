@@ -9,7 +9,8 @@ request failed on the way.
 
 One record per ``(uuid, luid)``, beside its instance file (``<instance>.ctr``), holding
 the constructor string.  Written at CTR (atomically: a crash leaves the old record or the
-new, never half of one), removed at DTR and with stale instance files.  A record that
+new, never half of one), removed (``regionmap.remove_state_file``) at DTR and with stale
+instance files.  A record that
 cannot be written costs only the shortcut: the kernel's own reconnect still works.
 """
 
@@ -70,11 +71,3 @@ def load(state_dir: Path, uuid: str, luid: int) -> str | None:
     except (OSError, UnicodeDecodeError) as exc:
         log.warning("cannot read CTR record %s: %s", path, exc)
         return None
-
-
-def remove(path: Path) -> None:
-    """Remove a record; failing to is worth a warning, not an error."""
-    try:
-        path.unlink(missing_ok=True)
-    except OSError as exc:
-        log.warning("cannot remove CTR record %s: %s", path, exc)

@@ -354,7 +354,7 @@ class RegionMap:
             log.debug("%s: mapping still referenced; released when the last view goes",
                       self.path)
         if remove and self.path is not None:
-            remove_instance_file(self.path)
+            remove_state_file(self.path)
 
 
 # -- where an image persists -----------------------------------------------------------------
@@ -545,12 +545,13 @@ def instance_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     return state_dir / "logs" / f"{quote(uuid, safe='')}@{luid:016x}.map"
 
 
-def remove_instance_file(path: Path) -> None:
-    """Remove an instance file; failing to is worth a warning, not an error."""
+def remove_state_file(path: Path) -> None:
+    """Remove a file of the state directory (an instance file, a CTR record); failing to
+    is worth a warning, not an error."""
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
-        log.warning("cannot remove instance file %s: %s", path, exc)
+        log.warning("cannot remove %s: %s", path, exc)
 
 
 def stale_instance_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[Path]:

@@ -112,7 +112,7 @@ def test_a_killed_core_log_server_loses_no_acknowledged_mark(state_dir, integrat
     assert not any(log.region_map.clean_bits[region] for region in acknowledged)
     kernel.table.close()
     # ... and without the record, the kernel's own reconnect brings back the same.
-    records.remove(records.record_path(state_dir, "durable", 7))
+    records.record_path(state_dir, "durable", 7).unlink()
     kernel = Kernel(LogTable(state_dir), uuid="durable", luid=7)
     assert kernel.send(T.GET_SYNC_COUNT) == (-errno.ESRCH, b"")
     assert kernel.ctr(ctr, reconnect=True) == (0, b"")

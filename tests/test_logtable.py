@@ -233,7 +233,7 @@ def restarted(before: Kernel, ctr: str, via: str) -> Kernel:
     after = Kernel(LogTable(before.table.state_dir), uuid=before.uuid, luid=before.luid)
     after.seq = before.seq
     if via == "reconnect":
-        records.remove(records.record_path(after.table.state_dir, after.uuid, after.luid))
+        records.record_path(after.table.state_dir, after.uuid, after.luid).unlink()
         assert after.send(T.GET_SYNC_COUNT) == (-errno.ESRCH, b"")
         assert after.ctr(ctr, reconnect=True) == (0, b"")
         after.ok(T.RESUME)
