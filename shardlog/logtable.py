@@ -39,8 +39,8 @@ from .protocol import Request, RequestType
 from .regionmap import (
     StoreError,
     instance_file_path,
+    instance_files_by_uuid,
     remove_state_file,
-    stale_instance_files,
 )
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,9 @@ class LogTable:
         self.state_dir = Path(state_dir)
         self.logs: dict[LogKey, DirtyLog] = {}
         self._deferred: list[tuple[Request, DirtyLog]] = []
+        # The instance files on disk before any new instance here was resumed, by uuid
+        # (listed once, when the first one is): the only files that can be stale.
+        self._files_found: dict[str, dict[int, Path]] | None = None
 
     def answer(self, request: Request, *, defer_commit: bool = False) -> bytes | None:
         """The reply datagram for a decoded request.
@@ -233,9 +236,16 @@ class LogTable:
         instance of a table reload is still live in the kernel and may yet reconnect, and
         its file is what it will continue from.  Once the new instance is resumed, dm has
         swapped the tables, so an instance that is not here is gone or about to be
-        destroyed: its DTR was missed."""
-        live = {luid for (log_uuid, luid) in self.logs if log_uuid == uuid}
-        for path in stale_instance_files(self.state_dir, uuid, live):
+        destroyed: its DTR was missed.
+
+        Every file this process creates belongs to an instance in its table until a DTR
+        removes both, so only the files it found on disk can be stale: they are listed
+        once, not at every resume (a directory of 10,000 logs takes milliseconds to list)."""
+        if self._files_found is None:
+            self._files_found = instance_files_by_uuid(self.state_dir)
+        for luid, path in self._files_found.pop(uuid, {}).items():
+            if (uuid, luid) in self.logs:
+                continue
             log.info("removing stale instance file %s", path)
             remove_state_file(path)
             remove_state_file(records.beside(path))

@@ -54,7 +54,7 @@ import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from bitarray import bitarray
 
@@ -554,26 +554,26 @@ def remove_state_file(path: Path) -> None:
         log.warning("cannot remove %s: %s", path, exc)
 
 
-def stale_instance_files(state_dir: Path, uuid: str, live_luids: set[int]) -> list[Path]:
-    """Instance files of ``uuid`` that belong to none of ``live_luids``.
+def instance_files_by_uuid(state_dir: Path) -> dict[str, dict[int, Path]]:
+    """Every instance file in ``state_dir``, as ``{uuid: {luid: path}}``.
 
-    Finding them is housekeeping: a directory that cannot be listed yields none (creating
-    the new instance file then reports what is wrong with it).
+    One listing of the directory, names compared as strings: with 10,000 logs it holds
+    20,000 files.  Finding them is housekeeping: a directory that cannot be listed yields
+    none (creating an instance file then reports what is wrong with it).
     """
-    prefix = f"{quote(uuid, safe='')}@"
-    stale = []
+    found: dict[str, dict[int, Path]] = {}
+    directory = state_dir / "logs"
     try:
-        entries = list((state_dir / "logs").iterdir())
+        entries = [entry.name for entry in os.scandir(directory)]
     except OSError:
-        return []
-    for path in entries:
-        name = path.name
-        if not (name.startswith(prefix) and name.endswith(".map")):
+        return found
+    for name in entries:
+        quoted, at, rest = name.rpartition("@")
+        if not (at and rest.endswith(".map")):
             continue
         try:
-            luid = int(name[len(prefix) : -len(".map")], 16)
+            luid = int(rest[: -len(".map")], 16)
         except ValueError:
             continue
-        if luid not in live_luids:
-            stale.append(path)
-    return stale
+        found.setdefault(unquote(quoted), {})[luid] = directory / name
+    return found

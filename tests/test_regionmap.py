@@ -18,7 +18,7 @@ from shardlog.regionmap import (
     RegionMap,
     StoreError,
     instance_file_path,
-    stale_instance_files,
+    instance_files_by_uuid,
 )
 
 from .conftest import DISKLOG_IMAGES
@@ -260,14 +260,17 @@ def test_instance_files_are_per_uuid_and_luid_and_escaped(tmp_path):
     assert len(instance_file_path(tmp_path, long_uuid, 2**64 - 1).name) < 255
 
 
-def test_stale_instance_files_are_those_of_other_instances(tmp_path):
-    live = instance_file_path(tmp_path, "u", 1)
-    stale = instance_file_path(tmp_path, "u", 2)
-    other = instance_file_path(tmp_path, "u2", 3)
-    for path in (live, stale, other):
+def test_instance_files_are_listed_by_uuid_and_luid(tmp_path):
+    odd = "LVM-a@b/c d"  # quoted in the name; an @ of its own
+    paths = {(uuid, luid): instance_file_path(tmp_path, uuid, luid)
+             for uuid, luid in (("u", 1), ("u", 2), (odd, 2**64 - 1))}
+    for path in paths.values():
         RegionMap.create(path, 8, clean=True).close()
-    assert stale_instance_files(tmp_path, "u", {1}) == [stale]
-    assert stale_instance_files(tmp_path / "nowhere", "u", set()) == []
+    (tmp_path / "logs" / "u@zz.map").touch()  # not an instance file's name
+    (tmp_path / "logs" / "u@1.ctr").touch()
+    assert instance_files_by_uuid(tmp_path) == {
+        "u": {1: paths["u", 1], 2: paths["u", 2]}, odd: {2**64 - 1: paths[odd, 2**64 - 1]}}
+    assert instance_files_by_uuid(tmp_path / "nowhere") == {}
 
 
 def test_replacing_an_instance_file_leaves_no_temporary_behind(tmp_path):
