@@ -30,7 +30,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, nlmessages, protocol
+from . import __version__, inspect, nlmessages, protocol
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
 from .logtable import LogTable
@@ -105,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     decode = commands.add_parser("decode", help="print datagrams field by field")
     decode.add_argument("file", nargs="?", type=Path, help="hex or JSON lines (default: stdin)")
     decode.set_defaults(run=_decode)
+    inspect.add_parser(commands)
     return parser
 
 
