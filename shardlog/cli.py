@@ -21,7 +21,6 @@ import gzip
 import json
 import logging
 import os
-import struct
 import sys
 import tempfile
 from collections import Counter
@@ -32,6 +31,7 @@ from typing import TextIO
 
 from . import __version__, inspect, nlmessages, protocol
 from .ctrargs import CtrArgsError, parse_ctr_string
+from .describe import describe_answer, describe_payload
 from .front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
 from .logtable import LogTable
 from .protocol import ProtocolError, Request, RequestType
@@ -183,9 +183,9 @@ def _replay_into(args: argparse.Namespace, state_dir: Path) -> int:
         error, data = reply.error, reply.data
         refused += error != 0
         results[f"{request.name} {'ok' if error == 0 else error}"] += 1
-        answer = _describe_answer(request, error, data)
+        answer = describe_answer(request.request_type, error, data)
         lines.append(f"{request.seq:>6}  {request.uuid:<20} {request.name:<20} "
-                     f"{_describe_payload(request):<14} -> {answer}")
+                     f"{describe_payload(request):<14} -> {answer}")
     source = args.capture or f"embedded {DEFAULT_CAPTURE}"
     print(f"shardlog replay of {source}: {sum(results.values())} requests, state in {state_dir}")
     for device, stand_in in scratch.replaced.items():
@@ -239,29 +239,6 @@ class _ScratchDevices:
                 f.truncate(self.SIZE)
             self.replaced[device] = path
         return self.replaced[device]
-
-
-def _describe_payload(request: Request) -> str:
-    if request.request_type is RequestType.CTR:
-        return repr(request.ctr_string) + (" (reconnect)" if request.reconnect else "")
-    if request.request_type is RequestType.SET_REGION_SYNC:
-        return f"[{request.regions[0]}]={int(request.in_sync)}"
-    if request.regions:
-        return "[" + ",".join(map(str, request.regions)) + "]"
-    return ""
-
-
-def _describe_answer(request: Request, error: int, data: bytes) -> str:
-    if error:
-        return f"error {error}"
-    if request.request_type in (RequestType.GET_RESYNC_WORK, RequestType.IS_REMOTE_RECOVERING):
-        flag, region = protocol.S64_U64.unpack(data)
-        return f"{{{flag}, {region}}}"
-    if len(data) == 8:
-        return str(struct.unpack("=q", data)[0])
-    if data:
-        return repr(data.rstrip(b"\0").decode("ascii", "backslashreplace"))
-    return "ok"
 
 
 # -- decode --------------------------------------------------------------------------------------

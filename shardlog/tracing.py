@@ -1,0 +1,184 @@
+"""``shardlog trace``: the requests a running server handles, one decoded line each.
+
+Theory of operation
+-------------------
+The front sees every datagram arrive and every reply leave, so it can time and decode
+them itself; the workers know nothing of tracing.  While nobody traces, the front's
+``tracer`` attribute is None and the hot path pays one ``is not None`` test per request
+and per reply (measured with scripts/bench_server.py: README).  When a client subscribes
+(``{"cmd": "trace", "uuid": [...], "type": [...]}`` on the control socket), the front
+gets a :class:`Tracer`; then for each request a subscriber wants — matched on the raw
+uuid bytes and type number that routing already read, nothing decoded yet — the arrival
+time and the datagram are kept under the request's tag, and when its reply leaves, both
+are decoded (protocol.py, describe.py) into one JSON event and offered to each
+subscriber.  A subscriber that cannot keep up gets events dropped and counted
+(control.Connection.send_line): a tracer never slows the front down beyond the decoding
+it asked for.
+
+Events: ``time`` (wall clock, seconds), ``worker``, ``seq``, ``type``, ``uuid``,
+``luid``, ``args``, ``error`` (0 or a negative errno), ``result``, ``latency_us`` (from
+the datagram's arrival in the front to the reply's send), and ``note`` for requests the
+front answered itself (-EAGAIN for a worker that died).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import control, protocol
+from .describe import describe_answer, describe_payload
+from .protocol import ProtocolError, RequestType
+
+EXIT_OK, EXIT_ERROR = 0, 1
+PENDING_LIMIT = 1 << 16  # traced requests awaiting their reply: bounded, whatever happens
+
+
+class Subscription:
+    """What one tracing client asked to see."""
+
+    def __init__(self, client: control.Connection, uuids: list[str], types: list[str]):
+        self.client = client
+        self.uuids = {uuid.encode("ascii") for uuid in uuids} or None
+        try:
+            self.types = {RequestType[name.upper()].value for name in types} or None
+        except KeyError as exc:
+            raise ValueError(f"unknown request type {exc.args[0]}; known: "
+                             f"{', '.join(t.name for t in RequestType)}") from None
+
+    def wants(self, uuid_field: bytes, request_type: int) -> bool:
+        return ((self.uuids is None or uuid_field in self.uuids)
+                and (self.types is None or request_type in self.types))
+
+
+class Tracer:
+    """The front's side of tracing: requests seen, awaiting their replies."""
+
+    def __init__(self) -> None:
+        self.subscriptions: list[Subscription] = []
+        # tag → (arrival, worker, datagram, subscriptions that want it)
+        self._pending: dict[int, tuple[float, int, bytes, list[Subscription]]] = {}
+
+    def request(self, tag: int, worker: int, uuid_field: bytes, request_type: int,
+                datagram: bytes) -> None:
+        wanted = [s for s in self.subscriptions if s.wants(uuid_field, request_type)]
+        if wanted:
+            if len(self._pending) >= PENDING_LIMIT:
+                self._pending.clear()  # replies lost to a dead worker: never a leak
+            self._pending[tag] = (time.perf_counter(), worker, datagram, wanted)
+
+    def reply(self, tag: int, reply: bytes, note: str | None = None) -> None:
+        """The reply to ``tag`` leaves now (empty: the request got none)."""
+        entry = self._pending.pop(tag, None)
+        if entry is None:
+            return
+        arrived, worker, datagram, wanted = entry
+        latency = (time.perf_counter() - arrived) * 1e6
+        line = json.dumps(_event(worker, datagram, reply, latency, note)).encode() + b"\n"
+        for subscription in wanted:
+            if not subscription.client.closed:
+                subscription.client.send_line(line)
+
+
+def _event(worker: int, datagram: bytes, reply: bytes, latency_us: float,
+           note: str | None) -> dict:
+    event: dict = {"time": round(time.time(), 6), "worker": worker,
+                   "latency_us": round(latency_us, 1)}
+    try:
+        request = protocol.decode_datagram(datagram)
+    except ProtocolError as exc:
+        event.update(type="MALFORMED", seq=exc.seq, args=exc.reason)
+        request = None
+    else:
+        event.update(seq=request.seq, type=request.name, uuid=request.uuid,
+                     luid=request.luid, args=describe_payload(request))
+    if not reply:
+        event.update(error=None, result="no reply")
+    else:
+        try:
+            answer = protocol.decode_reply(reply)
+        except ProtocolError as exc:
+            event.update(error=None, result=f"undecodable reply: {exc.reason}")
+        else:
+            request_type = request.request_type if request else None
+            result = ("ack" if answer.ack else
+                      describe_answer(request_type, answer.error, answer.data))
+            event.update(error=answer.error, result=result)
+    if note:
+        event["note"] = note
+    return event
+
+
+# -- the client: shardlog trace --------------------------------------------------------------
+
+HELP = """\
+Show the requests a running server handles, one per line, as they are answered: time,
+worker, type, uuid, luid, arguments, result, latency from arrival to reply. Nothing is
+recorded while no one traces; a tracer that cannot keep up loses lines (counted and
+shown), never slows the server.
+
+exit codes: 0 stopped (Ctrl-C, --count reached), 1 error (server not running,
+permission denied), 2 usage
+"""
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "trace", help="show the requests a running server handles",
+        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    control_socket_option(parser)
+    parser.add_argument("--uuid", action="append", default=[],
+                        help="only this log (repeat for more)")
+    parser.add_argument("--type", action="append", default=[], metavar="TYPE",
+                        help="only this request type, e.g. FLUSH (repeat for more)")
+    parser.add_argument("--count", type=int, metavar="N", help="stop after N requests")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.set_defaults(run=run)
+
+
+def control_socket_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--socket", type=Path, default=control.DEFAULT_PATH,
+                        help=f"the server's control socket (default {control.DEFAULT_PATH})")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in args.type:
+        if name.upper() not in RequestType.__members__:
+            print(f"shardlog trace: unknown request type {name}; known: "
+                  f"{', '.join(t.name for t in RequestType)}", file=sys.stderr)
+            return 2
+    request = {"cmd": "trace", "uuid": args.uuid, "type": args.type}
+    shown = 0
+    try:
+        for event in control.stream(args.socket, request, timeout=None):
+            if "subscribed" in event:
+                continue
+            if "dropped" in event:
+                print(f"... {event['dropped']} requests not shown: this terminal could not "
+                      "keep up", file=sys.stderr, flush=True)
+                continue
+            print(json.dumps(event) if args.json else format_event(event), flush=True)
+            shown += 1
+            if args.count is not None and shown >= args.count:
+                break
+    except control.ControlError as exc:
+        print(f"shardlog trace: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+def format_event(event: dict) -> str:
+    clock = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    fraction = f"{event['time'] % 1:.6f}"[1:]
+    where = f"{event.get('uuid', '-')}@{event.get('luid', 0):x}"
+    text = (f"{clock}{fraction} w{event['worker']} {event['type']:<20} {where:<28} "
+            f"{event['args'] or '-':<14} -> {event['result']:<10} "
+            f"{event['latency_us']:>9.1f} µs")
+    if event.get("note"):
+        text += f"  ({event['note']})"
+    return text
