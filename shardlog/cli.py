@@ -29,7 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, inspect, nlmessages, protocol
+from . import __version__, control, inspect, nlmessages, protocol, status, top, tracing
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .describe import describe_answer, describe_payload
 from .front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="kill and replace a worker that answers "
                        f"nothing this long while it holds requests (default {WORKER_TIMEOUT:.0f};"
                        " the kernel retries after 15)")
+    serve.add_argument("--control-socket", default=str(control.DEFAULT_PATH), metavar="PATH",
+                       help="the operators' socket: status, trace, top (default "
+                            f"{control.DEFAULT_PATH}; '' turns it off)")
     serve.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS)
     serve.add_argument("--test-peer", type=int, metavar="PORT",
                        help="also take requests from this netlink port, and reply to it: "
@@ -105,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     decode = commands.add_parser("decode", help="print datagrams field by field")
     decode.add_argument("file", nargs="?", type=Path, help="hex or JSON lines (default: stdin)")
     decode.set_defaults(run=_decode)
-    inspect.add_parser(commands)
+    for tool in (status, inspect, tracing, top):
+        tool.add_parser(commands)
     return parser
 
 
@@ -120,7 +124,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(workers=args.workers, state_dir=args.state_dir,
                          metrics_addr=args.metrics_addr or None, pid_file=args.pid_file,
                          test_peer=args.test_peer, receive_buffer=args.receive_buffer,
-                         worker_timeout=args.worker_timeout)
+                         worker_timeout=args.worker_timeout,
+                         control_socket=Path(args.control_socket) if args.control_socket
+                         else None)
     try:
         return Front(config).run()
     except ServeError as exc:

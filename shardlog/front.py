@@ -20,6 +20,11 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   counters (workerstats.py) about once a second while busy, or when the front asks
   (:meth:`Front.request_reports`).  The front keeps each slot's latest and hands every
   report to its ``report_listeners`` (the metrics, the operator tools).
+- **Operators** (control.py): a Unix socket served from this same loop, never
+  blocking it, answers ``status`` (the slots and the workers' latest reports, fresh:
+  status.py) and streams ``trace`` events (tracing.py: the front times and decodes the
+  requests it forwards; while nobody traces the cost is one ``is not None`` test per
+  request and per reply).
 - **Supervision**: a worker that dies (its reply pipe reaches EOF) costs only what it
   held: each such request is answered -EAGAIN (a connector ACK: a full reply would zero
   the kernel's reply size for the re-send), which makes the kernel re-send it at once
@@ -55,7 +60,8 @@ from pathlib import Path
 
 import multiprocess
 
-from . import frames, protocol, worker
+from . import frames, protocol, status, tracing, worker
+from .control import ControlServer, ControlSetupError
 from .frames import FrameError, FrameReader, Kind
 from .metrics import FrontCollector, FrontStats, serve_metrics
 from .netns import kernel_connector_reachable
@@ -94,6 +100,7 @@ class ServeConfig:
     test_peer: int | None = None  # a netlink port allowed to play the kernel (tests)
     receive_buffer: int = RECEIVE_BUFFER
     worker_timeout: float = WORKER_TIMEOUT  # a worker silent this long with work is killed
+    control_socket: Path | None = None  # the operators' socket (control.py); None: none
 
 
 @dataclass(eq=False)
@@ -114,6 +121,8 @@ class WorkerSlot:
     progress: float = 0.0  # when it last answered, or was handed work while idle
     killed_as_hung: bool = False
     report: WorkerReport | None = None  # its latest (workerstats.py); None until the first
+    report_time: float = 0.0  # when it came (monotonic)
+    restarts: int = 0  # workers that took this slot after one died
 
 
 class Front:
@@ -132,6 +141,11 @@ class Front:
             self.allowed_ports.add(config.test_peer)
             self.reply_address = (config.test_peer, 0)
         self.metrics_server = None
+        self.control: ControlServer | None = None
+        # Set while someone traces (tracing.py); the hot path tests it against None.
+        self.tracer: tracing.Tracer | None = None
+        self.started = time.time()
+        self.on_tick: list[Callable[[], None]] = []  # called after every wakeup (≤ 1 s)
         # Called with (slot, report) for every worker report, in the loop: they must not
         # block.  The metrics add the report's counters to the front's totals.
         self.report_listeners: list[Callable[[WorkerSlot, WorkerReport], None]] = []
@@ -180,6 +194,15 @@ class Front:
                     config.metrics_addr, FrontCollector(self.stats, self._gauges))
             except (OSError, ValueError) as exc:
                 raise ServeError(f"metrics address {config.metrics_addr}: {exc}") from exc
+        if config.control_socket is not None:
+            self.control = ControlServer(config.control_socket, self.epoll, self.handlers, {
+                "status": status.StatusCommand(self).answer,
+                "trace": tracing.TraceCommand(self).subscribe,
+            })
+            try:
+                self.control.open()
+            except ControlSetupError as exc:
+                raise ServeError(str(exc)) from exc
         self.sock = self._open_socket()
         self._watch(self.sock.fileno(), self._on_requests)
         for index in range(config.workers):
@@ -198,7 +221,7 @@ class Front:
         sock.setblocking(False)
         return sock
 
-    def _spawn(self, index: int, quick_deaths: int = 0) -> WorkerSlot:
+    def _spawn(self, index: int, quick_deaths: int = 0, restarts: int = 0) -> WorkerSlot:
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         for fd in (request_w, reply_w):
@@ -211,6 +234,8 @@ class Front:
             inherited.append(self.metrics_server.socket)
         for slot in self.slots:
             inherited += [slot.request_fd, slot.reply_fd]
+        if self.control is not None:
+            inherited += self.control.descriptors()
         process = multiprocess.get_context("fork").Process(
             target=worker.run, name=f"shardlog-worker-{index}",
             args=(index, request_r, reply_w, self.config.state_dir, inherited))
@@ -219,7 +244,7 @@ class Front:
         os.close(reply_w)
         os.set_blocking(request_w, False)
         slot = WorkerSlot(index, process, request_w, reply_r, time.monotonic(),
-                          quick_deaths=quick_deaths)
+                          quick_deaths=quick_deaths, restarts=restarts)
         self._watch(reply_r, lambda: self._on_replies(slot))
         log.info("worker %d started (pid %d)", index, process.pid)
         return slot
@@ -248,6 +273,8 @@ class Front:
             if time.monotonic() >= self._next_hang_check:
                 self._next_hang_check = time.monotonic() + HANG_CHECK_INTERVAL
                 self._kill_hung_workers()
+            for tick in self.on_tick:
+                tick()
 
     def _kill_hung_workers(self) -> None:
         """A worker that holds requests and has answered none for ``worker_timeout``
@@ -279,6 +306,7 @@ class Front:
         allowed, nslots = self.allowed_ports, len(slots)
         touched: set[WorkerSlot] = set()
         buffer, view = self._receive_buffer, self._receive_view
+        tracer = self.tracer
         for _ in range(DRAIN_LIMIT):
             try:
                 size, (port, _groups) = sock.recvfrom_into(buffer)
@@ -312,6 +340,8 @@ class Front:
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
             slot.in_flight[tag] = seq
             slot.out += frames.pack(Kind.REQUEST, tag, datagram)
+            if tracer is not None:
+                tracer.request(tag, slot.index, uuid_field, request_type, datagram)
             touched.add(slot)
         for slot in touched:
             self._write_requests(slot)
@@ -363,6 +393,8 @@ class Front:
                 slot.in_flight.pop(tag, None)
                 if reply:
                     self._send(reply)
+                if self.tracer is not None:
+                    self.tracer.reply(tag, reply)
             elif kind == Kind.STATS:
                 self._on_report(slot, reply)
             elif kind == Kind.READY:
@@ -377,6 +409,7 @@ class Front:
             log.error("worker %d sent a bad report: %s", slot.index, exc)
             return
         slot.report = report
+        slot.report_time = time.monotonic()
         for listener in self.report_listeners:
             listener(slot, report)
 
@@ -409,12 +442,15 @@ class Front:
             slot.process.kill()
             slot.process.join()
         code = slot.process.exitcode
-        for seq in slot.in_flight.values():
+        for tag, seq in slot.in_flight.items():
             # As a connector ACK: a full reply with -EAGAIN would also set the kernel's
             # reply size to 0 (fill_pkg), and the answer to its re-send would then fail
             # with -ENOSPC.  The ACK path keeps the size for exactly this retry.
             self.stats.eagain_replies += 1
-            self._send(protocol.encode_ack(seq, errno.EAGAIN))
+            ack = protocol.encode_ack(seq, errno.EAGAIN)
+            self._send(ack)
+            if self.tracer is not None:
+                self.tracer.reply(tag, ack, note="worker died: answered -EAGAIN")
         lost = len(slot.in_flight)
         if self.stopping:
             self.slots.remove(slot)
@@ -434,7 +470,8 @@ class Front:
             self._stop()
             return
         self.stats.worker_restarts += 1
-        self.slots[self.slots.index(slot)] = self._spawn(slot.index, quick_deaths)
+        self.slots[self.slots.index(slot)] = self._spawn(slot.index, quick_deaths,
+                                                          slot.restarts + 1)
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -476,6 +513,8 @@ class Front:
         slot.request_fd = -1
 
     def _close(self) -> None:
+        if self.control is not None:
+            self.control.close()
         for slot in self.slots:
             if slot.process.is_alive():
                 slot.process.kill()

@@ -16,7 +16,8 @@ subscriber.  A subscriber that cannot keep up gets events dropped and counted
 it asked for.
 
 Events: ``time`` (wall clock, seconds), ``worker``, ``seq``, ``type``, ``uuid``,
-``luid``, ``args``, ``error`` (0 or a negative errno), ``result``, ``latency_us`` (from
+``luid``, ``args``, ``errno`` (0 or a negative errno; None without a reply),
+``result``, ``latency_us`` (from
 the datagram's arrival in the front to the reply's send), and ``note`` for requests the
 front answered itself (-EAGAIN for a worker that died).
 """
@@ -28,10 +29,14 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import control, protocol
 from .describe import describe_answer, describe_payload
 from .protocol import ProtocolError, RequestType
+
+if TYPE_CHECKING:
+    from .front import Front
 
 EXIT_OK, EXIT_ERROR = 0, 1
 PENDING_LIMIT = 1 << 16  # traced requests awaiting their reply: bounded, whatever happens
@@ -40,7 +45,8 @@ PENDING_LIMIT = 1 << 16  # traced requests awaiting their reply: bounded, whatev
 class Subscription:
     """What one tracing client asked to see."""
 
-    def __init__(self, client: control.Connection, uuids: list[str], types: list[str]):
+    def __init__(self, client: control.Connection, uuids: list[str], types: list[str],
+                 sample: int = 1):
         self.client = client
         self.uuids = {uuid.encode("ascii") for uuid in uuids} or None
         try:
@@ -48,10 +54,46 @@ class Subscription:
         except KeyError as exc:
             raise ValueError(f"unknown request type {exc.args[0]}; known: "
                              f"{', '.join(t.name for t in RequestType)}") from None
+        if sample < 1:
+            raise ValueError(f"sample must be at least 1, not {sample}")
+        self.sample = sample  # every sample-th request that matches (top's latencies)
+        self._matched = 0
 
     def wants(self, uuid_field: bytes, request_type: int) -> bool:
-        return ((self.uuids is None or uuid_field in self.uuids)
-                and (self.types is None or request_type in self.types))
+        if not ((self.uuids is None or uuid_field in self.uuids)
+                and (self.types is None or request_type in self.types)):
+            return False
+        self._matched += 1
+        return self._matched % self.sample == 0
+
+
+class TraceCommand:
+    """The control socket's ``trace``: subscribes a client; the front traces while
+    anyone is subscribed, and stops (``front.tracer`` back to None) when the last one
+    leaves."""
+
+    def __init__(self, front: Front):
+        self.front = front
+
+    def subscribe(self, client: control.Connection, message: dict) -> None:
+        uuids, types = message.get("uuid", []), message.get("type", [])
+        if not all(isinstance(x, str) for x in [*uuids, *types]):
+            raise TypeError("uuid and type are lists of strings")
+        subscription = Subscription(client, uuids, types, int(message.get("sample", 1)))
+        if self.front.tracer is None:
+            self.front.tracer = Tracer()
+        self.front.tracer.subscriptions.append(subscription)
+        client.on_close.append(lambda: self._unsubscribe(subscription))
+        client.send({"subscribed": {"uuid": uuids, "type": types,
+                                    "sample": subscription.sample}})
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        tracer = self.front.tracer
+        if tracer is None:
+            return
+        tracer.subscriptions.remove(subscription)
+        if not tracer.subscriptions:
+            self.front.tracer = None
 
 
 class Tracer:
@@ -96,17 +138,19 @@ def _event(worker: int, datagram: bytes, reply: bytes, latency_us: float,
         event.update(seq=request.seq, type=request.name, uuid=request.uuid,
                      luid=request.luid, args=describe_payload(request))
     if not reply:
-        event.update(error=None, result="no reply")
+        event.update(errno=None, result="no reply")
     else:
         try:
             answer = protocol.decode_reply(reply)
         except ProtocolError as exc:
-            event.update(error=None, result=f"undecodable reply: {exc.reason}")
+            event.update(errno=None, result=f"undecodable reply: {exc.reason}")
         else:
             request_type = request.request_type if request else None
-            result = ("ack" if answer.ack else
-                      describe_answer(request_type, answer.error, answer.data))
-            event.update(error=answer.error, result=result)
+            if answer.ack:
+                result = "ack" if not answer.error else f"ack, error {answer.error}"
+            else:
+                result = describe_answer(request_type, answer.error, answer.data)
+            event.update(errno=answer.error, result=result)
     if note:
         event["note"] = note
     return event
@@ -155,6 +199,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         for event in control.stream(args.socket, request, timeout=None):
             if "subscribed" in event:
+                print(f"shardlog trace: tracing the server at {args.socket} (Ctrl-C stops)",
+                      file=sys.stderr, flush=True)
                 continue
             if "dropped" in event:
                 print(f"... {event['dropped']} requests not shown: this terminal could not "
