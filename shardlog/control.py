@@ -71,8 +71,10 @@ class Connection:
         self.dropped = 0  # streamed lines dropped since the client last caught up
         self.closed = False
         self.close_when_sent = False
+        self.eof = False  # the client shut its side: nothing more will be read
         self.on_close: list[Callable[[], None]] = []
-        self._want_write = False
+        self._events = select.EPOLLIN
+        self._shut = False
 
     def send(self, message: dict) -> None:
         """Queue one answer, whatever the client's backlog (it is bounded by the server's
@@ -82,6 +84,8 @@ class Connection:
     def send_line(self, line: bytes) -> bool:
         """Queue one streamed line (JSON, with its newline), or drop and count it when the
         client has not taken what it was sent: whether it was queued."""
+        if self.close_when_sent:
+            return False
         if len(self.out) >= OUTPUT_LIMIT:
             self.dropped += 1
             return False
@@ -89,7 +93,10 @@ class Connection:
         return True
 
     def finish(self) -> None:
-        """Close once everything queued is sent."""
+        """Close once everything queued is sent and the client has seen it: the write
+        side is shut first and the socket closed at the client's EOF, since closing with
+        the client's request still unread would reset the connection, and the client
+        could lose the answer."""
         self.close_when_sent = True
         self.flush()
 
@@ -118,21 +125,26 @@ class Connection:
             self.flush()
             return
         if not self.out and self.close_when_sent:
-            self.close()
-            return
-        self._set_want_write(bool(self.out))
+            if self.eof:
+                self.close()
+                return
+            if not self._shut:
+                self._shut = True
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_WR)
+        self._set_events()
 
-    def _set_want_write(self, want: bool) -> None:
-        if want != self._want_write:
-            self._want_write = want
-            events = select.EPOLLIN | (select.EPOLLOUT if want else 0)
+    def _set_events(self) -> None:
+        events = (0 if self.eof else select.EPOLLIN) | (select.EPOLLOUT if self.out else 0)
+        if events != self._events:
+            self._events = events
             with contextlib.suppress(OSError):
                 self.server.epoll.modify(self.fd, events)
 
     def on_ready(self) -> None:
         """epoll says the socket can be read or written (or was hung up)."""
         self.flush()
-        if self.closed:
+        if self.closed or self.eof:
             return
         while True:
             try:
@@ -140,19 +152,31 @@ class Connection:
             except BlockingIOError:
                 break
             except OSError:
-                data = b""
-            if not data:
-                self.close()
+                self.close()  # reset: nothing can reach it any more
                 return
+            if not data:
+                self._on_eof()
+                return
+            if self.close_when_sent:
+                continue  # refused or answered: whatever else it sends is not read
             self.inbox += data
             if b"\n" not in self.inbox and len(self.inbox) > LINE_LIMIT:
                 self.send({"error": f"request line longer than {LINE_LIMIT} bytes"})
-                self.close()
+                self.finish()
                 return
-            while b"\n" in self.inbox and not self.closed:
+            while b"\n" in self.inbox and not self.close_when_sent:
                 line, _, rest = bytes(self.inbox).partition(b"\n")
                 self.inbox[:] = rest
                 self.server.dispatch(self, line)
+
+    def _on_eof(self) -> None:
+        """The client sent all it will: what is queued still goes (a tracer that shuts
+        its side gets the lines it was sent), nothing more is added."""
+        self.eof = True
+        if self.out:
+            self.finish()
+        else:
+            self.close()
 
     def close(self) -> None:
         if self.closed:

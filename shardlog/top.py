@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             current = control.ask(args.socket, {"cmd": "status"})
             now = time.monotonic()
             frame = render(previous, current, now - previous_time, sampler.take(),
-                           args.sample, sampler.dropped)
+                           args.sample, sampler.dropped, sampler.error)
             previous, previous_time = current, now
             print((CLEAR if terminal else "") + frame, flush=True)
             frames += 1
@@ -128,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def render(previous: dict, current: dict, elapsed: float,
-           latencies: dict[str, list[float]], sample: int, dropped: int) -> str:
+           latencies: dict[str, list[float]], sample: int, dropped: int,
+           sampler_error: str | None = None) -> str:
     """One screen: the server line, requests by type, workers, the busiest logs."""
     server, before = current["server"], previous["server"]
     restarted = server["pid"] != before["pid"]
@@ -151,6 +152,8 @@ def render(previous: dict, current: dict, elapsed: float,
                    right={1, 2, 3, 4, 5})
     note = f"latencies: 1 request in {sample}, arrival to reply in the front"
     lines.append(note + (f"; {dropped} samples lost (top fell behind)" if dropped else ""))
+    if sampler_error:
+        lines.append(f"latencies unavailable: {sampler_error}")
     lines.append("")
     lines += table(["Worker", "PID", "Ready", "Restarts", "Logs", "InFlight", "Req/s"],
                    [[w["index"], w["pid"], "yes" if w["ready"] else "NO", w["restarts"],
