@@ -101,7 +101,7 @@ class Connection:
         self.flush()
 
     def _queue(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._shut:
             return
         self.out += data
         self.flush()

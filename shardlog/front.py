@@ -32,6 +32,8 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   files as their requests come (records.py).  The others serve throughout.  A worker
   that dies again and again right after starting stops the server instead (the kernel
   then sees no server, and waits for the next one via its reconnect loop).
+- **SIGUSR1** writes what ``shardlog status`` shows to the log, as cmirrord's debug
+  dump did (once the workers have reported: never blocking the loop).
 - **Stop** (SIGTERM, SIGINT): leave group 7 first, so that the kernel's next request
   finds no server (-ESRCH, its reconnect loop) instead of a socket nobody reads; forward
   what is already queued; close the workers' request pipes; they answer what they hold,
@@ -160,6 +162,7 @@ class Front:
         # One receive buffer for every datagram: recvfrom(n) would allocate n bytes each.
         self._receive_buffer = bytearray(DATAGRAM_BUFFER)
         self._receive_view = memoryview(self._receive_buffer)
+        self.status = status.StatusCommand(self)  # the control socket's and SIGUSR1's
 
     # -- start -------------------------------------------------------------------------------
 
@@ -185,7 +188,7 @@ class Front:
         for sock in (self._signal_r, self._signal_w):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._signal_w.fileno())
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, _note_signal)
         self._watch(self._signal_r.fileno(), self._on_signal)
         if config.metrics_addr:
@@ -196,7 +199,7 @@ class Front:
                 raise ServeError(f"metrics address {config.metrics_addr}: {exc}") from exc
         if config.control_socket is not None:
             self.control = ControlServer(config.control_socket, self.epoll, self.handlers, {
-                "status": status.StatusCommand(self).answer,
+                "status": self.status.answer,
                 "trace": tracing.TraceCommand(self).subscribe,
             })
             try:
@@ -480,6 +483,9 @@ class Front:
             received = self._signal_r.recv(64)
         except BlockingIOError:
             return
+        if signal.SIGUSR1 in received:
+            log.warning("SIGUSR1: dumping every log and worker once they report")
+            self.status.when_fresh(_log_dump)
         if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in received):
             if not self.stopping:
                 log.info("stopping (signal): committing every log")
@@ -564,6 +570,12 @@ def check_privileges() -> None:
         raise ServeError(f"shardlog serve needs root: {' and '.join(missing)} missing "
                          "(CAP_NET_ADMIN to join connector group 7, CAP_SYS_ADMIN for the "
                          "kernel to accept replies)")
+
+
+def _log_dump(snapshot: dict) -> None:
+    """cmirrord's SIGUSR1 dump, to the log: what ``shardlog status`` prints."""
+    for line in status.format_text(snapshot).splitlines():
+        log.warning("dump: %s", line)
 
 
 def _note_signal(signum, frame) -> None:

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING
 
@@ -47,8 +48,8 @@ class StatusCommand:
 
     def __init__(self, front: Front):
         self.front = front
-        # (client, deadline, slots still owing a report)
-        self._waiting: list[tuple[control.Connection, float, set[WorkerSlot]]] = []
+        # (what to do with the snapshot, deadline, slots still owing a report)
+        self._waiting: list[tuple[Callable[[dict], None], float, set[WorkerSlot]]] = []
         # (uuid, luid) → (time, requests) at its worker's previous report, and the rate
         self._previous: dict[tuple[str, int], tuple[float, int]] = {}
         self._rates: dict[tuple[str, int], float] = {}
@@ -57,11 +58,20 @@ class StatusCommand:
         front.on_tick.append(self._expire)
 
     def answer(self, client: control.Connection, message: dict) -> None:
+        def send(snapshot: dict) -> None:
+            client.send(snapshot)
+            client.finish()
+
+        self.when_fresh(send)
+
+    def when_fresh(self, callback: Callable[[dict], None]) -> None:
+        """Call ``callback`` with a snapshot once every live worker has reported anew
+        (or after FRESH_TIMEOUT): from the loop, never blocking it."""
         owed = {slot for slot in self.front.slots if slot.ready and slot.request_fd >= 0}
         if not owed or self.front.stopping:
-            self._send(client)
+            callback(self.snapshot())
             return
-        self._waiting.append((client, time.monotonic() + FRESH_TIMEOUT, owed))
+        self._waiting.append((callback, time.monotonic() + FRESH_TIMEOUT, owed))
         self.front.request_reports()
 
     def _on_report(self, slot: WorkerSlot, report: WorkerReport) -> None:
@@ -81,7 +91,7 @@ class StatusCommand:
             self._previous.pop(gone, None)  # destroyed, or its worker was replaced
             self._rates.pop(gone, None)
         self._keys_of_slot[slot.index] = keys
-        for _client, _deadline, owed in self._waiting:
+        for _callback, _deadline, owed in self._waiting:
             owed.discard(slot)
         self._answer_ready(lambda deadline, owed: not owed)
 
@@ -91,19 +101,12 @@ class StatusCommand:
             self._answer_ready(lambda deadline, owed: now >= deadline)
 
     def _answer_ready(self, ready) -> None:
-        still = []
-        for client, deadline, owed in self._waiting:
-            if client.closed:
-                continue
-            if ready(deadline, owed):
-                self._send(client)
-            else:
-                still.append((client, deadline, owed))
-        self._waiting = still
-
-    def _send(self, client: control.Connection) -> None:
-        client.send(self.snapshot())
-        client.finish()
+        due = [entry for entry in self._waiting if ready(entry[1], entry[2])]
+        if due:
+            self._waiting = [entry for entry in self._waiting if entry not in due]
+            snapshot = self.snapshot()
+            for callback, _deadline, _owed in due:
+                callback(snapshot)
 
     def snapshot(self) -> dict:
         front, now = self.front, time.monotonic()

@@ -324,3 +324,23 @@ def test_top_without_a_server_or_as_non_root_exits_1(server, tmp_path):
     result = subprocess.run([*NOBODY, *command], capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "permission denied" in result.stderr
     assert shardlog("top", "--interval", "0").returncode == 2
+
+
+# -- SIGUSR1 -------------------------------------------------------------------------------
+
+
+def test_sigusr1_dumps_every_log_and_worker_to_the_log_and_serving_goes_on(server, peer):
+    (uuid,) = uuids_for_worker(1, 2, 1)
+    peer.open_log(uuid, "8192 core 8")
+    peer.ok(T.MARK_REGION, protocol.pack_regions([7]), uuid=uuid)
+    os.killpg(server.process.pid, signal.SIGUSR1)  # front and workers: kill -USR1 -PGID
+    deadline = time.monotonic() + 10
+    while f"dump: {uuid}" not in server.log:
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.05)
+    dumped = [line.split("dump: ", 1)[1].split()
+              for line in server.log.splitlines() if f"dump: {uuid}" in line]
+    assert dumped[-1][:8] == [uuid, "1", "core", "resumed", "8", "1024", "0", "1024"]
+    assert any("dump: Worker" in line for line in server.log.splitlines())
+    assert peer.in_sync(7, uuid=uuid) == 0  # the workers ignored it, the front serves on
+    assert [w["pid"] for w in status_json(server)["workers"]] == server.worker_pids()
