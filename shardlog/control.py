@@ -297,6 +297,12 @@ class ControlServer:
             command(client, message)
         except (ValueError, KeyError, TypeError) as exc:
             client.send({"error": f"bad {message['cmd']} request: {exc}"})
+        except Exception as exc:
+            # An operator's request must never take the server (and the kernel's mirrors)
+            # down with it: a bug here costs this client its answer, nothing more.
+            log.exception("control socket: %s request failed", message["cmd"])
+            client.send({"error": f"{message['cmd']} failed in the server: {exc!r}"})
+            client.finish()
 
     def forget(self, client: Connection) -> None:
         self.clients.pop(client.fd, None)

@@ -391,13 +391,14 @@ class Front:
             received = None
         if received:
             slot.progress = time.monotonic()
+        tracer = self.tracer  # None unless someone traces: one local test per reply
         for kind, tag, reply in received or ():
             if kind == Kind.REPLY:
                 slot.in_flight.pop(tag, None)
                 if reply:
                     self._send(reply)
-                if self.tracer is not None:
-                    self.tracer.reply(tag, reply)
+                if tracer is not None:
+                    tracer.reply(tag, reply)
             elif kind == Kind.STATS:
                 self._on_report(slot, reply)
             elif kind == Kind.READY:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,8 @@ from .protocol import ProtocolError, RequestType
 
 if TYPE_CHECKING:
     from .front import Front
+
+log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR = 0, 1
 PENDING_LIMIT = 1 << 16  # traced requests awaiting their reply: bounded, whatever happens
@@ -119,7 +122,15 @@ class Tracer:
             return
         arrived, worker, datagram, wanted = entry
         latency = (time.perf_counter() - arrived) * 1e6
-        line = json.dumps(_event(worker, datagram, reply, latency, note)).encode() + b"\n"
+        try:
+            event = _event(worker, datagram, reply, latency, note)
+        except Exception as exc:
+            # A request the decoders cannot describe must not stop the front: show that.
+            log.exception("tracing: cannot describe a request")
+            event = {"time": time.time(), "worker": worker, "type": "UNDESCRIBED",
+                     "args": repr(exc), "errno": None, "result": "?",
+                     "latency_us": round(latency, 1)}
+        line = json.dumps(event).encode() + b"\n"
         for subscription in wanted:
             if not subscription.client.closed:
                 subscription.client.send_line(line)
