@@ -18,10 +18,11 @@ Never blocking the front is the point of the design: every socket is non-blockin
 client's output waits in its own buffer (flushed when epoll says the socket takes more),
 and a buffer that grows past :data:`OUTPUT_LIMIT` is the client's problem, not the
 front's: a one-shot answer is still queued whole (it is bounded by the number of logs),
-while streamed lines (:meth:`Connection.send_line` with ``droppable``) are dropped and
-counted, and the count is sent to the client once its buffer drains.  A client that
-sends more than :data:`LINE_LIMIT` bytes without a newline, or whose connection fails,
-is closed.  At most :data:`MAX_CLIENTS` are served at once.
+while streamed lines (:meth:`Connection.send_line`) are sent once per wakeup of the
+loop (:meth:`ControlServer.flush_streams`) and, past the limit, dropped and counted,
+and the count is sent to the client once its buffer drains.  A client that sends more
+than :data:`LINE_LIMIT` bytes without a newline, or whose connection fails, is closed.
+At most :data:`MAX_CLIENTS` are served at once.
 
 The client side (:func:`connect`, :func:`ask`, :func:`stream`) turns what can go wrong
 into one-line :class:`ControlError` messages: no server, permission denied, a server
@@ -89,7 +90,11 @@ class Connection:
         if len(self.out) >= OUTPUT_LIMIT:
             self.dropped += 1
             return False
-        self._queue(line)
+        if not self.closed:
+            # Sent by flush_streams at the end of the loop's wakeup: one send per batch of
+            # lines, not a system call per traced request.
+            self.out += line
+            self.server.unsent.add(self)
         return True
 
     def finish(self) -> None:
@@ -202,6 +207,7 @@ class ControlServer:
         self.handlers = handlers
         self.commands = commands
         self.clients: dict[int, Connection] = {}
+        self.unsent: set[Connection] = set()  # streamed lines queued since the last flush
         self.sock: socket.socket | None = None
 
     def open(self) -> None:
@@ -304,7 +310,16 @@ class ControlServer:
             client.send({"error": f"{message['cmd']} failed in the server: {exc!r}"})
             client.finish()
 
+    def flush_streams(self) -> None:
+        """Send the streamed lines queued during this wakeup (the loop calls this after
+        its handlers)."""
+        if self.unsent:
+            clients, self.unsent = self.unsent, set()
+            for client in clients:
+                client.flush()
+
     def forget(self, client: Connection) -> None:
+        self.unsent.discard(client)
         self.clients.pop(client.fd, None)
         self.handlers.pop(client.fd, None)
         with contextlib.suppress(OSError, ValueError):

@@ -206,6 +206,7 @@ class Front:
                 self.control.open()
             except ControlSetupError as exc:
                 raise ServeError(str(exc)) from exc
+            self.on_tick.append(self.control.flush_streams)
         self.sock = self._open_socket()
         self._watch(self.sock.fileno(), self._on_requests)
         for index in range(config.workers):
