@@ -22,7 +22,7 @@ def describe_payload(request: Request) -> str:
     return ""
 
 
-def describe_answer(request_type: RequestType, error: int, data: bytes) -> str:
+def describe_answer(request_type: RequestType | None, error: int, data: bytes) -> str:
     """A reply's meaning: ``error -5``, ``{1, 42}``, ``128``, a status string, ``ok``."""
     if error:
         return f"error {error}"
