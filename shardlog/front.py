@@ -22,9 +22,9 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   report to its ``report_listeners`` (the metrics, the operator tools).
 - **Operators** (control.py): a Unix socket served from this same loop, never
   blocking it, answers ``status`` (the slots and the workers' latest reports, fresh:
-  status.py) and streams ``trace`` events (tracing.py: the front times and decodes the
-  requests it forwards; while nobody traces the cost is one ``is not None`` test per
-  request and per reply).
+  status.py) and streams ``trace`` events (tracing.py: the front times the requests it
+  forwards and sends them in hex, the tracer decodes them; while nobody traces the cost
+  is one ``is not None`` test per request and per reply).
 - **Supervision**: a worker that dies (its reply pipe reaches EOF) costs only what it
   held: each such request is answered -EAGAIN (a connector ACK: a full reply would zero
   the kernel's reply size for the re-send), which makes the kernel re-send it at once
@@ -455,7 +455,7 @@ class Front:
             ack = protocol.encode_ack(seq, errno.EAGAIN)
             self._send(ack)
             if self.tracer is not None:
-                self.tracer.reply(tag, ack, note="worker died: answered -EAGAIN")
+                self.tracer.reply(tag, ack, note=tracing.NOTE_WORKER_DIED)
         lost = len(slot.in_flight)
         if self.stopping:
             self.slots.remove(slot)

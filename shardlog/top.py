@@ -7,8 +7,8 @@ refresh asks for a ``status`` (fresh worker reports: status.py) and turns the di
 between two answers into rates — requests per second by type from the front's totals,
 per worker and per log from the workers' reports.  Latencies come from a ``trace``
 subscription on a second connection that asks for one request in ``--sample`` (default
-10), read by a thread: the front then decodes a tenth of the traffic, and a top that
-falls behind loses samples, never slows the server.
+10), read by a thread: the front then sends a line for a tenth of the traffic (decoded
+here), and a top that falls behind loses samples, never slows the server.
 
 The screen is redrawn with two ANSI sequences (home, clear) when stdout is a terminal;
 otherwise (a pipe, a test) each frame is printed after the last.  ``--once`` waits one
@@ -29,6 +29,7 @@ from collections import defaultdict
 
 from . import control
 from .status import recovery, table
+from .tracing import decode_event
 
 EXIT_OK, EXIT_ERROR = 0, 1
 CLEAR = "\x1b[H\x1b[2J"
@@ -85,7 +86,8 @@ class LatencySampler:
                     if "dropped" in event:
                         self.dropped += event["dropped"]
                     else:
-                        self._latencies[event["type"]].append(event["latency_us"])
+                        self._latencies[decode_event(event)["type"]].append(
+                            event["latency_us"])
         except control.ControlError as exc:
             self.error = str(exc)
         finally:
