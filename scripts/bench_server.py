@@ -37,6 +37,10 @@ tens of microseconds, on a busy one a few, so the serial ratio depends on what e
 machine runs; the rounds show it.
 
     .venv/bin/python scripts/bench_server.py [--quick] [--state-dir DIR] [--json FILE]
+                                             [--trace]
+
+``--trace`` keeps a ``shardlog trace`` client attached to every shardlog round (its
+output thrown away): the cost of tracing every request, the tracer's CPU included.
 
 Needs root (a private network namespace).  DIR (default: a temporary directory under
 the current one) must be on a disk-backed filesystem: on tmpfs msync costs nothing and
@@ -55,6 +59,7 @@ import shlex
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -120,6 +125,7 @@ class Settings:
     flushes: int  # FLUSHes (and bare msyncs) per round
     logs: int
     workers: int
+    trace: bool = False  # a `shardlog trace` client attached to every shardlog round
 
 
 @dataclass
@@ -410,9 +416,11 @@ def measure(base_dir: Path, settings: Settings) -> Rounds:
             run_dir = base_dir / f"round-{number}"
             run_dir.mkdir()
             server = Server(run_dir, settings.workers, LOAD_PORT)
+            tracer = None
             try:
                 server.start()
                 open_logs(sock, logs)
+                tracer = attach_tracer(server) if settings.trace else None
                 processes = server.pids()
                 results = {}
                 msync_ns: list[int] = []
@@ -430,6 +438,9 @@ def measure(base_dir: Path, settings: Settings) -> Rounds:
                         msync_cpu += cpu_seconds({})["load"]
                 server.stop()
             finally:
+                if tracer is not None:
+                    tracer.kill()
+                    tracer.wait()
                 server.kill()
             rounds.msync.append(Measured(
                 requests_per_second=len(msync_ns) / (sum(msync_ns) / 1e9),
@@ -441,6 +452,20 @@ def measure(base_dir: Path, settings: Settings) -> Rounds:
     finally:
         sock.close()
     return rounds
+
+
+def attach_tracer(server: Server) -> subprocess.Popen:
+    """``shardlog trace --json`` on the server's control socket, its lines thrown away:
+    what tracing every request costs (--trace), the tracer's own CPU included."""
+    tracer = subprocess.Popen(
+        [sys.executable, "-m", "shardlog.cli", "trace", "--json", "--socket",
+         str(server.control_socket)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = tracer.stderr.readline()
+    if "tracing the server" not in line:
+        tracer.kill()
+        raise BenchError(f"shardlog trace did not start: {line}{tracer.stderr.read()}")
+    return tracer
 
 
 def record(into: dict[str, list[Measured]], results: dict[str, Measured]) -> None:
@@ -613,13 +638,16 @@ def main() -> int:
                         help="where the temporary state directory goes (default: the "
                              "current directory; must be disk-backed, not tmpfs)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="write the numbers here")
+    parser.add_argument("--trace", action="store_true",
+                        help="keep a `shardlog trace` client attached to shardlog: the cost "
+                             "of tracing every request")
     args = parser.parse_args()
     settings = Settings(
         rounds=args.rounds or (3 if args.quick else 5),
         seconds=args.seconds or (0.8 if args.quick else 3.0),
         warmup=500 if args.quick else 2000,
         flushes=args.flushes or (500 if args.quick else 2000),
-        logs=args.logs, workers=args.workers)
+        logs=args.logs, workers=args.workers, trace=args.trace)
     if settings.logs < 64 or settings.rounds < 1 or settings.flushes < 2:
         parser.error("need --logs >= 64 (64 in flight), --rounds >= 1, --flushes >= 2")
 
@@ -636,7 +664,8 @@ def main() -> int:
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"settings: {settings.rounds} rounds x (echo, shardlog), {settings.seconds:g} s per "
           f"load, {settings.flushes} FLUSHes, {settings.logs} core logs, "
-          f"{settings.workers} workers; state on {filesystem} ({args.state_dir.resolve()})")
+          f"{settings.workers} workers; state on {filesystem} ({args.state_dir.resolve()})"
+          + ("; shardlog traced by `shardlog trace`" if settings.trace else ""))
     if filesystem in ("tmpfs", "ramfs"):
         print("warning: the state directory is on tmpfs: msync costs nothing there, so the "
               "FLUSH comparison means nothing", file=sys.stderr)

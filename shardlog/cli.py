@@ -21,7 +21,6 @@ import gzip
 import json
 import logging
 import os
-import struct
 import sys
 import tempfile
 from collections import Counter
@@ -30,8 +29,9 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, nlmessages, protocol
+from . import __version__, control, inspect, nlmessages, protocol, status, top, tracing
 from .ctrargs import CtrArgsError, parse_ctr_string
+from .describe import describe_answer, describe_payload
 from .front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
 from .logtable import LogTable
 from .protocol import ProtocolError, Request, RequestType
@@ -86,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="SECONDS", help="kill and replace a worker that answers "
                        f"nothing this long while it holds requests (default {WORKER_TIMEOUT:.0f};"
                        " the kernel retries after 15)")
+    serve.add_argument("--control-socket", default=str(control.DEFAULT_PATH), metavar="PATH",
+                       help="the operators' socket: status, trace, top (default "
+                            f"{control.DEFAULT_PATH}; '' turns it off)")
     serve.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS)
     serve.add_argument("--test-peer", type=int, metavar="PORT",
                        help="also take requests from this netlink port, and reply to it: "
@@ -105,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     decode = commands.add_parser("decode", help="print datagrams field by field")
     decode.add_argument("file", nargs="?", type=Path, help="hex or JSON lines (default: stdin)")
     decode.set_defaults(run=_decode)
+    for tool in (status, inspect, tracing, top):
+        tool.add_parser(commands)
     return parser
 
 
@@ -119,7 +124,9 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(workers=args.workers, state_dir=args.state_dir,
                          metrics_addr=args.metrics_addr or None, pid_file=args.pid_file,
                          test_peer=args.test_peer, receive_buffer=args.receive_buffer,
-                         worker_timeout=args.worker_timeout)
+                         worker_timeout=args.worker_timeout,
+                         control_socket=Path(args.control_socket) if args.control_socket
+                         else None)
     try:
         return Front(config).run()
     except ServeError as exc:
@@ -182,9 +189,9 @@ def _replay_into(args: argparse.Namespace, state_dir: Path) -> int:
         error, data = reply.error, reply.data
         refused += error != 0
         results[f"{request.name} {'ok' if error == 0 else error}"] += 1
-        answer = _describe_answer(request, error, data)
+        answer = describe_answer(request.request_type, error, data)
         lines.append(f"{request.seq:>6}  {request.uuid:<20} {request.name:<20} "
-                     f"{_describe_payload(request):<14} -> {answer}")
+                     f"{describe_payload(request):<14} -> {answer}")
     source = args.capture or f"embedded {DEFAULT_CAPTURE}"
     print(f"shardlog replay of {source}: {sum(results.values())} requests, state in {state_dir}")
     for device, stand_in in scratch.replaced.items():
@@ -238,29 +245,6 @@ class _ScratchDevices:
                 f.truncate(self.SIZE)
             self.replaced[device] = path
         return self.replaced[device]
-
-
-def _describe_payload(request: Request) -> str:
-    if request.request_type is RequestType.CTR:
-        return repr(request.ctr_string) + (" (reconnect)" if request.reconnect else "")
-    if request.request_type is RequestType.SET_REGION_SYNC:
-        return f"[{request.regions[0]}]={int(request.in_sync)}"
-    if request.regions:
-        return "[" + ",".join(map(str, request.regions)) + "]"
-    return ""
-
-
-def _describe_answer(request: Request, error: int, data: bytes) -> str:
-    if error:
-        return f"error {error}"
-    if request.request_type in (RequestType.GET_RESYNC_WORK, RequestType.IS_REMOTE_RECOVERING):
-        flag, region = protocol.S64_U64.unpack(data)
-        return f"{{{flag}, {region}}}"
-    if len(data) == 8:
-        return str(struct.unpack("=q", data)[0])
-    if data:
-        return repr(data.rstrip(b"\0").decode("ascii", "backslashreplace"))
-    return "ok"
 
 
 # -- decode --------------------------------------------------------------------------------------

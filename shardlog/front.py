@@ -20,6 +20,11 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   counters (workerstats.py) about once a second while busy, or when the front asks
   (:meth:`Front.request_reports`).  The front keeps each slot's latest and hands every
   report to its ``report_listeners`` (the metrics, the operator tools).
+- **Operators** (control.py): a Unix socket served from this same loop, never
+  blocking it, answers ``status`` (the slots and the workers' latest reports, fresh:
+  status.py) and streams ``trace`` events (tracing.py: the front times the requests it
+  forwards and sends them in hex, the tracer decodes them; while nobody traces the cost
+  is one ``is not None`` test per request and per reply).
 - **Supervision**: a worker that dies (its reply pipe reaches EOF) costs only what it
   held: each such request is answered -EAGAIN (a connector ACK: a full reply would zero
   the kernel's reply size for the re-send), which makes the kernel re-send it at once
@@ -27,6 +32,8 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   files as their requests come (records.py).  The others serve throughout.  A worker
   that dies again and again right after starting stops the server instead (the kernel
   then sees no server, and waits for the next one via its reconnect loop).
+- **SIGUSR1** writes what ``shardlog status`` shows to the log, as cmirrord's debug
+  dump did (once the workers have reported: never blocking the loop).
 - **Stop** (SIGTERM, SIGINT): leave group 7 first, so that the kernel's next request
   finds no server (-ESRCH, its reconnect loop) instead of a socket nobody reads; forward
   what is already queued; close the workers' request pipes; they answer what they hold,
@@ -55,7 +62,8 @@ from pathlib import Path
 
 import multiprocess
 
-from . import frames, protocol, worker
+from . import frames, protocol, status, tracing, worker
+from .control import ControlServer, ControlSetupError
 from .frames import FrameError, FrameReader, Kind
 from .metrics import FrontCollector, FrontStats, serve_metrics
 from .netns import kernel_connector_reachable
@@ -94,6 +102,7 @@ class ServeConfig:
     test_peer: int | None = None  # a netlink port allowed to play the kernel (tests)
     receive_buffer: int = RECEIVE_BUFFER
     worker_timeout: float = WORKER_TIMEOUT  # a worker silent this long with work is killed
+    control_socket: Path | None = None  # the operators' socket (control.py); None: none
 
 
 @dataclass(eq=False)
@@ -114,6 +123,8 @@ class WorkerSlot:
     progress: float = 0.0  # when it last answered, or was handed work while idle
     killed_as_hung: bool = False
     report: WorkerReport | None = None  # its latest (workerstats.py); None until the first
+    report_time: float = 0.0  # when it came (monotonic)
+    restarts: int = 0  # workers that took this slot after one died
 
 
 class Front:
@@ -132,6 +143,11 @@ class Front:
             self.allowed_ports.add(config.test_peer)
             self.reply_address = (config.test_peer, 0)
         self.metrics_server = None
+        self.control: ControlServer | None = None
+        # Set while someone traces (tracing.py); the hot path tests it against None.
+        self.tracer: tracing.Tracer | None = None
+        self.started = time.time()
+        self.on_tick: list[Callable[[], None]] = []  # called after every wakeup (≤ 1 s)
         # Called with (slot, report) for every worker report, in the loop: they must not
         # block.  The metrics add the report's counters to the front's totals.
         self.report_listeners: list[Callable[[WorkerSlot, WorkerReport], None]] = []
@@ -146,6 +162,7 @@ class Front:
         # One receive buffer for every datagram: recvfrom(n) would allocate n bytes each.
         self._receive_buffer = bytearray(DATAGRAM_BUFFER)
         self._receive_view = memoryview(self._receive_buffer)
+        self.status = status.StatusCommand(self)  # the control socket's and SIGUSR1's
 
     # -- start -------------------------------------------------------------------------------
 
@@ -171,7 +188,7 @@ class Front:
         for sock in (self._signal_r, self._signal_w):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._signal_w.fileno())
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, _note_signal)
         self._watch(self._signal_r.fileno(), self._on_signal)
         if config.metrics_addr:
@@ -180,6 +197,16 @@ class Front:
                     config.metrics_addr, FrontCollector(self.stats, self._gauges))
             except (OSError, ValueError) as exc:
                 raise ServeError(f"metrics address {config.metrics_addr}: {exc}") from exc
+        if config.control_socket is not None:
+            self.control = ControlServer(config.control_socket, self.epoll, self.handlers, {
+                "status": self.status.answer,
+                "trace": tracing.TraceCommand(self).subscribe,
+            })
+            try:
+                self.control.open()
+            except ControlSetupError as exc:
+                raise ServeError(str(exc)) from exc
+            self.on_tick.append(self.control.flush_streams)
         self.sock = self._open_socket()
         self._watch(self.sock.fileno(), self._on_requests)
         for index in range(config.workers):
@@ -198,7 +225,7 @@ class Front:
         sock.setblocking(False)
         return sock
 
-    def _spawn(self, index: int, quick_deaths: int = 0) -> WorkerSlot:
+    def _spawn(self, index: int, quick_deaths: int = 0, restarts: int = 0) -> WorkerSlot:
         request_r, request_w = os.pipe()
         reply_r, reply_w = os.pipe()
         for fd in (request_w, reply_w):
@@ -211,6 +238,8 @@ class Front:
             inherited.append(self.metrics_server.socket)
         for slot in self.slots:
             inherited += [slot.request_fd, slot.reply_fd]
+        if self.control is not None:
+            inherited += self.control.descriptors()
         process = multiprocess.get_context("fork").Process(
             target=worker.run, name=f"shardlog-worker-{index}",
             args=(index, request_r, reply_w, self.config.state_dir, inherited))
@@ -219,7 +248,7 @@ class Front:
         os.close(reply_w)
         os.set_blocking(request_w, False)
         slot = WorkerSlot(index, process, request_w, reply_r, time.monotonic(),
-                          quick_deaths=quick_deaths)
+                          quick_deaths=quick_deaths, restarts=restarts)
         self._watch(reply_r, lambda: self._on_replies(slot))
         log.info("worker %d started (pid %d)", index, process.pid)
         return slot
@@ -248,6 +277,8 @@ class Front:
             if time.monotonic() >= self._next_hang_check:
                 self._next_hang_check = time.monotonic() + HANG_CHECK_INTERVAL
                 self._kill_hung_workers()
+            for tick in self.on_tick:
+                tick()
 
     def _kill_hung_workers(self) -> None:
         """A worker that holds requests and has answered none for ``worker_timeout``
@@ -279,6 +310,7 @@ class Front:
         allowed, nslots = self.allowed_ports, len(slots)
         touched: set[WorkerSlot] = set()
         buffer, view = self._receive_buffer, self._receive_view
+        tracer = self.tracer
         for _ in range(DRAIN_LIMIT):
             try:
                 size, (port, _groups) = sock.recvfrom_into(buffer)
@@ -312,6 +344,8 @@ class Front:
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
             slot.in_flight[tag] = seq
             slot.out += frames.pack(Kind.REQUEST, tag, datagram)
+            if tracer is not None:
+                tracer.request(tag, slot.index, uuid_field, request_type, datagram)
             touched.add(slot)
         for slot in touched:
             self._write_requests(slot)
@@ -358,11 +392,14 @@ class Front:
             received = None
         if received:
             slot.progress = time.monotonic()
+        tracer = self.tracer  # None unless someone traces: one local test per reply
         for kind, tag, reply in received or ():
             if kind == Kind.REPLY:
                 slot.in_flight.pop(tag, None)
                 if reply:
                     self._send(reply)
+                if tracer is not None:
+                    tracer.reply(tag, reply)
             elif kind == Kind.STATS:
                 self._on_report(slot, reply)
             elif kind == Kind.READY:
@@ -377,6 +414,7 @@ class Front:
             log.error("worker %d sent a bad report: %s", slot.index, exc)
             return
         slot.report = report
+        slot.report_time = time.monotonic()
         for listener in self.report_listeners:
             listener(slot, report)
 
@@ -409,12 +447,15 @@ class Front:
             slot.process.kill()
             slot.process.join()
         code = slot.process.exitcode
-        for seq in slot.in_flight.values():
+        for tag, seq in slot.in_flight.items():
             # As a connector ACK: a full reply with -EAGAIN would also set the kernel's
             # reply size to 0 (fill_pkg), and the answer to its re-send would then fail
             # with -ENOSPC.  The ACK path keeps the size for exactly this retry.
             self.stats.eagain_replies += 1
-            self._send(protocol.encode_ack(seq, errno.EAGAIN))
+            ack = protocol.encode_ack(seq, errno.EAGAIN)
+            self._send(ack)
+            if self.tracer is not None:
+                self.tracer.reply(tag, ack, note=tracing.NOTE_WORKER_DIED)
         lost = len(slot.in_flight)
         if self.stopping:
             self.slots.remove(slot)
@@ -434,7 +475,8 @@ class Front:
             self._stop()
             return
         self.stats.worker_restarts += 1
-        self.slots[self.slots.index(slot)] = self._spawn(slot.index, quick_deaths)
+        self.slots[self.slots.index(slot)] = self._spawn(slot.index, quick_deaths,
+                                                          slot.restarts + 1)
 
     # -- stop --------------------------------------------------------------------------------
 
@@ -443,6 +485,9 @@ class Front:
             received = self._signal_r.recv(64)
         except BlockingIOError:
             return
+        if signal.SIGUSR1 in received:
+            log.warning("SIGUSR1: dumping every log and worker once they report")
+            self.status.when_fresh(_log_dump)
         if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in received):
             if not self.stopping:
                 log.info("stopping (signal): committing every log")
@@ -476,6 +521,8 @@ class Front:
         slot.request_fd = -1
 
     def _close(self) -> None:
+        if self.control is not None:
+            self.control.close()
         for slot in self.slots:
             if slot.process.is_alive():
                 slot.process.kill()
@@ -525,6 +572,12 @@ def check_privileges() -> None:
         raise ServeError(f"shardlog serve needs root: {' and '.join(missing)} missing "
                          "(CAP_NET_ADMIN to join connector group 7, CAP_SYS_ADMIN for the "
                          "kernel to accept replies)")
+
+
+def _log_dump(snapshot: dict) -> None:
+    """cmirrord's SIGUSR1 dump, to the log: what ``shardlog status`` prints."""
+    for line in status.format_text(snapshot).splitlines():
+        log.warning("dump: %s", line)
 
 
 def _note_signal(signum, frame) -> None:

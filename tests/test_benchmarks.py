@@ -28,8 +28,9 @@ def test_the_server_benchmark_runs_both_servers_and_reports_every_target(tmp_pat
     result = subprocess.run(
         [sys.executable, SCRIPTS / "bench_server.py", "--rounds", "1", "--seconds", "0.3",
          "--flushes", "50", "--logs", "70", "--state-dir", str(tmp_path),
-         "--json", str(report)], capture_output=True, text=True, timeout=300)
+         "--json", str(report), "--trace"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "shardlog traced by `shardlog trace`" in result.stdout  # (its attach is checked)
     for line in ("(a) IN_SYNC, serial", "(b) write path, 64 in flight",
                  "(d) FLUSH + new mark, serial"):
         assert line in result.stdout

@@ -32,9 +32,12 @@ class ServeProcess:
         run_dir = run_dir or state_dir.parent  # where its pid file and log go
         self.pid_file = run_dir / f"{state_dir.name}.pid"
         self.log_path = run_dir / f"{state_dir.name}.log"
+        # Its own control socket: never the host's /run/shardlog/control.sock.
+        self.control_socket = run_dir / f"{state_dir.name}.sock"
         self.command = [sys.executable, "-m", "shardlog.cli", "--log-level", log_level,
                         "serve", "--workers", str(workers), "--state-dir", str(state_dir),
-                        "--pid-file", str(self.pid_file), "--metrics-addr", metrics_addr]
+                        "--pid-file", str(self.pid_file), "--metrics-addr", metrics_addr,
+                        "--control-socket", str(self.control_socket)]
         if test_peer is not None:
             self.command += ["--test-peer", str(test_peer)]
         self.command += extra  # last: an option given here wins
