@@ -48,6 +48,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import multiprocess
 
@@ -56,6 +57,7 @@ from .frames import FrameError, FrameReader, Kind
 from .metrics import FrontCollector, FrontStats, serve_metrics
 from .netns import kernel_connector_reachable
 from .nlsocket import leave_group_7, open_connector_socket
+from .protocol import REPLY_ERROR, REPLY_ERROR_OFFSET
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ START_TIMEOUT = 30.0
 WORKER_TIMEOUT = 10.0
 HANG_CHECK_INTERVAL = 0.5
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+_reply_error = REPLY_ERROR.unpack_from
+_REPLY_MIN = REPLY_ERROR_OFFSET + REPLY_ERROR.size
 
 
 class ServeError(Exception):
@@ -89,6 +93,18 @@ class ServeConfig:
     test_peer: int | None = None  # a netlink port allowed to play the kernel (tests)
     receive_buffer: int = RECEIVE_BUFFER
     worker_timeout: float = WORKER_TIMEOUT  # a worker silent this long with work is killed
+    per_log_metrics: bool = True  # two series per log instance (a uuid label)
+
+
+class InFlight(NamedTuple):
+    """A request handed to a worker: its seq (for the -EAGAIN a dead worker's requests
+    get), its raw type and arrival (for the metrics), and the datagram itself (to know
+    its re-send, metrics.FrontStats.expect_resend)."""
+
+    seq: int
+    request_type: int
+    arrived_ns: int
+    datagram: bytes
 
 
 @dataclass(eq=False)
@@ -103,7 +119,8 @@ class WorkerSlot:
     ready: bool = False
     out: bytearray = field(default_factory=bytearray)  # frames not yet taken by the pipe
     waiting_for_pipe: bool = False
-    in_flight: dict[int, int] = field(default_factory=dict)  # tag → the request's seq
+    # tag → what the front needs once the request is answered or lost with the worker.
+    in_flight: dict[int, InFlight] = field(default_factory=dict)
     reader: FrameReader = field(default_factory=FrameReader)
     quick_deaths: int = 0
     progress: float = 0.0  # when it last answered, or was handed work while idle
@@ -116,6 +133,9 @@ class Front:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.stats = FrontStats()
+        # Nothing is measured when nobody can read it (--metrics-addr ''): the benchmark
+        # compares the two.
+        self.recording = bool(config.metrics_addr)
         self.slots: list[WorkerSlot] = []
         self.sock: socket.socket | None = None
         self.epoll = select.epoll()
@@ -168,7 +188,8 @@ class Front:
         if config.metrics_addr:
             try:
                 self.metrics_server = serve_metrics(
-                    config.metrics_addr, FrontCollector(self.stats, self._gauges))
+                    config.metrics_addr,
+                    FrontCollector(self.stats, self._gauges, config.per_log_metrics))
             except (OSError, ValueError) as exc:
                 raise ServeError(f"metrics address {config.metrics_addr}: {exc}") from exc
         self.sock = self._open_socket()
@@ -270,6 +291,7 @@ class Front:
         allowed, nslots = self.allowed_ports, len(slots)
         touched: set[WorkerSlot] = set()
         buffer, view = self._receive_buffer, self._receive_view
+        now_ns = time.monotonic_ns()  # one arrival time for the whole wakeup's batch
         for _ in range(DRAIN_LIMIT):
             try:
                 size, (port, _groups) = sock.recvfrom_into(buffer)
@@ -286,9 +308,10 @@ class Front:
                            "kernel re-sends them after 15 s (%d so far)", stats.enobufs)
                 continue
             if port not in allowed:
-                stats.dropped_sender += 1
+                stats.dropped["forged_sender"] += 1
                 self._warn("sender", "dropped a datagram from netlink port %d: only the "
-                           "kernel may drive shardlog (%d so far)", port, stats.dropped_sender)
+                           "kernel may drive shardlog (%d so far)", port,
+                           stats.dropped["forged_sender"])
                 continue
             datagram = bytes(view[:size])
             routing = protocol.peek_request(datagram)
@@ -296,12 +319,15 @@ class Front:
                 self._answer_unroutable(datagram)
                 continue
             uuid_field, seq, request_type = routing
-            stats.requests[request_type & 0xFF] += 1
+            request_type &= 0xFF
+            stats.requests[request_type] += 1
+            if stats.resend_watch:
+                stats.check_resend(datagram, now_ns)
             slot = slots[zlib.crc32(uuid_field) % nslots]
             if not slot.in_flight:
                 slot.progress = time.monotonic()
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
-            slot.in_flight[tag] = seq
+            slot.in_flight[tag] = InFlight(seq, request_type, now_ns, datagram)
             slot.out += frames.pack(Kind.REQUEST, tag, datagram)
             touched.add(slot)
         for slot in touched:
@@ -312,11 +338,11 @@ class Front:
             protocol.decode_datagram(datagram)
         except protocol.ProtocolError as exc:
             if exc.reply is None:
-                self.stats.dropped_not_for_us += 1
+                self.stats.dropped["not_for_us"] += 1
                 self._warn("not_for_us", "dropped a datagram not for dm-log-userspace: %s",
                            exc.reason)
                 return
-            self.stats.malformed += 1
+            self.stats.dropped["malformed"] += 1
             self._warn("malformed", "malformed request answered -EINVAL: %s", exc.reason)
             self._send(exc.reply)
 
@@ -349,13 +375,21 @@ class Front:
             received = None
         if received:
             slot.progress = time.monotonic()
+        answered = []  # (raw type, error, arrival) of each reply sent
+        recording = self.recording
         for kind, tag, reply in received or ():
             if kind == Kind.REPLY:
-                slot.in_flight.pop(tag, None)
+                request = slot.in_flight.pop(tag, None)
                 if reply:
                     self._send(reply)
+                    if recording and request is not None and len(reply) >= _REPLY_MIN:
+                        answered.append((request.request_type,
+                                         _reply_error(reply, REPLY_ERROR_OFFSET)[0],
+                                         request.arrived_ns))
             elif kind == Kind.READY:
                 slot.ready = True
+        if answered:
+            self.stats.answered(answered, time.monotonic_ns())
         if received is None:
             self._worker_ended(slot)
 
@@ -381,12 +415,18 @@ class Front:
             slot.process.kill()
             slot.process.join()
         code = slot.process.exitcode
-        for seq in slot.in_flight.values():
+        for request in slot.in_flight.values():
             # As a connector ACK: a full reply with -EAGAIN would also set the kernel's
             # reply size to 0 (fill_pkg), and the answer to its re-send would then fail
             # with -ENOSPC.  The ACK path keeps the size for exactly this retry.
             self.stats.eagain_replies += 1
-            self._send(protocol.encode_ack(seq, errno.EAGAIN))
+            self._send(protocol.encode_ack(request.seq, errno.EAGAIN))
+        if self.recording and slot.in_flight:
+            now_ns = time.monotonic_ns()
+            self.stats.answered(((request.request_type, -errno.EAGAIN, request.arrived_ns)
+                                 for request in slot.in_flight.values()), now_ns)
+            for request in slot.in_flight.values():
+                self.stats.expect_resend(request.datagram, now_ns)
         lost = len(slot.in_flight)
         if self.stopping:
             self.slots.remove(slot)
@@ -471,10 +511,11 @@ class Front:
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(fd)
 
-    def _gauges(self) -> dict[str, float]:
+    def _gauges(self) -> dict:
+        """Live figures for a scrape (called in the metrics thread: reads only)."""
         return {
-            "workers_up": sum(1 for slot in self.slots if slot.ready),
-            "requests_in_flight": sum(len(slot.in_flight) for slot in self.slots),
+            "workers": [(slot.index, slot.ready, len(slot.in_flight))
+                        for slot in list(self.slots)],
         }
 
     def _warn(self, kind: str, message: str, *args) -> None:

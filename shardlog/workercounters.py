@@ -1,0 +1,91 @@
+"""What a worker counts for the front's metrics, as deltas under flat string keys.
+
+Theory of operation
+-------------------
+Only a worker sees a FLUSH's commit, the regions it marks, the recovery work it hands
+out, its batches and its storage failures.  It counts them in a :class:`WorkerCounters`
+(plain dict increments) and ships what changed since its last report in the report's
+``counters`` (workerstats.py), as *deltas*: the front adds them up (metrics.py), so a
+worker that dies and is replaced never makes a total go down, and nothing is kept on
+disk per process (prometheus-client's multiprocess mode would leave per-pid files).
+
+A key is the metric's name without the ``shardlog_`` prefix, then ``|label=value`` per
+label (:func:`key`, :func:`parse_key`).  A histogram ships one key per bucket with a
+``bucket`` label (the index of its upper bound in :attr:`MetricSpec.bounds`, the last one
+past them all) and one with ``bucket=sum``: per-bucket deltas add up like any counter.
+:data:`WORKER_METRICS` says what every name is, for the front's collector.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    kind: str  # "counter" or "histogram"
+    help: str
+    labels: tuple[str, ...] = ()
+    bounds: tuple[float, ...] = ()  # a histogram's bucket upper bounds
+
+
+# A FLUSH's commit: an msync of a core log's changed pages (~0.1 ms on a disk), an
+# O_DIRECT write + fdatasync of a disk log's device (milliseconds, more on a busy disk).
+COMMIT_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
+                 50e-3, 100e-3, 250e-3, 1.0, 5.0)
+BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+WORKER_METRICS: dict[str, MetricSpec] = {
+    "flush_commit_seconds": MetricSpec(
+        "histogram", "Commits of a log's staged marks (the msync / fdatasync itself), by "
+        "log type", ("log_type",), COMMIT_BOUNDS),
+    "worker_batch_size": MetricSpec(
+        "histogram", "Requests a worker read and answered in one batch", (), BATCH_BOUNDS),
+    "region_marks": MetricSpec(
+        "counter", "Regions marked (MARK_REGION and integrated FLUSH), answered ok"),
+    "region_clears": MetricSpec("counter", "Regions cleared (CLEAR_REGION), answered ok"),
+    "recovery_handed_out": MetricSpec(
+        "counter", "Regions handed out for recovery (GET_RESYNC_WORK answered with one)"),
+    "recovery_completed": MetricSpec(
+        "counter", "Regions reported recovered (SET_REGION_SYNC in sync, answered ok)"),
+    "reconnect_ctrs": MetricSpec(
+        "counter", "Reconnect CTRs (the kernel's reconnect loop after a server restart)"),
+    "logs_restored": MetricSpec(
+        "counter", "Logs re-created from their CTR record for a request after a restart"),
+    "storage_errors": MetricSpec(
+        "counter", "Failures of instance files (state_file) and log devices (log_device)",
+        ("kind",)),
+}
+
+
+def key(name: str, **labels: str) -> str:
+    """The flat key of one series: ``name|label=value|...`` (labels in the given order)."""
+    return name + "".join(f"|{label}={value}" for label, value in labels.items())
+
+
+def parse_key(flat: str) -> tuple[str, dict[str, str]]:
+    name, *pairs = flat.split("|")
+    return name, dict(pair.partition("=")[::2] for pair in pairs)
+
+
+class WorkerCounters:
+    """A worker's counts since its last report."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, float] = {}
+
+    def add(self, flat_key: str, amount: float = 1) -> None:
+        counts = self.counts
+        counts[flat_key] = counts.get(flat_key, 0) + amount
+
+    def observe(self, name: str, value: float, **labels: str) -> None:
+        """One observation of the histogram ``name``."""
+        bounds = WORKER_METRICS[name].bounds
+        self.add(key(name, **labels, bucket=str(bisect_left(bounds, value))))
+        self.add(key(name, **labels, bucket="sum"), value)
+
+    def take(self) -> dict[str, float]:
+        """The deltas since the last take, and a fresh start."""
+        taken, self.counts = self.counts, {}
+        return taken
