@@ -120,6 +120,7 @@ class DirtyLog:
         self.sync_search = 0  # where the next GET_RESYNC_WORK looks for an out-of-sync region
         self.recovering: int | None = None  # region handed out, awaiting SET_REGION_SYNC
         self.recovery_halted = False  # PRESUSPEND until RESUME
+        self.requests = 0  # answered for this instance (LogTable counts; status reports it)
         self._resume_from = resume_from
 
     # -- construction: the safety rule ------------------------------------------------------

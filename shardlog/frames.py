@@ -18,7 +18,9 @@ import struct
 from enum import IntEnum
 
 HEADER = struct.Struct("=IBI")  # payload length, kind, tag
-MAX_PAYLOAD = 1 << 20  # far above any datagram: a larger length means a corrupt stream
+# Far above any datagram or report (a worker with 10,000 logs reports ~1.5 MB): a larger
+# length means a corrupt stream.
+MAX_PAYLOAD = 64 << 20
 READ_SIZE = 1 << 20  # a batch: up to ~2000 frames a read
 
 
@@ -26,6 +28,8 @@ class Kind(IntEnum):
     REQUEST = 1  # front → worker: the kernel's datagram
     REPLY = 2  # worker → front: the datagram to send (empty: nothing to send)
     READY = 3  # worker → front: started, its logs table is up (tag 0, no payload)
+    STATS = 4  # worker → front: a workerstats.WorkerReport (tag 0)
+    REPORT = 5  # front → worker: send a STATS frame now (tag 0, no payload)
 
 
 class FrameError(Exception):

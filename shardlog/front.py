@@ -16,6 +16,10 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   kernel waits for it) or dropped when it was not a request for us.
 - **Replies** come back tagged, in any order, and go to the kernel as they arrive.  Until
   then the front keeps each tag's request seq: that is what it needs if the worker dies.
+- **Reports**: each worker also sends, on its reply pipe, a report of its logs and
+  counters (workerstats.py) about once a second while busy, or when the front asks
+  (:meth:`Front.request_reports`).  The front keeps each slot's latest and hands every
+  report to its ``report_listeners`` (the metrics, the operator tools).
 - **Supervision**: a worker that dies (its reply pipe reaches EOF) costs only what it
   held: each such request is answered -EAGAIN (a connector ACK: a full reply would zero
   the kernel's reply size for the re-send), which makes the kernel re-send it at once
@@ -58,6 +62,7 @@ from .metrics import FrontCollector, FrontStats, serve_metrics
 from .netns import kernel_connector_reachable
 from .nlsocket import leave_group_7, open_connector_socket
 from .protocol import REPLY_ERROR, REPLY_ERROR_OFFSET
+from .workerstats import WorkerReport
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +130,7 @@ class WorkerSlot:
     quick_deaths: int = 0
     progress: float = 0.0  # when it last answered, or was handed work while idle
     killed_as_hung: bool = False
+    report: WorkerReport | None = None  # its latest (workerstats.py); None until the first
 
 
 class Front:
@@ -146,6 +152,11 @@ class Front:
             self.allowed_ports.add(config.test_peer)
             self.reply_address = (config.test_peer, 0)
         self.metrics_server = None
+        # Called with (slot, report) for every worker report, in the loop: they must not
+        # block.  The metrics add the report's counters to the front's totals.
+        self.report_listeners: list[Callable[[WorkerSlot, WorkerReport], None]] = []
+        self.report_listeners.append(
+            lambda _slot, report: self.stats.add_worker_deltas(report.counters))
         self.stopping = False
         self.exit_code = 0
         self.serving = False
@@ -386,12 +397,31 @@ class Front:
                         answered.append((request.request_type,
                                          _reply_error(reply, REPLY_ERROR_OFFSET)[0],
                                          request.arrived_ns))
+            elif kind == Kind.STATS:
+                self._on_report(slot, reply)
             elif kind == Kind.READY:
                 slot.ready = True
         if answered:
             self.stats.answered(answered, time.monotonic_ns())
         if received is None:
             self._worker_ended(slot)
+
+    def _on_report(self, slot: WorkerSlot, payload: bytes) -> None:
+        try:
+            report = WorkerReport.decode(payload)
+        except ValueError as exc:
+            log.error("worker %d sent a bad report: %s", slot.index, exc)
+            return
+        slot.report = report
+        for listener in self.report_listeners:
+            listener(slot, report)
+
+    def request_reports(self) -> None:
+        """Ask every live worker for a report now (they arrive through the loop)."""
+        for slot in self.slots:
+            if slot.request_fd >= 0 and not self.stopping:
+                slot.out += frames.pack(Kind.REPORT)
+                self._write_requests(slot)
 
     def _send(self, reply: bytes) -> None:
         try:
@@ -516,6 +546,8 @@ class Front:
         return {
             "workers": [(slot.index, slot.ready, len(slot.in_flight))
                         for slot in list(self.slots)],
+            "logs": [status for slot in list(self.slots) if slot.report is not None
+                     for status in slot.report.logs],
         }
 
     def _warn(self, kind: str, message: str, *args) -> None:

@@ -114,6 +114,7 @@ class LogTable:
                 log.info("%s for unknown log %s (luid %#x): -ESRCH, the kernel will "
                          "reconnect", request.name, request.uuid, request.luid)
                 return -errno.ESRCH, b""
+        dirty_log.requests += 1
         first_resume = (request.request_type is RequestType.RESUME
                         and dirty_log.state is LogState.PENDING)
         data = dirty_log.handle(request)
@@ -125,6 +126,7 @@ class LogTable:
         dirty_log = self.logs.get((request.uuid, request.luid))
         if dirty_log is None:
             return self._apply(request)  # restored, or -ESRCH: answered at once
+        dirty_log.requests += 1
         dirty_log.stage_flush(request)
         self._deferred.append((request, dirty_log))
         return None

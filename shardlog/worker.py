@@ -14,7 +14,9 @@ Each wakeup it reads everything the pipe holds and answers the batch:
 2. the FLUSHes only staged their marks: the batch's logs are then committed one after
    another (msync / fdatasync) and only then are their replies written.  Under load a
    batch holds the FLUSHes of many logs, and none waits for a commit it does not need:
-   a reply never precedes its own log's commit.
+   a reply never precedes its own log's commit;
+3. at most once a second while it is busy, and at once when the front asks, it sends the
+   front a report of its logs and counters (workerstats.py) on the same pipe.
 
 A malformed datagram gets the -EINVAL reply the codec prepared (the front forwards only
 datagrams it could route, so there always is one).  Nothing a request does can end the
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from . import frames, protocol
 from .frames import FrameReader, Kind
 from .logtable import LogTable
 from .protocol import ProtocolError
+from .workerstats import Reporter
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +71,16 @@ def run(index: int, requests_fd: int, replies_fd: int, state_dir: Path,
         log.debug("worker %d: stopped, %d logs committed", index, count)
 
 
-def serve(table: LogTable, requests_fd: int, replies_fd: int) -> None:
-    """Answer request frames until EOF on ``requests_fd``."""
+def serve(table: LogTable, requests_fd: int, replies_fd: int,
+          reporter: Reporter | None = None) -> None:
+    """Answer request frames until EOF on ``requests_fd``, and report to the front
+    (workerstats.py): at most once a second while busy, and when asked."""
+    reporter = reporter or Reporter()
     reader = FrameReader()
     while True:
+        if not _readable(requests_fd, reporter.wait()):
+            _write(replies_fd, _stats_frame(reporter, table))  # gone idle: the last deltas
+            continue
         received = reader.read(requests_fd)
         if received is None:
             if reader.partial:
@@ -78,15 +88,19 @@ def serve(table: LogTable, requests_fd: int, replies_fd: int) -> None:
             return
         now = bytearray()
         deferred_tags = []  # FLUSHes staged in this batch, in LogTable's order
+        asked = False
         for kind, tag, datagram in received:
-            if kind != Kind.REQUEST:
-                log.error("unexpected frame kind %d from the front, ignored", kind)
-                continue
-            reply = answer(table, datagram)
-            if reply is not None:
-                now += frames.pack(Kind.REPLY, tag, reply)
+            if kind == Kind.REQUEST:
+                reporter.active = True
+                reply = answer(table, datagram)
+                if reply is not None:
+                    now += frames.pack(Kind.REPLY, tag, reply)
+                else:
+                    deferred_tags.append(tag)
+            elif kind == Kind.REPORT:
+                asked = True
             else:
-                deferred_tags.append(tag)
+                log.error("unexpected frame kind %d from the front, ignored", kind)
         if now:
             _write(replies_fd, now)
         if deferred_tags:
@@ -94,6 +108,19 @@ def serve(table: LogTable, requests_fd: int, replies_fd: int) -> None:
             _write(replies_fd, b"".join(
                 frames.pack(Kind.REPLY, tag, reply)
                 for tag, reply in zip(deferred_tags, replies, strict=True)))
+        if asked or reporter.due():
+            _write(replies_fd, _stats_frame(reporter, table))
+
+
+def _readable(fd: int, timeout: float | None) -> bool:
+    """Whether ``fd`` has something to read (or its EOF) within ``timeout`` seconds."""
+    if timeout is None:
+        return True  # nothing else to do: the read itself may block
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+def _stats_frame(reporter: Reporter, table: LogTable) -> bytes:
+    return frames.pack(Kind.STATS, 0, reporter.report(table).encode())
 
 
 def answer(table: LogTable, datagram: bytes) -> bytes | None:

@@ -4,6 +4,7 @@ README, from full runs; nothing here is timed)."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,4 +35,7 @@ def test_the_server_benchmark_runs_both_servers_and_reports_every_target(tmp_pat
         assert line in result.stdout
     verdicts = json.loads(report.read_text())["verdicts"]
     assert {v["load"] for v in verdicts} == {"serial", "write64", "read64", "flush"}
-    assert all(v["value"] > 0 for v in verdicts)  # both servers answered every load
+    # Both servers answered every load.  (The FLUSH figure is a difference of two p50s,
+    # which a noisy machine can make negative: it only has to be there.)
+    assert all(v["value"] > 0 for v in verdicts if v["load"] != "flush")
+    assert all(math.isfinite(v["value"]) for v in verdicts)

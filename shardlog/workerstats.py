@@ -1,0 +1,139 @@
+"""What a worker tells the front about itself: its logs' state and its counters.
+
+Only a worker knows its logs (their state, how many regions are in sync or dirty, where
+recovery stands) and what its requests cost below the front (commits, marks, errors).  The
+front serves the metrics and the operator tools, so each worker sends it a
+:class:`WorkerReport` as a ``Kind.STATS`` frame on the pipe that carries its replies:
+
+- at most once per :data:`REPORT_INTERVAL` while it has done anything since its last
+  report, including once more within that interval after it goes idle, so that a
+  counter's last increments always arrive;
+- at once when the front asks with a ``Kind.REPORT`` frame (``shardlog status`` wants
+  figures that are current, not a second old).
+
+A report carries every log the worker serves (a full snapshot: the front keeps the last
+one per worker and has nothing to merge) and the counters' increments since the previous
+report (deltas: a respawned worker starts from zero and the front's totals never go back).
+It is JSON: at one report a second, a few thousand logs cost a few milliseconds, and a
+format any tool can read is worth more than the bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from dataclasses import astuple, dataclass, field, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .logtable import LogTable
+
+REPORT_INTERVAL = 1.0  # seconds between reports of a busy worker
+
+
+@dataclass(frozen=True, slots=True)
+class LogStatus:
+    """One log instance as its worker sees it."""
+
+    uuid: str
+    luid: int
+    log_type: str  # core, disk (clustered-* as given)
+    state: str  # pending, resumed, suspended
+    region_size: int  # sectors
+    region_count: int
+    in_sync: int  # regions in sync
+    dirty: int  # regions marked (not clean) in the log
+    recovering: int | None  # the region handed out by GET_RESYNC_WORK, until it is synced
+    sync_search: int  # where the next GET_RESYNC_WORK looks for an out-of-sync region
+    requests: int  # requests answered for this instance since the worker started
+    health: str  # A (alive), D (device failed), F (flush failed): the kernel's letters
+
+
+_LOG_FIELDS = len(fields(LogStatus))
+
+
+@dataclass(slots=True)
+class WorkerReport:
+    """A worker's logs, and its counters' increments since its previous report.
+
+    Counter names are flat strings chosen by the code that counts (metrics.py knows how to
+    read them); a value is an increment, never a total."""
+
+    logs: list[LogStatus] = field(default_factory=list)
+    counters: dict[str, float] = field(default_factory=dict)
+
+    def encode(self) -> bytes:
+        # Logs as rows, not objects: thousands of them repeat no field names.
+        return json.dumps({"logs": [astuple(status) for status in self.logs],
+                           "counters": self.counters}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> WorkerReport:
+        """The report in a STATS frame's payload (ValueError if it is not one)."""
+        try:
+            document = json.loads(payload)
+            logs = [LogStatus(*row) for row in document["logs"]
+                    if len(row) == _LOG_FIELDS]
+            counters = {str(name): float(value)
+                        for name, value in document["counters"].items()}
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
+            raise ValueError(f"not a worker report: {exc}") from exc
+        return cls(logs, counters)
+
+
+def log_statuses(table: LogTable) -> list[LogStatus]:
+    """A snapshot of every log in a worker's table."""
+    statuses = []
+    for dirty_log in table.logs.values():
+        config = dirty_log.config
+        count = dirty_log.region_count
+        statuses.append(LogStatus(
+            uuid=dirty_log.uuid,
+            luid=dirty_log.luid,
+            log_type=config.log_type,
+            state=dirty_log.state.value,
+            region_size=config.region_size,
+            region_count=count,
+            in_sync=dirty_log.sync_count,
+            dirty=count - dirty_log.region_map.clean_bits.count(1, 0, count),
+            recovering=dirty_log.recovering,
+            sync_search=dirty_log.sync_search,
+            requests=dirty_log.requests,
+            health=dirty_log.health,
+        ))
+    return statuses
+
+
+class Reporter:
+    """A worker's side of the channel: the counters since the last report, and when the
+    next one is due."""
+
+    def __init__(self, interval: float = REPORT_INTERVAL,
+                 clock=time.monotonic) -> None:
+        self.interval = interval
+        self.counters: Counter[str] = Counter()  # increments since the last report
+        self.active = False  # something happened since the last report
+        self._clock = clock
+        self._last = clock()
+
+    def count(self, name: str, amount: float = 1) -> None:
+        self.counters[name] += amount
+
+    def due(self) -> bool:
+        return self.active and self._clock() - self._last >= self.interval
+
+    def wait(self) -> float | None:
+        """How long the worker may block for requests before a report is due (None:
+        for ever, there is nothing to report)."""
+        if not self.active:
+            return None
+        return max(0.0, self.interval - (self._clock() - self._last))
+
+    def report(self, table: LogTable) -> WorkerReport:
+        """The report to send now; the counters start again from zero."""
+        report = WorkerReport(log_statuses(table), dict(self.counters))
+        self.counters.clear()
+        self.active = False
+        self._last = self._clock()
+        return report
