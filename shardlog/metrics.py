@@ -232,25 +232,28 @@ class FrontCollector(Collector):
 
     def _worker_totals(self) -> Iterator:
         families = {}
-        histograms: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
         for name, spec in WORKER_METRICS.items():
             family = CounterMetricFamily if spec.kind == "counter" else HistogramMetricFamily
             families[name] = family(f"shardlog_{name}", spec.help, labels=spec.labels)
+        totals: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
         for flat, total in sorted(self.stats.worker_totals.items()):
             name, labels = parse_key(flat)
             spec = WORKER_METRICS.get(name)
             if spec is None:
                 continue  # unknown to this front: nothing to say about it
             values = tuple(labels.get(label, "") for label in spec.labels)
+            totals.setdefault((name, values), {})[labels.get("bucket", "")] = total
+        for name, spec in WORKER_METRICS.items():
+            for values in spec.always:
+                totals.setdefault((name, values), {})
+        for (name, values), entry in sorted(totals.items()):
+            spec = WORKER_METRICS[name]
             if spec.kind == "counter":
-                families[name].add_metric(values, total)
+                families[name].add_metric(values, entry.get("", 0))
             else:
-                histograms.setdefault((name, values), {})[labels.get("bucket", "")] = total
-        for (name, values), entry in histograms.items():
-            bounds = WORKER_METRICS[name].bounds
-            counts = [entry.get(str(index), 0) for index in range(len(bounds) + 1)]
-            families[name].add_metric(values, _cumulative(bounds, counts),
-                                      entry.get("sum", 0))
+                counts = [entry.get(str(index), 0) for index in range(len(spec.bounds) + 1)]
+                families[name].add_metric(values, _cumulative(spec.bounds, counts),
+                                          entry.get("sum", 0))
         yield from families.values()
 
     def _logs(self, logs: Iterable) -> Iterator:

@@ -1,24 +1,26 @@
-"""What a worker counts for the front's metrics, as deltas under flat string keys.
+"""What a worker counts for the front's metrics: the names, and their flat string keys.
 
 Theory of operation
 -------------------
 Only a worker sees a FLUSH's commit, the regions it marks, the recovery work it hands
-out, its batches and its storage failures.  It counts them in a :class:`WorkerCounters`
+out, its batches and its storage failures.  It counts them with its reporter's ``count``
 (plain dict increments) and ships what changed since its last report in the report's
 ``counters`` (workerstats.py), as *deltas*: the front adds them up (metrics.py), so a
 worker that dies and is replaced never makes a total go down, and nothing is kept on
 disk per process (prometheus-client's multiprocess mode would leave per-pid files).
 
 A key is the metric's name without the ``shardlog_`` prefix, then ``|label=value`` per
-label (:func:`key`, :func:`parse_key`).  A histogram ships one key per bucket with a
-``bucket`` label (the index of its upper bound in :attr:`MetricSpec.bounds`, the last one
-past them all) and one with ``bucket=sum``: per-bucket deltas add up like any counter.
+label (:func:`key`, :func:`parse_key`).  A histogram (:func:`observe`) ships one key per
+bucket with a ``bucket`` label (the index of its upper bound in :attr:`MetricSpec.bounds`,
+the last one past them all) and one with ``bucket=sum``: per-bucket deltas add up like
+any counter.
 :data:`WORKER_METRICS` says what every name is, for the front's collector.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 
 
@@ -28,6 +30,9 @@ class MetricSpec:
     help: str
     labels: tuple[str, ...] = ()
     bounds: tuple[float, ...] = ()  # a histogram's bucket upper bounds
+    # Label values whose series are exported (at 0) before anything was counted: a
+    # dashboard or an alert on rate() needs the series to exist.
+    always: tuple[tuple[str, ...], ...] = ((),)
 
 
 # A FLUSH's commit: an msync of a core log's changed pages (~0.1 ms on a disk), an
@@ -39,7 +44,7 @@ BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 WORKER_METRICS: dict[str, MetricSpec] = {
     "flush_commit_seconds": MetricSpec(
         "histogram", "Commits of a log's staged marks (the msync / fdatasync itself), by "
-        "log type", ("log_type",), COMMIT_BOUNDS),
+        "log type", ("log_type",), COMMIT_BOUNDS, (("core",), ("disk",))),
     "worker_batch_size": MetricSpec(
         "histogram", "Requests a worker read and answered in one batch", (), BATCH_BOUNDS),
     "region_marks": MetricSpec(
@@ -55,7 +60,7 @@ WORKER_METRICS: dict[str, MetricSpec] = {
         "counter", "Logs re-created from their CTR record for a request after a restart"),
     "storage_errors": MetricSpec(
         "counter", "Failures of instance files (state_file) and log devices (log_device)",
-        ("kind",)),
+        ("kind",), always=(("state_file",), ("log_device",))),
 }
 
 
@@ -69,23 +74,24 @@ def parse_key(flat: str) -> tuple[str, dict[str, str]]:
     return name, dict(pair.partition("=")[::2] for pair in pairs)
 
 
-class WorkerCounters:
-    """A worker's counts since its last report."""
+Count = Callable[[str, float], None]  # workerstats.Reporter.count, or nothing
 
-    def __init__(self) -> None:
-        self.counts: dict[str, float] = {}
 
-    def add(self, flat_key: str, amount: float = 1) -> None:
-        counts = self.counts
-        counts[flat_key] = counts.get(flat_key, 0) + amount
+def count_nothing(_key: str, _amount: float = 1) -> None:
+    """A Count for a LogTable outside a worker (replay, tests): nobody reads it."""
 
-    def observe(self, name: str, value: float, **labels: str) -> None:
-        """One observation of the histogram ``name``."""
-        bounds = WORKER_METRICS[name].bounds
-        self.add(key(name, **labels, bucket=str(bisect_left(bounds, value))))
-        self.add(key(name, **labels, bucket="sum"), value)
 
-    def take(self) -> dict[str, float]:
-        """The deltas since the last take, and a fresh start."""
-        taken, self.counts = self.counts, {}
-        return taken
+def observe(count: Count, name: str, value: float, **labels: str) -> None:
+    """One observation of the histogram ``name``: its bucket and its sum."""
+    bounds = WORKER_METRICS[name].bounds
+    count(key(name, **labels, bucket=str(bisect_left(bounds, value))), 1)
+    count(key(name, **labels, bucket="sum"), value)
+
+
+# Keys counted on a worker's request path, made once.
+REGION_MARKS = key("region_marks")
+REGION_CLEARS = key("region_clears")
+RECOVERY_HANDED_OUT = key("recovery_handed_out")
+RECOVERY_COMPLETED = key("recovery_completed")
+RECONNECT_CTRS = key("reconnect_ctrs")
+LOGS_RESTORED = key("logs_restored")
