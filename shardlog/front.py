@@ -52,7 +52,6 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import multiprocess
 
@@ -81,8 +80,7 @@ START_TIMEOUT = 30.0
 WORKER_TIMEOUT = 10.0
 HANG_CHECK_INTERVAL = 0.5
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
-_reply_error = REPLY_ERROR.unpack_from
-_REPLY_MIN = REPLY_ERROR_OFFSET + REPLY_ERROR.size
+_REPLY_MIN = REPLY_ERROR_OFFSET + REPLY_ERROR.size  # a full reply, with its error field
 
 
 class ServeError(Exception):
@@ -101,15 +99,11 @@ class ServeConfig:
     per_log_metrics: bool = True  # two series per log instance (a uuid label)
 
 
-class InFlight(NamedTuple):
-    """A request handed to a worker: its seq (for the -EAGAIN a dead worker's requests
-    get), its raw type and arrival (for the metrics), and the datagram itself (to know
-    its re-send, metrics.FrontStats.expect_resend)."""
-
-    seq: int
-    request_type: int
-    arrived_ns: int
-    datagram: bytes
+# A request handed to a worker: (seq, raw type, arrival ns, datagram) — its seq for the
+# -EAGAIN a dead worker's requests get, its type and arrival for the metrics, and the
+# datagram to know its re-send (metrics.FrontStats.expect_resend).  A plain tuple: a
+# NamedTuple costs a Python-level call per request.
+InFlight = tuple[int, int, int, bytes]
 
 
 @dataclass(eq=False)
@@ -338,7 +332,7 @@ class Front:
             if not slot.in_flight:
                 slot.progress = time.monotonic()
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
-            slot.in_flight[tag] = InFlight(seq, request_type, now_ns, datagram)
+            slot.in_flight[tag] = (seq, request_type, now_ns, datagram)
             slot.out += frames.pack(Kind.REQUEST, tag, datagram)
             touched.add(slot)
         for slot in touched:
@@ -386,7 +380,7 @@ class Front:
             received = None
         if received:
             slot.progress = time.monotonic()
-        answered = []  # (raw type, error, arrival) of each reply sent
+        sent = []  # (request, reply): counted once they have all left
         recording = self.recording
         for kind, tag, reply in received or ():
             if kind == Kind.REPLY:
@@ -394,15 +388,13 @@ class Front:
                 if reply:
                     self._send(reply)
                     if recording and request is not None and len(reply) >= _REPLY_MIN:
-                        answered.append((request.request_type,
-                                         _reply_error(reply, REPLY_ERROR_OFFSET)[0],
-                                         request.arrived_ns))
+                        sent.append((request, reply))
             elif kind == Kind.STATS:
                 self._on_report(slot, reply)
             elif kind == Kind.READY:
                 slot.ready = True
-        if answered:
-            self.stats.answered(answered, time.monotonic_ns())
+        if sent:
+            self.stats.answered(sent, time.monotonic_ns())
         if received is None:
             self._worker_ended(slot)
 
@@ -445,18 +437,17 @@ class Front:
             slot.process.kill()
             slot.process.join()
         code = slot.process.exitcode
-        for request in slot.in_flight.values():
+        for seq, _type, _arrived, _datagram in slot.in_flight.values():
             # As a connector ACK: a full reply with -EAGAIN would also set the kernel's
             # reply size to 0 (fill_pkg), and the answer to its re-send would then fail
             # with -ENOSPC.  The ACK path keeps the size for exactly this retry.
             self.stats.eagain_replies += 1
-            self._send(protocol.encode_ack(request.seq, errno.EAGAIN))
+            self._send(protocol.encode_ack(seq, errno.EAGAIN))
         if self.recording and slot.in_flight:
             now_ns = time.monotonic_ns()
-            self.stats.answered(((request.request_type, -errno.EAGAIN, request.arrived_ns)
-                                 for request in slot.in_flight.values()), now_ns)
-            for request in slot.in_flight.values():
-                self.stats.expect_resend(request.datagram, now_ns)
+            self.stats.lost(slot.in_flight.values(), -errno.EAGAIN, now_ns)
+            for _seq, _type, _arrived, datagram in slot.in_flight.values():
+                self.stats.expect_resend(datagram, now_ns)
         lost = len(slot.in_flight)
         if self.stopping:
             self.slots.remove(slot)

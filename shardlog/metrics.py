@@ -6,8 +6,11 @@ The front owns the only registry; no metric object exists until Prometheus scrap
 
 - **The front's own figures** are plain ``int`` attributes and fixed arrays of
   :class:`FrontStats`, bumped inline (tens of nanoseconds): requests by type on arrival,
-  replies by type and result, per-type latency histograms (a bucket index found by
-  ``bisect`` over fixed bounds in nanoseconds), drops, overflows.  prometheus-client's
+  replies by type and result, per-type latency histograms, drops, overflows.  A latency
+  histogram's bounds are powers of two nanoseconds (16.4 µs, 32.8 µs, ... 17.2 s), so
+  that an observation's bucket is one shift and ``int.bit_length``: the front's whole
+  bookkeeping for a reply costs ~0.3 µs, against ~12 µs of server CPU per request
+  (scripts/bench_metrics.py measures it end to end).  prometheus-client's
   own ``Counter.inc`` takes a lock per call, and its multiprocess mode leaves per-pid files
   behind and is ~3x slower per increment (design.md).
 - **The workers' figures** (commit latency, marks, recovery work, batch sizes, storage
@@ -32,7 +35,6 @@ from __future__ import annotations
 import errno
 import logging
 import platform
-from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import start_http_server
@@ -45,7 +47,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .protocol import RequestType
+from .protocol import REPLY_ERROR, REPLY_ERROR_OFFSET, RequestType
 from .workercounters import WORKER_METRICS, parse_key
 
 log = logging.getLogger(__name__)
@@ -53,14 +55,18 @@ log = logging.getLogger(__name__)
 # Request types by their raw value; anything else is counted as "unknown".
 _TYPE_NAMES = {t.value: t.name.lower() for t in RequestType}
 _TYPE_COUNT = 256  # raw types are counted by their low byte
+_reply_error = REPLY_ERROR.unpack_from
+_ERROR_AT = slice(REPLY_ERROR_OFFSET, REPLY_ERROR_OFFSET + REPLY_ERROR.size)
+_NO_ERROR = bytes(REPLY_ERROR.size)
 
 # Request latency, from the datagram's arrival to its reply leaving: a reply to anything
 # but a committing FLUSH takes tens of microseconds, a FLUSH an msync (~0.1 ms) or an
-# fdatasync of a log device (milliseconds), and the kernel gives up after 15 s.
-LATENCY_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
-                  50e-3, 100e-3, 250e-3, 1.0, 2.5, 10.0)
-_LATENCY_BOUNDS_NS = tuple(round(bound * 1e9) for bound in LATENCY_BOUNDS)
-_BUCKETS = len(LATENCY_BOUNDS) + 1  # the last one is +Inf
+# fdatasync of a log device (milliseconds), and the kernel gives up after 15 s.  Bucket i
+# holds elapsed nanoseconds whose ``(ns >> LATENCY_SHIFT).bit_length()`` is i: below
+# 2**(LATENCY_SHIFT + i) ns.  (An observation of exactly a bound lands one bucket up: 1 ns.)
+LATENCY_SHIFT = 14  # 2**14 ns = 16.4 µs, the first bound
+LATENCY_BOUNDS = tuple(2 ** (LATENCY_SHIFT + i) / 1e9 for i in range(21))  # to 17.2 s
+_SLOTS = 64  # per type: room for any bit_length of a 64-bit count of nanoseconds
 
 # Why a datagram was dropped (or answered by the front itself) instead of being routed.
 DROP_REASONS = ("forged_sender", "malformed", "not_for_us")
@@ -83,9 +89,11 @@ class FrontStats:
 
     def __init__(self) -> None:
         self.requests = [0] * _TYPE_COUNT  # received, by raw request type (the low byte)
-        # Answered: results[type << 12 | -error] (an errno is below 4096).
+        # Answered: ok[type], and the others by results[type << 12 | -error] (an errno is
+        # below 4096).
+        self.ok = [0] * _TYPE_COUNT
         self.results: dict[int, int] = {}
-        self.latency_buckets = [0] * (_TYPE_COUNT * _BUCKETS)  # [type * _BUCKETS + bucket]
+        self.latency_buckets = [0] * (_TYPE_COUNT * _SLOTS)  # [type << 6 | bucket]
         self.latency_sum_ns = [0] * _TYPE_COUNT
         self.dropped = dict.fromkeys(DROP_REASONS, 0)
         self.enobufs = 0  # the socket's receive buffer overflowed: requests were lost
@@ -97,15 +105,31 @@ class FrontStats:
         # Bodies of requests answered -EAGAIN → until when a re-send is expected.
         self.resend_watch: dict[bytes, int] = {}
 
-    def answered(self, replies: Iterable[tuple[int, int, int]], now_ns: int) -> None:
-        """Count replies that left at ``now_ns``: ``(raw type, error, arrival ns)``."""
+    def answered(self, sent: Iterable[tuple[tuple, bytes]], now_ns: int) -> None:
+        """Count replies that left at ``now_ns``: ``(request, reply)`` pairs, a request
+        being the front's ``(seq, raw type, arrival ns, datagram)`` and a reply a full
+        reply datagram (its error field is read here)."""
+        ok, buckets, sums = self.ok, self.latency_buckets, self.latency_sum_ns
+        error_at, no_error, results = _ERROR_AT, _NO_ERROR, self.results
+        for (_seq, request_type, arrived, _datagram), reply in sent:
+            if reply[error_at] == no_error:
+                ok[request_type] += 1
+            else:
+                key = request_type << 12 | -_reply_error(reply, REPLY_ERROR_OFFSET)[0]
+                results[key] = results.get(key, 0) + 1
+            elapsed = now_ns - arrived
+            buckets[request_type << 6 | (elapsed >> LATENCY_SHIFT).bit_length()] += 1
+            sums[request_type] += elapsed
+
+    def lost(self, requests: Iterable[tuple], error: int, now_ns: int) -> None:
+        """Count requests the front answered itself with ``error`` (-EAGAIN: their worker
+        died)."""
         results, buckets, sums = self.results, self.latency_buckets, self.latency_sum_ns
-        bounds = _LATENCY_BOUNDS_NS
-        for request_type, error, arrived in replies:
+        for _seq, request_type, arrived, _datagram in requests:
             key = request_type << 12 | -error
             results[key] = results.get(key, 0) + 1
             elapsed = now_ns - arrived
-            buckets[request_type * _BUCKETS + bisect_left(bounds, elapsed)] += 1
+            buckets[request_type << 6 | (elapsed >> LATENCY_SHIFT).bit_length()] += 1
             sums[request_type] += elapsed
 
     def add_worker_deltas(self, deltas: dict[str, float]) -> None:
@@ -174,7 +198,11 @@ class FrontCollector(Collector):
         answered = CounterMetricFamily(
             "shardlog_requests", "Requests answered, by type and result (ok or the errno)",
             labels=["type", "result"])
-        for key, count in sorted(stats.results.items()):
+        results = dict(stats.results)
+        for value, count in enumerate(stats.ok):
+            if count:
+                results[value << 12] = count
+        for key, count in sorted(results.items()):
             answered.add_metric([_TYPE_NAMES.get(key >> 12, "unknown"),
                                  result_name(-(key & 0xFFF))], count)
         yield answered
@@ -183,9 +211,11 @@ class FrontCollector(Collector):
             "Time from a request's arrival to its reply leaving the front, by type",
             labels=["type"])
         buckets, sums = stats.latency_buckets, stats.latency_sum_ns
+        bounds = len(LATENCY_BOUNDS)
         for value in range(_TYPE_COUNT):
-            counts = buckets[value * _BUCKETS:(value + 1) * _BUCKETS]
-            if any(counts):
+            slots = buckets[value * _SLOTS:(value + 1) * _SLOTS]
+            if any(slots):
+                counts = [*slots[:bounds], sum(slots[bounds:])]  # the rest: past every bound
                 latency.add_metric([_TYPE_NAMES.get(value, "unknown")],
                                    _cumulative(LATENCY_BOUNDS, counts), sums[value] / 1e9)
         yield latency

@@ -12,6 +12,7 @@ import errno
 import os
 import random
 import signal
+import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
@@ -58,9 +59,12 @@ def core_mirror(kernel: Connector, uuid: str, *args: str) -> Mirror:
 def drive(mirrors: list[Mirror], rng: random.Random, rounds: int = 10) -> None:
     for _ in range(rounds):
         for mirror in mirrors:
-            while mirror.write(rng.sample(range(REGIONS), rng.choice((1, 3, 40))),
-                               complete=False):
-                pass
+            regions = rng.sample(range(REGIONS), rng.choice((1, 3, 40)))
+            # Writes above the resync point that the kernel's IS_REMOTE_RECOVERING
+            # throttle requeued wait in the mirror for its next pass.
+            while mirror.write(regions, complete=False):
+                regions = []
+                time.sleep(0.01)
             mirror.read(rng.randrange(REGIONS))
             mirror.complete_writes()
             mirror.update_states()
@@ -194,23 +198,45 @@ def samples(collector: FrontCollector) -> dict[tuple, float]:
     return out
 
 
+def reply_to(request_type: T, error: int) -> bytes:
+    """A full reply, as a worker sends it."""
+    datagram = protocol.encode_request(request_type, seq=1, uuid="log-a", luid=1)
+    header = datagram[36:196]
+    return protocol.encode_reply_raw(header, error, b"")
+
+
 def test_replies_are_counted_by_type_result_and_latency_bucket():
     stats = FrontStats()
     flush, in_sync = T.FLUSH.value, T.IN_SYNC.value
-    stats.answered([(flush, 0, 1_000), (flush, -errno.EIO, 0), (in_sync, 0, 0)],
-                   now_ns=1_000 + 30_000)  # 30 µs, 31 µs and 31 µs
+    sent = [((1, flush, 1_000, b""), reply_to(T.FLUSH, 0)),  # 30 µs
+            ((2, flush, 0, b""), reply_to(T.FLUSH, -errno.EIO)),  # 31 µs
+            ((3, in_sync, 0, b""), reply_to(T.IN_SYNC, 0))]
+    stats.answered(sent, now_ns=31_000)
+    stats.lost([(4, flush, 0, b"")], -errno.EAGAIN, now_ns=2_000_000_000)  # 2 s
     got = samples(FrontCollector(stats, lambda: {}))
     requests = "shardlog_requests_total"
     assert got[(requests, (("result", "ok"), ("type", "flush")))] == 1
     assert got[(requests, (("result", "eio"), ("type", "flush")))] == 1
+    assert got[(requests, (("result", "eagain"), ("type", "flush")))] == 1
     assert got[(requests, (("result", "ok"), ("type", "in_sync")))] == 1
     bucket = "shardlog_request_duration_seconds_bucket"
-    assert LATENCY_BOUNDS[:2] == (25e-6, 50e-6)
-    assert got[(bucket, (("le", "2.5e-05"), ("type", "flush")))] == 0
-    assert got[(bucket, (("le", "5e-05"), ("type", "flush")))] == 2
-    assert got[(bucket, (("le", "+Inf"), ("type", "flush")))] == 2
+    assert LATENCY_BOUNDS[:2] == (16384e-9, 32768e-9)
+    assert got[(bucket, (("le", "1.6384e-05"), ("type", "flush")))] == 0
+    assert got[(bucket, (("le", "3.2768e-05"), ("type", "flush")))] == 2
+    assert got[(bucket, (("le", "1.073741824"), ("type", "flush")))] == 2
+    assert got[(bucket, (("le", "2.147483648"), ("type", "flush")))] == 3
+    assert got[(bucket, (("le", "+Inf"), ("type", "flush")))] == 3
     assert got[("shardlog_request_duration_seconds_sum", (("type", "flush"),))] == (
-        pytest.approx(61e-6))
+        pytest.approx(2 + 61e-6))
+
+
+def test_an_observation_past_every_bound_counts_in_inf_only():
+    stats = FrontStats()
+    stats.lost([(1, T.FLUSH.value, 0, b"")], -errno.EAGAIN, now_ns=3600 * 10**9)
+    got = samples(FrontCollector(stats, lambda: {}))
+    bucket = "shardlog_request_duration_seconds_bucket"
+    assert got[(bucket, (("le", repr(LATENCY_BOUNDS[-1])), ("type", "flush")))] == 0
+    assert got[(bucket, (("le", "+Inf"), ("type", "flush")))] == 1
 
 
 def test_result_names_are_errno_names():
@@ -277,14 +303,17 @@ def test_the_worker_counts_marks_clears_recovery_commits_and_reconnects(tmp_path
             (reply,) = table.commit_deferred()
         return reply
 
-    send(T.CTR, b"1024 core 8")
+    send(T.CTR, b"1024 core 8 nosync")  # every region in sync: marks dirty clean bits
     send(T.RESUME)
     send(T.MARK_REGION, protocol.pack_regions([1, 2, 3]))
     send(T.FLUSH)
     send(T.CLEAR_REGION, protocol.pack_regions([1]))
-    send(T.GET_RESYNC_WORK)
-    send(T.SET_REGION_SYNC, protocol.pack_set_region_sync(0, True))
-    send(T.CTR, b"1024 core 8\0")  # the kernel's reconnect CTR
+    send(T.FLUSH)  # only a clear staged: nothing to commit yet (clears are lazy)
+    send(T.CTR, b"1024 core 8", uuid="log-b")  # every region to recover
+    send(T.RESUME, uuid="log-b")
+    send(T.GET_RESYNC_WORK, uuid="log-b")
+    send(T.SET_REGION_SYNC, protocol.pack_set_region_sync(0, True), uuid="log-b")
+    send(T.CTR, b"1024 core 8 nosync\0")  # the kernel's reconnect CTR
     failed = send(T.MARK_REGION, protocol.pack_regions([1]), uuid="unknown")
     assert protocol.decode_reply(failed).error == -errno.ESRCH
     assert counts[key("region_marks")] == 3  # not the failed one

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Benchmark: what recording the metrics costs the request path (metrics on vs off).
+
+What is measured
+----------------
+The same ``shardlog serve --workers 2`` (128 ``core`` logs, nosync) is driven by the
+same simulated-kernel loads as scripts/bench_server.py, in a private network namespace,
+once with ``--metrics-addr ''`` (nothing is measured: the front skips its arrival-to-reply
+bookkeeping) and once with metrics served and per-log series on, scraped once a second
+during the loads (15 times more often than the example Prometheus configuration), in
+alternating rounds (off, on, on, off, ...) so that drift hits both sides.  Loads:
+
+- (a) IN_SYNC, serial: p50 latency;
+- (b) the write path (IN_SYNC x2, MARK, FLUSH, CLEAR, FLUSH) with 64 in flight: req/s;
+- (c) the read path (IN_SYNC) with 64 in flight: req/s — the least work per request, so
+  where the metrics' share shows most.
+
+Each round's on/off ratio is taken and the medians are reported, with the server's CPU
+time per request (front and workers, from /proc) for both: on a 2-core machine whose
+throughput is CPU-bound, the CPU per request is the steadier figure.  The target: the
+metrics add at most 5 % to the request path.
+
+    sudo .venv/bin/python scripts/bench_metrics.py [--quick] [--rounds N] [--seconds S]
+
+Needs root (a private network namespace).  Exit code 0 whether or not the target is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from functools import partial
+from pathlib import Path
+
+from bench_server import (
+    LOAD_PORT,
+    LOADS,
+    UUID_PREFIX,
+    BenchError,
+    Measured,
+    Server,
+    Settings,
+    cpu_seconds,
+    machine,
+    open_load_socket,
+    open_logs,
+    run_one,
+    streams_for,
+)
+
+from shardlog.kernelsim.serveprocess import ServeFailed
+from shardlog.netns import enter_private_netns
+
+COMPARED = [load for load in LOADS if load.key in ("serial", "write64", "read64")]
+TARGET = 0.05  # at most 5 % more
+
+
+class MeteredServer(Server):
+    """The benchmark's server, with its metrics on a local port (or off)."""
+
+    def __init__(self, run_dir: Path, workers: int, metrics: bool):
+        super().__init__(run_dir, workers, LOAD_PORT)
+        self.metrics_url = None
+        if metrics:
+            port = _free_port()
+            self.command += ["--metrics-addr", f"127.0.0.1:{port}", "--per-log-metrics", "on"]
+            self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+
+
+class Scraper:
+    """Scrapes ``url`` once a second until stopped, as a (busy) Prometheus would."""
+
+    def __init__(self, url: str | None):
+        self.url = url
+        self.scrapes = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Scraper:
+        if self.url:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        if self.url:
+            self.thread.join(10)
+
+    def _run(self) -> None:
+        while not self.stop.wait(1.0):
+            urllib.request.urlopen(self.url, timeout=5).read()
+            self.scrapes += 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_cpu_us(result: Measured) -> float:
+    return sum(us for name, us in result.cpu_us_per_request.items()
+               if name in ("front", "workers"))
+
+
+def measure(base_dir: Path, settings: Settings) -> dict[str, dict[str, list[Measured]]]:
+    logs = [f"{UUID_PREFIX}-{n:04d}" for n in range(settings.logs)]
+    streams = {load.key: streams_for(load, logs, settings.flushes) for load in COMPARED}
+    results: dict[str, dict[str, list[Measured]]] = {"off": {}, "on": {}}
+    sock = open_load_socket()
+    try:
+        for number in range(1, settings.rounds + 1):
+            order = ("off", "on") if number % 2 else ("on", "off")
+            for mode in order:
+                run_dir = base_dir / f"round-{number}-{mode}"
+                run_dir.mkdir()
+                server = MeteredServer(run_dir, settings.workers, mode == "on")
+                try:
+                    server.start()
+                    open_logs(sock, logs)
+                    processes = server.pids()
+                    with Scraper(server.metrics_url) as scraper:
+                        for load in COMPARED:
+                            measured = run_one(sock, load, streams[load.key], settings,
+                                               partial(cpu_seconds, processes))
+                            results[mode].setdefault(load.key, []).append(measured)
+                    server.stop()
+                finally:
+                    server.kill()
+                figures = " | ".join(
+                    f"{key} {runs[-1].requests_per_second:,.0f}/s p50 "
+                    f"{runs[-1].p50_us:.1f} cpu {server_cpu_us(runs[-1]):.1f}"
+                    for key, runs in results[mode].items())
+                scraped = f" ({scraper.scrapes} scrapes)" if mode == "on" else ""
+                print(f"  round {number}/{settings.rounds} metrics {mode:<3} {figures}"
+                      f"{scraped}", flush=True)
+    finally:
+        sock.close()
+    return results
+
+
+def report(results: dict[str, dict[str, list[Measured]]]) -> list[tuple[str, float]]:
+    """Prints the medians of each round's on/off ratio; returns (figure, added cost)."""
+    added = []
+    print()
+    print("metrics on / off, medians of each round's ratio (cost: + is worse):")
+    print(f"{'load':<32} {'figure':<24} {'off':>10} {'on':>10} {'cost':>8}")
+    for load in COMPARED:
+        off, on = results["off"][load.key], results["on"][load.key]
+        if load.key == "serial":
+            figures = [("p50 us", lambda m: m.p50_us, +1)]
+        else:
+            figures = [("req/s", lambda m: m.requests_per_second, -1)]
+        figures.append(("server CPU us/request", server_cpu_us, +1))
+        for name, get, sign in figures:
+            ratios = [get(b) / get(a) for a, b in zip(off, on, strict=True)]
+            cost = sign * (statistics.median(ratios) - 1)
+            added.append((f"{load.key} {name}", cost))
+            print(f"{load.title:<32} {name:<24} {statistics.median(map(get, off)):>10,.1f} "
+                  f"{statistics.median(map(get, on)):>10,.1f} {cost:>+8.1%}")
+    print()
+    print("per round (on/off):")
+    for load in COMPARED:
+        off, on = results["off"][load.key], results["on"][load.key]
+        cpu = ", ".join(f"{server_cpu_us(b) / server_cpu_us(a):.3f}"
+                        for a, b in zip(off, on, strict=True))
+        print(f"  {load.key:<8} server CPU per request: {cpu}")
+    return added
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short smoke run")
+    parser.add_argument("--rounds", type=int, help="off/on pairs (default 6; quick 1)")
+    parser.add_argument("--seconds", type=float, help="per load and round (default 3)")
+    parser.add_argument("--logs", type=int, default=128, help="core logs (default 128)")
+    parser.add_argument("--workers", type=int, default=2, help="shardlog workers (default 2)")
+    parser.add_argument("--state-dir", type=Path, default=Path("."),
+                        help="where the temporary state directory goes (default: here)")
+    args = parser.parse_args()
+    settings = Settings(rounds=args.rounds or (1 if args.quick else 6),
+                        seconds=args.seconds or (0.3 if args.quick else 3.0),
+                        warmup=300 if args.quick else 2000, flushes=2, logs=args.logs,
+                        workers=args.workers)
+    if settings.logs < 64 or settings.rounds < 1:
+        parser.error("need --logs >= 64 (64 in flight) and --rounds >= 1")
+    try:
+        enter_private_netns()
+    except OSError as exc:
+        print(f"bench_metrics: cannot enter a private network namespace ({exc.strerror}): "
+              "run as root (CAP_SYS_ADMIN)", file=sys.stderr)
+        return 2
+    host = machine()
+    print(f"machine: nproc {host['nproc']} ({host['cpu']}), kernel {host['kernel']}, "
+          f"Python {host['python']}")
+    print(f"command: {shlex.join(sys.orig_argv)}")
+    print(f"settings: {settings.rounds} rounds x (metrics off, on), {settings.seconds:g} s "
+          f"per load, {settings.logs} core logs, {settings.workers} workers")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="bench_metrics-", dir=args.state_dir) as base:
+        try:
+            results = measure(Path(base), settings)
+        except (BenchError, ServeFailed) as exc:
+            print(f"bench_metrics: {exc}", file=sys.stderr)
+            return 1
+    added = report(results)
+    worst = max(cost for _name, cost in added)
+    verdict = "met" if worst <= TARGET else "MISSED"
+    print(f"\nlargest added cost {worst:+.1%} (target <= +{TARGET:.0%}): {verdict}")
+    print(f"{time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
