@@ -16,9 +16,14 @@ alternating rounds (off, on, on, off, ...) so that drift hits both sides.  Loads
   where the metrics' share shows most.
 
 Each round's on/off ratio is taken and the medians are reported, with the server's CPU
-time per request (front and workers, from /proc) for both: on a 2-core machine whose
-throughput is CPU-bound, the CPU per request is the steadier figure.  The target: the
-metrics add at most 5 % to the request path.
+time per request (front and workers, from /proc) for both.  On a shared 2-core machine
+those rounds vary by tens of percent from one to the next, far more than the 5 % to be
+resolved, so the verdict comes from a second measurement in the same run: the metrics'
+own work per request, timed in-process on the server's real code (the front's
+FrontStats.answered on batches of 64 replies, plus its inline arrival bookkeeping; the
+worker's ``worker.answer`` with its counting against without), set against the server's
+CPU time per request with metrics off measured by the rounds.  The target: the metrics
+add at most 5 % to the request path.
 
     sudo .venv/bin/python scripts/bench_metrics.py [--quick] [--rounds N] [--seconds S]
 
@@ -35,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import timeit
 import urllib.request
 from functools import partial
 from pathlib import Path
@@ -55,8 +61,14 @@ from bench_server import (
     streams_for,
 )
 
+from shardlog import protocol, worker
+from shardlog.front import _REPLY_MIN
 from shardlog.kernelsim.serveprocess import ServeFailed
+from shardlog.logtable import LogTable
+from shardlog.metrics import FrontStats
 from shardlog.netns import enter_private_netns
+from shardlog.protocol import RequestType as T
+from shardlog.workerstats import Reporter
 
 COMPARED = [load for load in LOADS if load.key in ("serial", "write64", "read64")]
 TARGET = 0.05  # at most 5 % more
@@ -175,6 +187,73 @@ def report(results: dict[str, dict[str, list[Measured]]]) -> list[tuple[str, flo
     return added
 
 
+def bookkeeping_ns(repeat: int = 15) -> dict[str, float]:
+    """The metrics' work per request on the server's code, in nanoseconds (the best of
+    ``repeat`` timings, interleaved with the same work without metrics)."""
+    with tempfile.TemporaryDirectory() as state:
+        table = LogTable(Path(state))
+        requests = []
+        for n in range(64):
+            uuid = f"bench-{n:04d}"
+            for request_type, data in ((T.CTR, b"8192 core 8 nosync"), (T.RESUME, b"")):
+                worker.answer(table, protocol.encode_request(request_type, seq=1, uuid=uuid,
+                                                             luid=1, data=data))
+            requests.append(protocol.encode_request(T.IN_SYNC, seq=n, uuid=uuid, luid=1,
+                                                    data=protocol.pack_u64(n)))
+            requests.append(protocol.encode_request(T.MARK_REGION, seq=n, uuid=uuid,
+                                                    luid=1, data=protocol.pack_regions([n])))
+            requests.append(protocol.encode_request(T.CLEAR_REGION, seq=n, uuid=uuid,
+                                                    luid=1, data=protocol.pack_regions([n])))
+        replies = [worker.answer(table, datagram) for datagram in requests]
+        reporter = Reporter()
+        stats = FrontStats()
+        types = [T.IN_SYNC.value, T.MARK_REGION.value, T.CLEAR_REGION.value] * 64
+
+        def front_off() -> None:  # what the front did per request before the metrics
+            in_flight = {}
+            for tag, request_type in enumerate(types):
+                stats.requests[request_type] += 1
+                in_flight[tag] = tag
+            for tag, reply in enumerate(replies):
+                if in_flight.pop(tag, None) is not None and reply:
+                    pass
+
+        def front_on() -> None:  # the same with the metrics' lines (front.py), for real
+            in_flight = {}
+            now = time.monotonic_ns()
+            for tag, (request_type, datagram) in enumerate(zip(types, requests, strict=True)):
+                stats.requests[request_type] += 1
+                if stats.resend_watch:
+                    stats.check_resend(datagram, now)
+                in_flight[tag] = (tag, request_type, now, datagram)
+            sent = []
+            for tag, reply in enumerate(replies):
+                request = in_flight.pop(tag, None)
+                if reply and request is not None and len(reply) >= _REPLY_MIN:
+                    sent.append((request, reply))
+            stats.answered(sent, time.monotonic_ns())
+
+        def worker_off() -> None:
+            for datagram in requests:
+                worker.answer(table, datagram)
+
+        def worker_on() -> None:
+            for datagram in requests:
+                worker.answer(table, datagram, reporter.count)
+            reporter.counters.clear()
+
+        best: dict[str, float] = {}
+        for _ in range(repeat):
+            for name, work in (("front off", front_off), ("front on", front_on),
+                               ("worker off", worker_off), ("worker on", worker_on)):
+                seconds = timeit.timeit(work, number=50) / 50 / len(requests)
+                best[name] = min(best.get(name, float("inf")), seconds * 1e9)
+        table.close()
+    return {"front": best["front on"] - best["front off"],
+            "worker": best["worker on"] - best["worker off"],
+            "worker request": best["worker off"]}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
@@ -211,9 +290,23 @@ def main() -> int:
             print(f"bench_metrics: {exc}", file=sys.stderr)
             return 1
     added = report(results)
-    worst = max(cost for _name, cost in added)
+    spread = max(cost for _name, cost in added)
+    print(f"\nlargest on/off difference of the rounds' medians: {spread:+.1%} (noise "
+          "included: see the per-round figures)")
+    work = bookkeeping_ns()
+    print()
+    print("the metrics' own work per request, in-process (ns), against the server's CPU "
+          "per request with metrics off (median of the rounds):")
+    worst = 0.0
+    for load in COMPARED[1:]:
+        cpu_ns = statistics.median(server_cpu_us(m) for m in results["off"][load.key]) * 1e3
+        cost = (work["front"] + work["worker"]) / cpu_ns
+        worst = max(worst, cost)
+        print(f"  {load.title:<32} front +{work['front']:.0f} + worker +{work['worker']:.0f} "
+              f"of {cpu_ns:,.0f} ns: {cost:+.1%}")
     verdict = "met" if worst <= TARGET else "MISSED"
-    print(f"\nlargest added cost {worst:+.1%} (target <= +{TARGET:.0%}): {verdict}")
+    print(f"\nadded cost {worst:+.1%} of the request path (target <= +{TARGET:.0%}): "
+          f"{verdict}")
     print(f"{time.monotonic() - started:.0f} s")
     return 0
 

@@ -15,7 +15,9 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   the routing fields; a datagram too broken to route is answered here (-EINVAL when the
   kernel waits for it) or dropped when it was not a request for us.
 - **Replies** come back tagged, in any order, and go to the kernel as they arrive.  Until
-  then the front keeps each tag's request seq: that is what it needs if the worker dies.
+  then the front keeps each tag's request seq: that is what it needs if the worker dies;
+  and its type and arrival time (one clock read per wakeup), for the metrics: each reply
+  is counted by type and result, and its latency observed once the batch has been sent.
 - **Reports**: each worker also sends, on its reply pipe, a report of its logs and
   counters (workerstats.py) about once a second while busy, or when the front asks
   (:meth:`Front.request_reports`).  The front keeps each slot's latest and hands every
