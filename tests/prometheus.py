@@ -118,6 +118,15 @@ class Prometheus:
         assert len(result) <= 1, result
         return next(iter(result.values()), None)
 
+    def wait_until(self, expression: str, holds, timeout: float = 30.0) -> float:
+        """Until ``holds(value)`` for the query's single value; returns that value."""
+        deadline = time.monotonic() + timeout
+        while (got := self.value(expression)) is None or not holds(got):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{expression} is still {got} after {timeout:.0f} s")
+            time.sleep(0.25)
+        return got
+
     def wait_for(self, expression: str, expected: float, timeout: float = 30.0) -> None:
         """Until the query's single value is ``expected`` (scrapes come every second)."""
         deadline = time.monotonic() + timeout
