@@ -76,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-addr", default="127.0.0.1:9783", metavar="HOST:PORT",
                        help="serve Prometheus metrics here (default 127.0.0.1:9783; "
                             "'' turns them off)")
+    serve.add_argument("--per-log-metrics", choices=["on", "off"], default="on",
+                       help="sync progress per log instance, two series each with a uuid "
+                            "label (default on; off for hosts with thousands of logs)")
     serve.add_argument("--pid-file", type=Path,
                        help="written once the socket is subscribed and every worker is up")
     serve.add_argument("--receive-buffer", type=_positive, default=RECEIVE_BUFFER,
@@ -126,7 +129,8 @@ def _serve(args: argparse.Namespace) -> int:
                          test_peer=args.test_peer, receive_buffer=args.receive_buffer,
                          worker_timeout=args.worker_timeout,
                          control_socket=Path(args.control_socket) if args.control_socket
-                         else None)
+                         else None,
+                         per_log_metrics=args.per_log_metrics == "on")
     try:
         return Front(config).run()
     except ServeError as exc:

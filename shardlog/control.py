@@ -49,6 +49,7 @@ DEFAULT_PATH = Path("/run/shardlog/control.sock")
 OUTPUT_LIMIT = 1 << 20  # bytes queued for one client before streamed lines are dropped
 LINE_LIMIT = 1 << 16  # a request line longer than this is not a request
 MAX_CLIENTS = 32
+MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, the NUL included
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Command = Callable[["Connection", dict], None]
@@ -224,6 +225,9 @@ class ControlServer:
             raise ControlSetupError(
                 f"control socket directory {directory} is writable by others or not "
                 f"owned by uid {os.geteuid()}: anyone could replace the socket")
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise ControlSetupError(f"control socket {self.path}: a Unix socket's path may "
+                                    f"have at most {MAX_SOCKET_PATH} bytes")
         self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from .regionmap import StoreError
+from .regionmap import LOG_DEVICE, StoreError
 
 
 def resolve_device(device: str, node_dir: Path) -> tuple[Path, str | None]:
@@ -24,7 +24,8 @@ def resolve_device(device: str, node_dir: Path) -> tuple[Path, str | None]:
             st = os.stat(path)
         except OSError as exc:
             raise StoreError(exc.errno or errno.ENOENT,
-                             f"cannot find log device {device}: {exc.strerror}") from exc
+                             f"cannot find log device {device}: {exc.strerror}",
+                             source=LOG_DEVICE) from exc
         if stat.S_ISBLK(st.st_mode):
             return path, f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
         return path, None
@@ -41,9 +42,10 @@ def resolve_device(device: str, node_dir: Path) -> tuple[Path, str | None]:
         except OSError:
             pass
     elif not Path("/sys/dev/block").is_dir():
-        raise StoreError(errno.ENOENT, f"cannot resolve {name}: no /sys/dev/block")
+        raise StoreError(errno.ENOENT, f"cannot resolve {name}: no /sys/dev/block",
+                         source=LOG_DEVICE)
     else:
-        raise StoreError(errno.ENOENT, f"no block device {name}")
+        raise StoreError(errno.ENOENT, f"no block device {name}", source=LOG_DEVICE)
     node = node_dir / name
     try:
         node_dir.mkdir(parents=True, exist_ok=True)
@@ -56,7 +58,8 @@ def resolve_device(device: str, node_dir: Path) -> tuple[Path, str | None]:
             os.mknod(node, 0o600 | stat.S_IFBLK, rdev)
     except OSError as exc:
         raise StoreError(exc.errno or errno.EIO,
-                         f"cannot make a device node for {name} in {node_dir}: {exc}") from exc
+                         f"cannot make a device node for {name} in {node_dir}: {exc}",
+                         source=LOG_DEVICE) from exc
     return node, name
 
 

@@ -15,7 +15,9 @@ signals (gunicorn's Arbiter: signals are queued, never handled inline).
   the routing fields; a datagram too broken to route is answered here (-EINVAL when the
   kernel waits for it) or dropped when it was not a request for us.
 - **Replies** come back tagged, in any order, and go to the kernel as they arrive.  Until
-  then the front keeps each tag's request seq: that is what it needs if the worker dies.
+  then the front keeps each tag's request seq: that is what it needs if the worker dies;
+  and its type and arrival time (one clock read per wakeup), for the metrics: each reply
+  is counted by type and result, and its latency observed once the batch has been sent.
 - **Reports**: each worker also sends, on its reply pipe, a report of its logs and
   counters (workerstats.py) about once a second while busy, or when the front asks
   (:meth:`Front.request_reports`).  The front keeps each slot's latest and hands every
@@ -68,6 +70,7 @@ from .frames import FrameError, FrameReader, Kind
 from .metrics import FrontCollector, FrontStats, serve_metrics
 from .netns import kernel_connector_reachable
 from .nlsocket import leave_group_7, open_connector_socket
+from .protocol import REPLY_ERROR, REPLY_ERROR_OFFSET
 from .workerstats import WorkerReport
 
 log = logging.getLogger(__name__)
@@ -87,6 +90,7 @@ START_TIMEOUT = 30.0
 WORKER_TIMEOUT = 10.0
 HANG_CHECK_INTERVAL = 0.5
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
+_REPLY_MIN = REPLY_ERROR_OFFSET + REPLY_ERROR.size  # a full reply, with its error field
 
 
 class ServeError(Exception):
@@ -103,6 +107,14 @@ class ServeConfig:
     receive_buffer: int = RECEIVE_BUFFER
     worker_timeout: float = WORKER_TIMEOUT  # a worker silent this long with work is killed
     control_socket: Path | None = None  # the operators' socket (control.py); None: none
+    per_log_metrics: bool = True  # two series per log instance (a uuid label)
+
+
+# A request handed to a worker: (seq, raw type, arrival ns, datagram) — its seq for the
+# -EAGAIN a dead worker's requests get, its type and arrival for the metrics, and the
+# datagram to know its re-send (metrics.FrontStats.expect_resend).  A plain tuple: a
+# NamedTuple costs a Python-level call per request.
+InFlight = tuple[int, int, int, bytes]
 
 
 @dataclass(eq=False)
@@ -117,7 +129,8 @@ class WorkerSlot:
     ready: bool = False
     out: bytearray = field(default_factory=bytearray)  # frames not yet taken by the pipe
     waiting_for_pipe: bool = False
-    in_flight: dict[int, int] = field(default_factory=dict)  # tag → the request's seq
+    # tag → what the front needs once the request is answered or lost with the worker.
+    in_flight: dict[int, InFlight] = field(default_factory=dict)
     reader: FrameReader = field(default_factory=FrameReader)
     quick_deaths: int = 0
     progress: float = 0.0  # when it last answered, or was handed work while idle
@@ -133,6 +146,9 @@ class Front:
     def __init__(self, config: ServeConfig):
         self.config = config
         self.stats = FrontStats()
+        # Nothing is measured when nobody can read it (--metrics-addr ''): the benchmark
+        # compares the two.
+        self.recording = bool(config.metrics_addr)
         self.slots: list[WorkerSlot] = []
         self.sock: socket.socket | None = None
         self.epoll = select.epoll()
@@ -151,6 +167,8 @@ class Front:
         # Called with (slot, report) for every worker report, in the loop: they must not
         # block.  The metrics add the report's counters to the front's totals.
         self.report_listeners: list[Callable[[WorkerSlot, WorkerReport], None]] = []
+        self.report_listeners.append(
+            lambda _slot, report: self.stats.add_worker_deltas(report.counters))
         self.stopping = False
         self.exit_code = 0
         self.serving = False
@@ -194,7 +212,8 @@ class Front:
         if config.metrics_addr:
             try:
                 self.metrics_server = serve_metrics(
-                    config.metrics_addr, FrontCollector(self.stats, self._gauges))
+                    config.metrics_addr,
+                    FrontCollector(self.stats, self._gauges, config.per_log_metrics))
             except (OSError, ValueError) as exc:
                 raise ServeError(f"metrics address {config.metrics_addr}: {exc}") from exc
         if config.control_socket is not None:
@@ -311,6 +330,7 @@ class Front:
         touched: set[WorkerSlot] = set()
         buffer, view = self._receive_buffer, self._receive_view
         tracer = self.tracer
+        now_ns = time.monotonic_ns()  # one arrival time for the whole wakeup's batch
         for _ in range(DRAIN_LIMIT):
             try:
                 size, (port, _groups) = sock.recvfrom_into(buffer)
@@ -327,9 +347,10 @@ class Front:
                            "kernel re-sends them after 15 s (%d so far)", stats.enobufs)
                 continue
             if port not in allowed:
-                stats.dropped_sender += 1
+                stats.dropped["forged_sender"] += 1
                 self._warn("sender", "dropped a datagram from netlink port %d: only the "
-                           "kernel may drive shardlog (%d so far)", port, stats.dropped_sender)
+                           "kernel may drive shardlog (%d so far)", port,
+                           stats.dropped["forged_sender"])
                 continue
             datagram = bytes(view[:size])
             routing = protocol.peek_request(datagram)
@@ -337,12 +358,15 @@ class Front:
                 self._answer_unroutable(datagram)
                 continue
             uuid_field, seq, request_type = routing
-            stats.requests[request_type & 0xFF] += 1
+            request_type &= 0xFF
+            stats.requests[request_type] += 1
+            if stats.resend_watch:
+                stats.check_resend(datagram, now_ns)
             slot = slots[zlib.crc32(uuid_field) % nslots]
             if not slot.in_flight:
                 slot.progress = time.monotonic()
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF
-            slot.in_flight[tag] = seq
+            slot.in_flight[tag] = (seq, request_type, now_ns, datagram)
             slot.out += frames.pack(Kind.REQUEST, tag, datagram)
             if tracer is not None:
                 tracer.request(tag, slot.index, uuid_field, request_type, datagram)
@@ -355,11 +379,11 @@ class Front:
             protocol.decode_datagram(datagram)
         except protocol.ProtocolError as exc:
             if exc.reply is None:
-                self.stats.dropped_not_for_us += 1
+                self.stats.dropped["not_for_us"] += 1
                 self._warn("not_for_us", "dropped a datagram not for dm-log-userspace: %s",
                            exc.reason)
                 return
-            self.stats.malformed += 1
+            self.stats.dropped["malformed"] += 1
             self._warn("malformed", "malformed request answered -EINVAL: %s", exc.reason)
             self._send(exc.reply)
 
@@ -393,17 +417,23 @@ class Front:
         if received:
             slot.progress = time.monotonic()
         tracer = self.tracer  # None unless someone traces: one local test per reply
+        sent = []  # (request, reply): counted once they have all left
+        recording = self.recording
         for kind, tag, reply in received or ():
             if kind == Kind.REPLY:
-                slot.in_flight.pop(tag, None)
+                request = slot.in_flight.pop(tag, None)
                 if reply:
                     self._send(reply)
+                    if recording and request is not None and len(reply) >= _REPLY_MIN:
+                        sent.append((request, reply))
                 if tracer is not None:
                     tracer.reply(tag, reply)
             elif kind == Kind.STATS:
                 self._on_report(slot, reply)
             elif kind == Kind.READY:
                 slot.ready = True
+        if sent:
+            self.stats.answered(sent, time.monotonic_ns())
         if received is None:
             self._worker_ended(slot)
 
@@ -447,7 +477,7 @@ class Front:
             slot.process.kill()
             slot.process.join()
         code = slot.process.exitcode
-        for tag, seq in slot.in_flight.items():
+        for tag, (seq, _type, _arrived, _datagram) in slot.in_flight.items():
             # As a connector ACK: a full reply with -EAGAIN would also set the kernel's
             # reply size to 0 (fill_pkg), and the answer to its re-send would then fail
             # with -ENOSPC.  The ACK path keeps the size for exactly this retry.
@@ -456,6 +486,11 @@ class Front:
             self._send(ack)
             if self.tracer is not None:
                 self.tracer.reply(tag, ack, note=tracing.NOTE_WORKER_DIED)
+        if self.recording and slot.in_flight:
+            now_ns = time.monotonic_ns()
+            self.stats.lost(slot.in_flight.values(), -errno.EAGAIN, now_ns)
+            for _seq, _type, _arrived, datagram in slot.in_flight.values():
+                self.stats.expect_resend(datagram, now_ns)
         lost = len(slot.in_flight)
         if self.stopping:
             self.slots.remove(slot)
@@ -546,10 +581,13 @@ class Front:
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(fd)
 
-    def _gauges(self) -> dict[str, float]:
+    def _gauges(self) -> dict:
+        """Live figures for a scrape (called in the metrics thread: reads only)."""
         return {
-            "workers_up": sum(1 for slot in self.slots if slot.ready),
-            "requests_in_flight": sum(len(slot.in_flight) for slot in self.slots),
+            "workers": [(slot.index, slot.ready, len(slot.in_flight))
+                        for slot in list(self.slots)],
+            "logs": [status for slot in list(self.slots) if slot.report is not None
+                     for status in slot.report.logs],
         }
 
     def _warn(self, kind: str, message: str, *args) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -42,6 +43,7 @@ from .regionmap import (
     instance_files_by_uuid,
     remove_state_file,
 )
+from .workercounters import LOGS_RESTORED, Count, count_nothing, observe
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,8 @@ class LogTable:
         # The instance files on disk before any new instance here was resumed, by uuid
         # (listed once, when the first one is): the only files that can be stale.
         self._files_found: dict[str, dict[int, Path]] | None = None
+        # Where the metrics' counts go (a worker sets its reporter's count here).
+        self.count: Count = count_nothing
 
     def answer(self, request: Request, *, defer_commit: bool = False) -> bytes | None:
         """The reply datagram for a decoded request.
@@ -89,9 +93,13 @@ class LogTable:
             replies.append(self._encode(request, *outcome))
         return replies
 
-    @staticmethod
-    def _commit_staged(dirty_log: DirtyLog) -> tuple[int, bytes]:
+    def _commit_staged(self, dirty_log: DirtyLog) -> tuple[int, bytes]:
+        syncs = dirty_log.region_map.needs_commit  # else nothing is written: not a commit
+        started = time.perf_counter()
         dirty_log.commit_flush()
+        if syncs:
+            observe(self.count, "flush_commit_seconds", time.perf_counter() - started,
+                    log_type=dirty_log.config.log_type)
         return 0, b""
 
     def close(self) -> None:
@@ -188,6 +196,7 @@ class LogTable:
                                        reconnect=True)
         dirty_log.restore()
         self.logs[(request.uuid, request.luid)] = dirty_log
+        self.count(LOGS_RESTORED, 1)
         log.info("%s: restored from its CTR record (%s)", dirty_log.name, dirty_log.state.value)
         return dirty_log
 

@@ -59,6 +59,10 @@ _NL_CN = NLMSGHDR.size + CN_MSG.size  # 36: where dm_ulog_request starts in a da
 _ULOG_OFFSET_ERROR = 140 + 4
 _ULOG_OFFSET_SEQ = 148
 _ULOG_TAIL = struct.Struct("=iIII")  # error seq type size, rewritten in a reply
+# A full reply's error field, for the front to count results without decoding replies.
+REPLY_ERROR = struct.Struct("=i")
+REPLY_ERROR_OFFSET = _NL_CN + _ULOG_OFFSET_ERROR
+REPLY_DATA_OFFSET = _NL_CN + ULOG_HEADER.size  # where a reply's payload starts
 
 U64 = struct.Struct("=Q")
 S64 = struct.Struct("=q")

@@ -52,6 +52,7 @@ import mmap
 import os
 import stat
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -73,17 +74,36 @@ PAGE_SIZE = mmap.PAGESIZE
 _BLKSSZGET = 0x1268  # logical block size of a block device
 
 
+STATE_FILE, LOG_DEVICE = "state_file", "log_device"  # where a StoreError happened
+
+# Every StoreError this process has made, by source: failures happen deep in the stores
+# and are mostly absorbed into a log's health, so they are tallied where they are made,
+# and the worker reports the tally (take_failures) for the metrics.
+_failures: Counter[str] = Counter()
+
+
+def take_failures() -> Counter[str]:
+    """StoreErrors by source since the last call."""
+    taken = _failures.copy()
+    _failures.clear()
+    return taken
+
+
 class StoreError(Exception):
     """An instance file or log device could not be created, opened, read, written or
-    synced.  ``errno`` says what; the message names the file.
+    synced.  ``errno`` says what; the message names the file; ``source`` says which
+    (STATE_FILE or LOG_DEVICE).
     """
 
-    def __init__(self, err: int, message: str, device_failed: bool = True):
+    def __init__(self, err: int, message: str, device_failed: bool = True,
+                 source: str = STATE_FILE):
         super().__init__(message)
         self.errno = err
         # The kernel's disk log tells a failed write or read ('D') from a failed cache
         # flush ('F') in its status; so do we.
         self.device_failed = device_failed
+        self.source = source
+        _failures[source] += 1
 
 
 def bitmap_bytes(region_count: int) -> int:
@@ -265,7 +285,7 @@ class RegionMap:
         elif header.version not in (1, MIRROR_DISK_VERSION):
             read_error = StoreError(
                 errno.EINVAL, f"{self._store.path}: incompatible disk log version "
-                f"{header.version}: every region starts over")
+                f"{header.version}: every region starts over", source=self._store.source)
             reason = str(read_error)
         else:
             saved = min(header.nr_regions, self.region_count)
@@ -366,6 +386,7 @@ def _store_for(path: Path | None, region_count: int, device: Path | None) -> _St
 
 class _Store:
     path: Path | None
+    source = STATE_FILE
 
     def load(self, image: memoryview) -> None:
         """Fill ``image`` with what was stored (StoreError if it cannot be read); a core
@@ -400,6 +421,8 @@ class LogDevice(_Store):
     depend on the filesystem.
     """
 
+    source = LOG_DEVICE
+
     def __init__(self, path: Path, fd: int, io_size: int, block: int):
         self.path = path
         self._fd = fd
@@ -409,15 +432,16 @@ class LogDevice(_Store):
 
     @classmethod
     def open(cls, path: Path, region_count: int) -> LogDevice:
-        with _errors(f"cannot open log device {path}"):
+        with _errors(f"cannot open log device {path}", source=LOG_DEVICE):
             st = os.stat(path)
             block_device = stat.S_ISBLK(st.st_mode)
             if not (block_device or stat.S_ISREG(st.st_mode)):
-                raise StoreError(errno.EINVAL, f"{path} is not a block device or a file")
+                raise StoreError(errno.EINVAL, f"{path} is not a block device or a file",
+                                 source=LOG_DEVICE)
             flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if block_device else 0)
             fd = os.open(path, flags)
         try:
-            with _errors(f"cannot size log device {path}"):
+            with _errors(f"cannot size log device {path}", source=LOG_DEVICE):
                 block = _logical_block_size(fd) if block_device else 512
                 device_bytes = os.lseek(fd, 0, os.SEEK_END)
             io_size = _round_up(image_size(region_count), block)
@@ -425,30 +449,34 @@ class LogDevice(_Store):
                 raise StoreError(
                     errno.EINVAL,
                     f"log device {path} too small: need {io_size} bytes, has {device_bytes}",
-                )
+                    source=LOG_DEVICE)
             return cls(path, fd, io_size, block)
         except BaseException:
             os.close(fd)
             raise
 
     def load(self, image: memoryview) -> None:
-        with _errors(f"cannot read log device {self.path}", errno.EIO), \
+        with _errors(f"cannot read log device {self.path}", errno.EIO, source=LOG_DEVICE), \
                 memoryview(self._bounce)[: self._io_size] as target:
             got = os.preadv(self._fd, [target], 0)
         if got != self._io_size:
-            raise StoreError(errno.EIO, f"short read of log device {self.path}: {got}")
+            raise StoreError(errno.EIO, f"short read of log device {self.path}: {got}",
+                             source=LOG_DEVICE)
         image[:] = self._bounce[: len(image)]
 
     def persist(self, view: memoryview, start: int, stop: int) -> None:
         stop = min(_round_up(stop, self._block), self._io_size)
         image_end = min(stop, len(view))
         self._bounce[start:image_end] = view[start:image_end]
-        with _errors(f"cannot write log device {self.path}", errno.EIO), \
+        with _errors(f"cannot write log device {self.path}", errno.EIO,
+                     source=LOG_DEVICE), \
                 memoryview(self._bounce)[start:stop] as chunk:
             written = os.pwritev(self._fd, [chunk], start)
         if written != stop - start:
-            raise StoreError(errno.EIO, f"short write to log device {self.path}")
-        with _errors(f"cannot flush log device {self.path}", device_failed=False):
+            raise StoreError(errno.EIO, f"short write to log device {self.path}",
+                             source=LOG_DEVICE)
+        with _errors(f"cannot flush log device {self.path}", device_failed=False,
+                     source=LOG_DEVICE):
             os.fdatasync(self._fd)
 
     def close(self) -> None:
@@ -496,10 +524,11 @@ class _errors:
     not a failed device (``device_failed=False``: status 'F', not 'D')."""
 
     def __init__(self, message: str, default_errno: int | None = None,
-                 device_failed: bool = True):
+                 device_failed: bool = True, source: str = STATE_FILE):
         self._message = message
         self._default = default_errno
         self._device_failed = device_failed
+        self._source = source
 
     def __enter__(self) -> None:
         return None
@@ -508,7 +537,7 @@ class _errors:
         if isinstance(exc, OSError):
             err = exc.errno or self._default or errno.EIO
             message = f"{self._message}: {os.strerror(err)}"
-            raise StoreError(err, message, self._device_failed) from exc
+            raise StoreError(err, message, self._device_failed, self._source) from exc
         return False
 
 

@@ -40,7 +40,20 @@ from pathlib import Path
 from . import frames, protocol
 from .frames import FrameReader, Kind
 from .logtable import LogTable
-from .protocol import ProtocolError
+from .protocol import REPLY_DATA_OFFSET, REPLY_ERROR_OFFSET, ProtocolError
+from .protocol import RequestType as T
+from .regionmap import take_failures
+from .workercounters import (
+    RECONNECT_CTRS,
+    RECOVERY_COMPLETED,
+    RECOVERY_HANDED_OUT,
+    REGION_CLEARS,
+    REGION_MARKS,
+    Count,
+    count_nothing,
+    key,
+    observe,
+)
 from .workerstats import Reporter
 
 log = logging.getLogger(__name__)
@@ -76,6 +89,7 @@ def serve(table: LogTable, requests_fd: int, replies_fd: int,
     """Answer request frames until EOF on ``requests_fd``, and report to the front
     (workerstats.py): at most once a second while busy, and when asked."""
     reporter = reporter or Reporter()
+    table.count = reporter.count
     reader = FrameReader()
     while True:
         if not _readable(requests_fd, reporter.wait()):
@@ -89,10 +103,12 @@ def serve(table: LogTable, requests_fd: int, replies_fd: int,
         now = bytearray()
         deferred_tags = []  # FLUSHes staged in this batch, in LogTable's order
         asked = False
+        batch = 0
         for kind, tag, datagram in received:
             if kind == Kind.REQUEST:
                 reporter.active = True
-                reply = answer(table, datagram)
+                batch += 1
+                reply = answer(table, datagram, reporter.count)
                 if reply is not None:
                     now += frames.pack(Kind.REPLY, tag, reply)
                 else:
@@ -108,6 +124,8 @@ def serve(table: LogTable, requests_fd: int, replies_fd: int,
             _write(replies_fd, b"".join(
                 frames.pack(Kind.REPLY, tag, reply)
                 for tag, reply in zip(deferred_tags, replies, strict=True)))
+        if batch:
+            observe(reporter.count, "worker_batch_size", batch)
         if asked or reporter.due():
             _write(replies_fd, _stats_frame(reporter, table))
 
@@ -120,17 +138,47 @@ def _readable(fd: int, timeout: float | None) -> bool:
 
 
 def _stats_frame(reporter: Reporter, table: LogTable) -> bytes:
+    for source, failures in take_failures().items():
+        reporter.count(key("storage_errors", kind=source), failures)
     return frames.pack(Kind.STATS, 0, reporter.report(table).encode())
 
 
-def answer(table: LogTable, datagram: bytes) -> bytes | None:
-    """The reply to one datagram, or None for a FLUSH whose commit is deferred."""
+def answer(table: LogTable, datagram: bytes, count: Count = count_nothing) -> bytes | None:
+    """The reply to one datagram, or None for a FLUSH whose commit is deferred; what it
+    did is counted with ``count`` (workercounters.py)."""
     try:
         request = protocol.decode_datagram(datagram)
     except ProtocolError as exc:
         log.warning("malformed request: %s", exc.reason)
         return exc.reply or b""  # no reply possible: an empty frame settles the tag
-    return table.answer(request, defer_commit=True)
+    reply = table.answer(request, defer_commit=True)
+    if request.request_type in _COUNTED and (
+            reply is None or not _reply_error(reply, REPLY_ERROR_OFFSET)[0]):
+        _count(count, request, reply)
+    return reply
+
+
+# What the metrics count of a request that succeeded (a deferred FLUSH staged its marks).
+_COUNTED = frozenset({T.MARK_REGION, T.FLUSH, T.CLEAR_REGION, T.GET_RESYNC_WORK,
+                      T.SET_REGION_SYNC, T.CTR})
+_reply_error = protocol.REPLY_ERROR.unpack_from
+
+
+def _count(count: Count, request: protocol.Request, reply: bytes | None) -> None:
+    request_type = request.request_type
+    if request_type is T.MARK_REGION or request_type is T.FLUSH:
+        if request.regions:
+            count(REGION_MARKS, len(request.regions))
+    elif request_type is T.CLEAR_REGION:
+        count(REGION_CLEARS, len(request.regions))
+    elif request_type is T.GET_RESYNC_WORK:
+        if reply is not None and protocol.S64.unpack_from(reply, REPLY_DATA_OFFSET)[0] == 1:
+            count(RECOVERY_HANDED_OUT, 1)
+    elif request_type is T.SET_REGION_SYNC:
+        if request.in_sync:
+            count(RECOVERY_COMPLETED, 1)
+    elif request.reconnect:  # a CTR
+        count(RECONNECT_CTRS, 1)
 
 
 def _write(fd: int, data: bytes | bytearray) -> None:

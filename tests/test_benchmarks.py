@@ -40,3 +40,15 @@ def test_the_server_benchmark_runs_both_servers_and_reports_every_target(tmp_pat
     # which a noisy machine can make negative: it only has to be there.)
     assert all(v["value"] > 0 for v in verdicts if v["load"] != "flush")
     assert all(math.isfinite(v["value"]) for v in verdicts)
+
+
+def test_the_metrics_benchmark_runs_both_modes_and_gives_a_verdict(tmp_path):
+    requires_root("the metrics benchmark (a private network namespace)")
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_metrics.py", "--quick", "--logs", "64",
+         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 1/1 metrics off" in result.stdout
+    assert "round 1/1 metrics on" in result.stdout
+    assert "(c) read path, 64 in flight" in result.stdout
+    assert "of the request path (target <= +5%)" in result.stdout

@@ -230,6 +230,11 @@ def test_a_worker_killed_under_load_loses_nothing(server, kernel):
     assert metrics["shardlog_workers_up"] == 3
     assert kernel.stats.timeouts == 0  # no request was left unanswered
     assert kernel.stats.eagain_resends == metrics["shardlog_eagain_replies_total"]
+    # The front recognised each re-send of a request it answered -EAGAIN.
+    assert metrics["shardlog_resent_requests_total"] == kernel.stats.eagain_resends
+    assert sum(value for name, value in metrics.items()
+               if name.startswith("shardlog_requests_total{")
+               and 'result="eagain"' in name) == kernel.stats.eagain_resends
 
 
 def test_the_server_killed_under_load_and_restarted_loses_nothing(server, kernel, tmp_path):

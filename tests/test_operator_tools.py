@@ -174,6 +174,11 @@ def test_an_unsafe_socket_directory_or_path_fails_the_start(tmp_path):
     with pytest.raises(ServeFailed, match="exited 1"):
         server.start()
     assert "exists and is not a socket" in server.log
+    deep = tmp_path / ("d" * 100) / "control.sock"
+    server = ServerProcess(tmp_path / "c", extra=("--control-socket", str(deep)))
+    with pytest.raises(ServeFailed, match="exited 1"):
+        server.start()
+    assert "a Unix socket's path may have at most 107 bytes" in server.log
 
 
 def test_bad_control_requests_get_an_error_and_the_server_serves_on(server, peer):

@@ -145,7 +145,7 @@ def test_requests_from_another_port_are_dropped_and_counted(server, peer):
         assert intruder.quiet() and peer.quiet()
     finally:
         intruder.close()
-    assert server.metrics()['shardlog_requests_dropped_total{reason="sender"}'] == 2
+    assert server.metrics()['shardlog_datagrams_dropped_total{reason="forged_sender"}'] == 2
     assert peer.is_clean(9, uuid="log-a") == 1  # nothing marked, the log still there
 
 
@@ -154,7 +154,7 @@ def test_without_a_test_peer_only_port_0_is_served(tmp_path, peer):
     try:
         peer.request(T.CTR, b"8192 core 8", uuid="log-a")
         assert peer.quiet()
-        assert server.metrics()['shardlog_requests_dropped_total{reason="sender"}'] == 1
+        assert server.metrics()['shardlog_datagrams_dropped_total{reason="forged_sender"}'] == 1
         assert not instance_file_path(server.state_dir, "log-a", 1).exists()
     finally:
         server.close()
@@ -187,7 +187,9 @@ def test_a_non_root_process_cannot_forge_a_request(server, peer):
     os.close(read)
     assert outcomes == ["EPERM", "EPERM", "EPERM"]  # the kernel refuses it at the send
     assert peer.in_sync(5, uuid="log-a") == 1
-    assert 'shardlog_requests_total{type="set_region_sync"}' not in server.metrics()
+    metrics = server.metrics()
+    assert 'shardlog_requests_received_total{type="set_region_sync"}' not in metrics
+    assert metrics['shardlog_requests_received_total{type="in_sync"}'] == 1
 
 
 # -- bad input ---------------------------------------------------------------------------------

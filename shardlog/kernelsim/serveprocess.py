@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +34,11 @@ class ServeProcess:
         run_dir = run_dir or state_dir.parent  # where its pid file and log go
         self.pid_file = run_dir / f"{state_dir.name}.pid"
         self.log_path = run_dir / f"{state_dir.name}.log"
-        # Its own control socket: never the host's /run/shardlog/control.sock.
-        self.control_socket = run_dir / f"{state_dir.name}.sock"
+        # Its own control socket: never the host's /run/shardlog/control.sock.  In a
+        # directory of its own under /tmp: a socket's path must fit in 108 bytes, which a
+        # test's or a benchmark's run directory need not.
+        self._control_dir = Path(tempfile.mkdtemp(prefix="shardlog-control-"))
+        self.control_socket = self._control_dir / "control.sock"
         self.command = [sys.executable, "-m", "shardlog.cli", "--log-level", log_level,
                         "serve", "--workers", str(workers), "--state-dir", str(state_dir),
                         "--pid-file", str(self.pid_file), "--metrics-addr", metrics_addr,
@@ -96,3 +101,4 @@ class ServeProcess:
         for pid in self.worker_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self._control_dir, ignore_errors=True)
