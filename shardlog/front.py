@@ -76,6 +76,13 @@ HANG_CHECK_INTERVAL = 0.5
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 
 
+def worker_index(uuid_key: bytes, workers: int) -> int:
+    """The worker that serves a log: a CRC of its uuid's bytes (up to their NUL, as
+    :func:`protocol.peek_request` gives them), modulo the number of workers.  Every
+    instance of a log meets in one worker; tools that predict the balance call this."""
+    return zlib.crc32(uuid_key) % workers
+
+
 class ServeError(Exception):
     """The server cannot start; the message says why, in one line."""
 
@@ -115,7 +122,7 @@ class Front:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.stats = FrontStats()
+        self.stats = FrontStats(config.workers)
         self.slots: list[WorkerSlot] = []
         self.sock: socket.socket | None = None
         self.epoll = select.epoll()
@@ -297,7 +304,9 @@ class Front:
                 continue
             uuid_field, seq, request_type = routing
             stats.requests[request_type & 0xFF] += 1
-            slot = slots[zlib.crc32(uuid_field) % nslots]
+            index = worker_index(uuid_field, nslots)
+            stats.worker_requests[index] += 1
+            slot = slots[index]
             if not slot.in_flight:
                 slot.progress = time.monotonic()
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF

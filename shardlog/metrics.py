@@ -27,8 +27,9 @@ _TYPE_NAMES = {t.value: t.name.lower() for t in RequestType}
 class FrontStats:
     """What the front has counted since it started."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 0) -> None:
         self.requests = [0] * 256  # by raw request type (the low byte)
+        self.worker_requests = [0] * workers  # routed to each worker slot
         self.dropped_sender = 0  # from a netlink port that is not the kernel
         self.dropped_not_for_us = 0  # another connector id or message type
         self.malformed = 0  # answered -EINVAL by the front itself
@@ -53,6 +54,12 @@ class FrontCollector(Collector):
             if count:
                 requests.add_metric([_TYPE_NAMES.get(value, "unknown")], count)
         yield requests
+        routed = CounterMetricFamily(
+            "shardlog_worker_requests", "Requests routed to each worker slot",
+            labels=["worker"])
+        for index, count in enumerate(stats.worker_requests):
+            routed.add_metric([str(index)], count)
+        yield routed
         dropped = CounterMetricFamily(
             "shardlog_requests_dropped", "Datagrams dropped unanswered, by reason",
             labels=["reason"])
@@ -90,3 +97,14 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host or int(port) > 65535:
         raise ValueError(f"metrics address {address!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """Every sample of a /metrics page (text format), keyed by its name with labels, as
+    ``shardlog_requests_total{type="flush"}``: for tests and tools that scrape the server."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples

@@ -14,6 +14,9 @@ server rather than itself:
 - at most ``in_flight`` logs have a request outstanding; when a reply comes, its log goes to
   the back of the idle queue and the log at its front sends its next request, so every log
   takes turns;
+- with a ``rate``, a request is never sent before its turn on a fixed schedule (the n-th
+  at ``start + n / rate``): an offered load, the same whatever the server; without, the
+  next is sent as soon as a reply frees a slot (a closed loop: the server sets the pace);
 - one thread, one blocking socket, latencies from ``time.perf_counter_ns``; replies are
   matched by seq exactly as the kernel does (``dm_ulog_request.seq``, or ``cn_msg.seq`` for
   an ACK), and an unanswered request is resent with a new seq after ``reply_timeout``.
@@ -117,6 +120,7 @@ class LoadResult:
     errors: dict[str, int] = field(default_factory=dict)  # replies with error != 0
     resends: int = 0  # requests resent with a new seq after reply_timeout
     stray_replies: int = 0  # replies matching no outstanding seq
+    completed_by_stream: list[int] = field(default_factory=list)  # replies, per stream
 
     @property
     def requests_per_second(self) -> float:
@@ -143,21 +147,29 @@ class LoadResult:
 
 def run_load(target: Connector | socket.socket, streams: Sequence[Stream], *,
              in_flight: int, count: int | None = None, duration: float | None = None,
-             reply_timeout: float = 5.0) -> LoadResult:
-    """Send ``count`` requests (or for ``duration`` seconds) with at most ``in_flight``
-    logs waiting for a reply; wait for the last replies; return the latencies."""
-    if (count is None) == (duration is None):
-        raise ValueError("give exactly one of count and duration")
+             reply_timeout: float = 5.0, rate: float | None = None,
+             cycles: int | None = None) -> LoadResult:
+    """Send ``count`` requests (or for ``duration`` seconds, or each stream's cycle
+    ``cycles`` times) with at most ``in_flight`` logs waiting for a reply, and no faster
+    than ``rate`` requests per second if given; wait for the last replies; return the
+    latencies."""
+    if sum(bound is not None for bound in (count, duration, cycles)) != 1:
+        raise ValueError("give exactly one of count, duration and cycles")
     if not streams or in_flight < 1:
         raise ValueError("run_load needs streams and in_flight >= 1")
+    if rate is not None and rate <= 0:
+        raise ValueError("rate must be positive")
     if isinstance(target, Connector):
         with target.exclusive() as link:
-            return _run(link, streams, in_flight, count, duration, reply_timeout)
-    return _run(RawLink(target, 0), streams, in_flight, count, duration, reply_timeout)
+            return _run(link, streams, in_flight, count, duration, reply_timeout, rate,
+                        cycles)
+    return _run(RawLink(target, 0), streams, in_flight, count, duration, reply_timeout,
+                rate, cycles)
 
 
 def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | None,
-         duration: float | None, reply_timeout: float) -> LoadResult:
+         duration: float | None, reply_timeout: float, rate: float | None,
+         cycles: int | None) -> LoadResult:
     sock = link.sock
     old_timeout = sock.gettimeout()
     sock.settimeout(reply_timeout)
@@ -168,6 +180,7 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
     latencies: list[list[int]] = [[] for _ in range(256)]
     errors = [0] * 256
     positions = [0] * len(streams)
+    completed_by_stream = [0] * len(streams)
     idle = deque(range(len(streams)))
     outstanding: dict[int, tuple[int, int, int]] = {}  # seq -> stream, type, sent at
     buf = bytearray(65536)
@@ -175,9 +188,15 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
     sent = completed = resends = stray = 0
     start = now_ns()
     deadline = start + int(duration * 1e9) if duration is not None else None
+    interval_ns = int(1e9 / rate) if rate is not None else 0
+    sleep = time.sleep
 
     def send(index: int) -> None:
         nonlocal seq
+        if interval_ns:
+            wait_ns = start + sent * interval_ns - now_ns()
+            if wait_ns > 0:
+                sleep(wait_ns / 1e9)
         stream_requests = streams[index].requests
         request_type, datagram = stream_requests[positions[index]]
         pack_seq(datagram, _NLMSG_SEQ_AT, seq)
@@ -228,10 +247,13 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
             if error:
                 errors[request_type] += 1
             completed += 1
+            completed_by_stream[index] += 1
             positions[index] = (positions[index] + 1) % len(streams[index].requests)
-            idle.append(index)
-            if (count is not None and sent < count) or (
-                    deadline is not None and received_at < deadline):
+            if cycles is None or positions[index] or (
+                    completed_by_stream[index] < cycles * len(streams[index].requests)):
+                idle.append(index)
+            if idle and ((count is not None and sent < count) or cycles is not None or (
+                    deadline is not None and received_at < deadline)):
                 send(idle.popleft())
                 sent += 1
         elapsed = (now_ns() - start) / 1e9
@@ -247,4 +269,5 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
         errors={names.get(t, str(t)): n for t, n in enumerate(errors) if n},
         resends=resends,
         stray_replies=stray,
+        completed_by_stream=completed_by_stream,
     )

@@ -1,0 +1,467 @@
+"""One point of a capacity run: set up the logs, drive the load, measure the server.
+
+The server is either started here (:class:`SpawnedServer`: a fresh ``shardlog serve``
+and state directory per point, the convenient default) or already running
+(:class:`AttachedServer`: started by the operator with ``--test-peer PORT`` in this
+network namespace; the tool only adds and removes its own logs).  Either way it must be
+the one member of connector group 7 besides the load's socket, or nothing is measured.
+
+Nothing here is a pass/fail on speed: a load that cannot be delivered (no server,
+requests unanswered and re-sent, error replies) is an error (:class:`CapacityError`);
+anything else is a figure.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..front import worker_index
+from ..kernelsim.connector import group7_listeners
+from ..kernelsim.echo import running_echo_peer
+from ..kernelsim.load import LoadResult, Stream, run_load
+from ..kernelsim.serveprocess import ServeFailed, ServeProcess
+from ..metrics import parse_samples
+from ..netns import enter_private_netns
+from ..nlsocket import open_connector_socket
+from ..procstat import children, cpu_seconds, memory
+from ..protocol import RequestType
+from . import workloads
+from .progress import Progress
+from .spec import LoadSpec
+
+LOAD_RCVBUF = 32 << 20
+SETUP_BATCH = 500  # logs per setup round trip of the progress bar
+SETUP_IN_FLIGHT = 64
+REPLY_TIMEOUT = 10.0  # a request unanswered this long is lost: the load fails
+# FLUSH latency histogram: log-spaced bins from 10 us to 10 s.
+HISTOGRAM_EDGES_US = [10 * 10 ** (n / 8) for n in range(6 * 8 + 1)]
+
+
+class CapacityError(Exception):
+    """The load could not be delivered, or the server could not be reached: no figure."""
+
+
+# --- the server --------------------------------------------------------------------------
+
+
+class Server:
+    """What the runner needs of a server."""
+
+    peer_port: int
+    metrics_url: str | None = None
+    can_restart = False  # the tool may SIGKILL it
+    disposable = False  # its state goes with the point: no need to remove the logs
+
+    def front_pid(self) -> int:
+        raise NotImplementedError
+
+    def processes(self) -> dict[str, list[int]]:
+        front = self.front_pid()
+        return {"front": [front], "workers": children(front)}
+
+    def workers(self) -> int:
+        return len(self.processes()["workers"])
+
+    def begin_point(self, spec: LoadSpec, label: str) -> None:
+        """Ready for a point's logs."""
+
+    def end_point(self) -> None:
+        """The point's logs are done with."""
+
+    def restart(self) -> float:
+        """SIGKILL every process, start again on the same state: seconds to serving."""
+        raise CapacityError("this server was not started by the tool: it cannot crash it")
+
+    def close(self) -> None:
+        pass
+
+
+class SpawnedServer(Server):
+    """A ``shardlog serve`` per point, in a state directory of its own under ``base``."""
+
+    can_restart = True
+    disposable = True
+
+    def __init__(self, base: Path, peer_port: int, log_level: str = "warning"):
+        self.base = base
+        self.peer_port = peer_port
+        self.log_level = log_level
+        self.process: ServeProcess | None = None
+
+    def begin_point(self, spec: LoadSpec, label: str) -> None:
+        run_dir = self.base / label
+        run_dir.mkdir(parents=True)
+        port = _free_tcp_port()
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        self.process = ServeProcess(run_dir / "state", workers=spec.workers,
+                                    test_peer=self.peer_port,
+                                    metrics_addr=f"127.0.0.1:{port}",
+                                    log_level=self.log_level, run_dir=run_dir)
+        self._start()
+
+    def _start(self) -> float:
+        assert self.process is not None
+        started = time.monotonic()
+        try:
+            self.process.start(timeout=60)
+        except ServeFailed as exc:
+            raise CapacityError(str(exc)) from exc
+        return time.monotonic() - started
+
+    def front_pid(self) -> int:
+        assert self.process is not None and self.process.process is not None
+        return self.process.process.pid
+
+    def restart(self) -> float:
+        assert self.process is not None
+        self.process.kill()
+        return self._start()
+
+    def end_point(self) -> None:
+        if self.process is None:
+            return
+        try:
+            code = self.process.stop()
+        except ServeFailed as exc:
+            raise CapacityError(f"{exc}:\n{self.process.log}") from exc
+        finally:
+            self.process.close()
+        if code != 0:
+            raise CapacityError(f"shardlog serve exited {code} after SIGTERM:\n"
+                                f"{self.process.log}")
+        shutil.rmtree(self.process.state_dir.parent, ignore_errors=True)
+        self.process = None
+
+    def close(self) -> None:
+        if self.process is not None:
+            self.process.close()
+
+
+class AttachedServer(Server):
+    """A server the operator started (``shardlog serve --test-peer PORT``)."""
+
+    def __init__(self, peer_port: int, pid_file: Path, metrics_url: str | None):
+        self.peer_port = peer_port
+        self.pid_file = pid_file
+        self.metrics_url = metrics_url
+
+    def front_pid(self) -> int:
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError) as exc:
+            raise CapacityError(f"no running server behind pid file {self.pid_file} "
+                                f"({exc})") from exc
+        return pid
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def check_reachable(peer_port: int) -> None:
+    """CapacityError unless exactly one socket but the load's is in connector group 7."""
+    members = group7_listeners(exclude_port=peer_port)
+    if len(members) != 1:
+        raise CapacityError(
+            f"expected one server in connector group 7 in this network namespace, found "
+            f"{len(members)} (netlink ports {members}): start it here with "
+            f"`shardlog serve --test-peer {peer_port}` (unshare -n), or let the tool start "
+            "one")
+
+
+def scrape(url: str | None) -> dict[str, float] | None:
+    if url is None:
+        return None
+    try:
+        with urllib.request.urlopen(url, timeout=10) as page:
+            return parse_samples(page.read().decode())
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+# --- figures -------------------------------------------------------------------------------
+
+
+def _percentile(ordered: Sequence[int], q: float) -> float:
+    if not ordered:
+        return float("nan")
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1] / 1000
+
+
+def load_figures(result: LoadResult) -> dict[str, Any]:
+    """Throughput and latency percentiles (us) of a load, overall and per request type,
+    and the FLUSH latency histogram."""
+    every = sorted(ns for values in result.latencies_ns.values() for ns in values)
+    by_type = {}
+    for name, values in sorted(result.latencies_ns.items()):
+        ordered = sorted(values)
+        by_type[name] = {"count": len(ordered), "p50_us": _percentile(ordered, 50),
+                         "p99_us": _percentile(ordered, 99),
+                         "p999_us": _percentile(ordered, 99.9)}
+    flushes = result.latencies_ns.get("FLUSH", [])
+    counts = [0] * (len(HISTOGRAM_EDGES_US) + 1)
+    for ns in flushes:
+        us = ns / 1000
+        counts[sum(1 for edge in HISTOGRAM_EDGES_US if us >= edge)] += 1
+    return {
+        "requests": result.requests, "seconds": result.elapsed,
+        "requests_per_second": result.requests_per_second,
+        "p50_us": _percentile(every, 50), "p99_us": _percentile(every, 99),
+        "p999_us": _percentile(every, 99.9), "by_type": by_type,
+        "errors": result.errors, "resends": result.resends,
+        "stray_replies": result.stray_replies,
+        "flush_histogram": {"edges_us": HISTOGRAM_EDGES_US, "counts": counts},
+    }
+
+
+def check_delivered(result: LoadResult, what: str) -> None:
+    """CapacityError when the load was not delivered: nothing answered, requests re-sent
+    (lost), or answered with an error."""
+    if result.requests == 0:
+        raise CapacityError(f"{what}: no request was answered")
+    if result.resends:
+        raise CapacityError(f"{what}: {result.resends} requests went unanswered for "
+                            f"{REPLY_TIMEOUT:.0f} s and were re-sent: the load was not "
+                            "delivered (server gone, overloaded, or not listening to this "
+                            "peer port?)")
+    if result.errors:
+        raise CapacityError(f"{what}: error replies by request type {result.errors}")
+
+
+@dataclass
+class Balance:
+    """Requests per worker: predicted by the front's routing function from what each
+    mirror completed, and as the server counted them (None: metrics not reachable)."""
+
+    predicted: list[int]
+    reported: list[int] | None
+    max_over_mean: float
+
+
+def balance(uuids: Sequence[str], completed: Sequence[int], workers: int,
+            reported: list[int] | None) -> Balance:
+    predicted = [0] * workers
+    for uuid, count in zip(uuids, completed, strict=True):
+        predicted[worker_index(uuid.encode(), workers)] += count
+    basis = reported if reported is not None else predicted
+    mean = sum(basis) / workers
+    return Balance(predicted, reported, max(basis) / mean if mean else float("nan"))
+
+
+def worker_counts(before: dict[str, float] | None, after: dict[str, float] | None,
+                  workers: int) -> list[int] | None:
+    if before is None or after is None:
+        return None
+    key = 'shardlog_worker_requests_total{{worker="{}"}}'
+    try:
+        return [int(after[key.format(n)] - before.get(key.format(n), 0.0))
+                for n in range(workers)]
+    except KeyError:
+        return None  # a server without per-worker counters
+
+
+def memory_of(processes: dict[str, list[int]]) -> list[dict[str, Any]]:
+    rows = []
+    for role, pids in processes.items():
+        for pid in pids:
+            try:
+                rows.append({"role": role.rstrip("s"), "pid": pid, **asdict(memory(pid))})
+            except OSError:
+                continue  # it went away meanwhile
+    return rows
+
+
+# --- the baseline --------------------------------------------------------------------------
+
+
+def in_own_netns(work: Callable[[], Any]) -> Any:
+    """``work()`` in a forked child in a network namespace of its own (so that the echo
+    peer never shares group 7 with a server); its result, pickled back."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_fd)
+            enter_private_netns()
+            payload = pickle.dumps((True, work()))
+        except BaseException as exc:
+            payload = pickle.dumps((False, f"{type(exc).__name__}: {exc}"))
+        with os.fdopen(write_fd, "wb") as out:
+            out.write(payload)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    if not data:
+        raise CapacityError("the baseline process died")
+    ok, value = pickle.loads(data)
+    if not ok:
+        raise CapacityError(f"baseline: {value}")
+    return value
+
+
+def baseline(streams: list[Stream], spec: LoadSpec, peer_port: int) -> dict[str, Any]:
+    """The same streams, in flight and rate against the echo peer."""
+
+    def work() -> dict[str, Any]:
+        with open_connector_socket(peer_port, receive_buffer=LOAD_RCVBUF) as sock, \
+                running_echo_peer(peer_port) as pid:
+            cpu_before = cpu_seconds({"server": [pid]})
+            result = run_load(sock, streams, in_flight=spec.effective_in_flight,
+                              duration=spec.duration, rate=spec.rate,
+                              reply_timeout=REPLY_TIMEOUT)
+            cpu_after = cpu_seconds({"server": [pid]})
+        check_delivered(result, "echo peer")
+        figures = load_figures(result)
+        figures["cpu_us_per_request"] = _cpu_per_request(cpu_before, cpu_after,
+                                                         result.requests)
+        return figures
+
+    return in_own_netns(work)
+
+
+def _cpu_per_request(before: dict[str, float], after: dict[str, float],
+                     requests: int) -> dict[str, float]:
+    return {name: (after[name] - before.get(name, 0.0)) * 1e6 / requests
+            for name in after if not name.endswith(" sys")}
+
+
+# --- one point ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    """Everything measured at one point of a sweep (JSON as it stands)."""
+
+    label: str
+    value: float | None  # of the swept parameter
+    spec: dict[str, Any]
+    workers: int
+    setup_seconds: float
+    load: dict[str, Any]
+    baseline: dict[str, Any] | None
+    memory: list[dict[str, Any]]  # per process, after the load
+    memory_empty: list[dict[str, Any]]  # per process, before the point's logs existed
+    balance: dict[str, Any]
+    cpu_us_per_request: dict[str, float]
+    restart: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def measure_point(server: Server, spec: LoadSpec, label: str, value: float | None, *,
+                  with_baseline: bool = True, restart: bool = False,
+                  progress: Progress | None = None) -> Point:
+    progress = progress or Progress(enabled=False)
+    notes: list[str] = []
+    uuids = workloads.log_uuids(label, spec.mirrors)
+    server.begin_point(spec, label)
+    try:
+        check_reachable(server.peer_port)
+        empty = memory_of(server.processes())
+        sock = open_connector_socket(server.peer_port, receive_buffer=LOAD_RCVBUF)
+        try:
+            setup_seconds = _set_up(sock, spec, uuids, progress)
+            if spec.workload == "resync-storm":
+                if server.can_restart:
+                    server.restart()
+                    notes.append("server SIGKILLed and restarted before the load: every "
+                                 "log restored from its CTR record by its first request")
+                else:
+                    notes.append("attached server: the resync storm ran without a crash")
+            streams = workloads.streams(spec, uuids)
+            processes = server.processes()
+            workers = len(processes["workers"])
+            metrics_before = scrape(server.metrics_url)
+            cpu_before = cpu_seconds(processes)
+            result = progress.timed(
+                f"{label}: {spec.workload}, {spec.mirrors} mirrors, {spec.duration:g} s",
+                spec.duration,
+                lambda: run_load(sock, streams, in_flight=spec.effective_in_flight,
+                                 duration=spec.duration, rate=spec.rate,
+                                 reply_timeout=REPLY_TIMEOUT))
+            cpu_after = cpu_seconds(processes)
+            metrics_after = scrape(server.metrics_url)
+            check_delivered(result, "shardlog")
+            used = memory_of(server.processes())
+            reported = worker_counts(metrics_before, metrics_after, workers)
+            if reported is None:
+                notes.append("per-worker counts not cross-checked: metrics not reachable")
+            shares = balance(uuids, result.completed_by_stream, workers, reported)
+            restarted = _restart(server, sock, uuids, progress) if restart else None
+            if not server.disposable:
+                _tear_down(sock, spec, uuids)
+        finally:
+            sock.close()
+    finally:
+        server.end_point()
+    base = None
+    if with_baseline:
+        progress.phase(f"{label}: baseline (echo peer), {spec.duration:g} s")
+        base = baseline(streams, spec, server.peer_port)
+    return Point(label=label, value=value, spec=spec.as_dict(), workers=workers,
+                 setup_seconds=setup_seconds, load=load_figures(result), baseline=base,
+                 memory=used, memory_empty=empty, balance=asdict(shares),
+                 cpu_us_per_request=_cpu_per_request(cpu_before, cpu_after,
+                                                     result.requests),
+                 restart=restarted, notes=notes)
+
+
+def _set_up(sock: socket.socket, spec: LoadSpec, uuids: Sequence[str],
+            progress: Progress) -> float:
+    """CTR, GET_REGION_SIZE, RESUME for every log, pipelined; seconds taken."""
+    progress.phase(f"creating {len(uuids)} logs of {spec.regions} regions")
+    started = time.monotonic()
+    for first in range(0, len(uuids), SETUP_BATCH):
+        batch = [workloads.setup_stream(uuid, spec)
+                 for uuid in uuids[first:first + SETUP_BATCH]]
+        result = run_load(sock, batch, in_flight=SETUP_IN_FLIGHT, cycles=1,
+                          reply_timeout=REPLY_TIMEOUT)
+        check_delivered(result, "creating logs")
+        progress.update((first + len(batch)) / len(uuids),
+                        f"created {first + len(batch)}/{len(uuids)} logs")
+    progress.done()
+    return time.monotonic() - started
+
+
+def _tear_down(sock: socket.socket, spec: LoadSpec, uuids: Sequence[str]) -> None:
+    """Device removal of every log (an attached server keeps only what it had)."""
+    streams = [s for uuid in uuids for s in workloads.teardown_streams(uuid, spec)]
+    result = run_load(sock, streams, in_flight=SETUP_IN_FLIGHT, cycles=1,
+                      reply_timeout=REPLY_TIMEOUT)
+    # Errors are expected here (churn: one of the two instances is gone already); only
+    # unanswered requests mean the server is in trouble.
+    if result.resends or result.requests == 0:
+        raise CapacityError("removing the logs: requests unanswered")
+
+
+def _restart(server: Server, sock: socket.socket, uuids: Sequence[str],
+             progress: Progress) -> dict[str, Any]:
+    """SIGKILL the server, start it again, ask every log once (GET_SYNC_COUNT): each is
+    restored from its files by that request.  Seconds to serving and to all answered."""
+    progress.phase(f"restart: SIGKILL, then every one of {len(uuids)} logs asked once")
+    started = time.monotonic()
+    to_serving = server.restart()
+    check_reachable(server.peer_port)
+    streams = [Stream.build(uuid, workloads.LUIDS[0], [(RequestType.GET_SYNC_COUNT, b"")])
+               for uuid in uuids]
+    result = run_load(sock, streams, in_flight=SETUP_IN_FLIGHT, cycles=1,
+                      reply_timeout=REPLY_TIMEOUT)
+    all_answered = time.monotonic() - started
+    check_delivered(result, "after the restart")
+    return {"seconds_to_serving": to_serving, "seconds_to_all_answered": all_answered,
+            "logs": len(uuids), "memory": memory_of(server.processes())}
