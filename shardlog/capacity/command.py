@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="offered requests/s (default: as fast as the server answers)")
     load.add_argument("--duration", type=float, default=5.0, metavar="SECONDS",
                       help="load per point (default 5)")
+    load.add_argument("--reply-timeout", type=float, default=10.0, metavar="SECONDS",
+                      help="a request unanswered this long fails the run: the load was not "
+                           "delivered (default 10; the kernel's own retry is 15)")
     load.add_argument("--sweep", metavar="NAME=V1,V2,...",
                       help=f"sweep one parameter: {', '.join(SWEEPABLE)} "
                            "(e.g. mirrors=1,10,100,1000,10000)")
@@ -85,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
         base = LoadSpec(mirrors=args.mirrors, regions=args.regions,
                         region_size=args.region_size, workload=args.workload,
                         integrated_flush=args.integrated_flush, workers=args.workers,
-                        in_flight=args.in_flight, rate=args.rate, duration=args.duration)
+                        in_flight=args.in_flight, rate=args.rate, duration=args.duration,
+                        reply_timeout=args.reply_timeout)
         parameter, values = parse_sweep(args.sweep) if args.sweep else (None, [None])
         specs = [base if value is None else base.with_value(parameter, value)
                  for value in values]

@@ -42,7 +42,6 @@ from .spec import LoadSpec
 LOAD_RCVBUF = 32 << 20
 SETUP_BATCH = 500  # logs per setup round trip of the progress bar
 SETUP_IN_FLIGHT = 64
-REPLY_TIMEOUT = 10.0  # a request unanswered this long is lost: the load fails
 # FLUSH latency histogram: log-spaced bins from 10 us to 10 s.
 HISTOGRAM_EDGES_US = [10 * 10 ** (n / 8) for n in range(6 * 8 + 1)]
 
@@ -228,18 +227,18 @@ def load_figures(result: LoadResult) -> dict[str, Any]:
     }
 
 
-def check_delivered(result: LoadResult, what: str) -> None:
-    """CapacityError when the load was not delivered: nothing answered, requests re-sent
-    (lost), or answered with an error."""
-    if result.requests == 0:
-        raise CapacityError(f"{what}: no request was answered")
-    if result.resends:
-        raise CapacityError(f"{what}: {result.resends} requests went unanswered for "
-                            f"{REPLY_TIMEOUT:.0f} s and were re-sent: the load was not "
-                            "delivered (server gone, overloaded, or not listening to this "
+def check_delivered(result: LoadResult, what: str, reply_timeout: float) -> None:
+    """CapacityError when the load was not delivered: requests unanswered, answered with
+    an error, or nothing answered at all."""
+    if result.unanswered or result.resends:
+        raise CapacityError(f"{what}: {result.unanswered + result.resends} requests went "
+                            f"unanswered for {reply_timeout:g} s: the load was not delivered "
+                            "(server gone, overloaded, or not taking requests from this "
                             "peer port?)")
     if result.errors:
         raise CapacityError(f"{what}: error replies by request type {result.errors}")
+    if result.requests == 0:
+        raise CapacityError(f"{what}: no request was answered")
 
 
 @dataclass
@@ -324,9 +323,9 @@ def baseline(streams: list[Stream], spec: LoadSpec, peer_port: int) -> dict[str,
             cpu_before = cpu_seconds({"server": [pid]})
             result = run_load(sock, streams, in_flight=spec.effective_in_flight,
                               duration=spec.duration, rate=spec.rate,
-                              reply_timeout=REPLY_TIMEOUT)
+                              reply_timeout=spec.reply_timeout, resend=False)
             cpu_after = cpu_seconds({"server": [pid]})
-        check_delivered(result, "echo peer")
+        check_delivered(result, "echo peer", spec.reply_timeout)
         figures = load_figures(result)
         figures["cpu_us_per_request"] = _cpu_per_request(cpu_before, cpu_after,
                                                          result.requests)
@@ -393,16 +392,16 @@ def measure_point(server: Server, spec: LoadSpec, label: str, value: float | Non
                 spec.duration,
                 lambda: run_load(sock, streams, in_flight=spec.effective_in_flight,
                                  duration=spec.duration, rate=spec.rate,
-                                 reply_timeout=REPLY_TIMEOUT))
+                                 reply_timeout=spec.reply_timeout, resend=False))
             cpu_after = cpu_seconds(processes)
             metrics_after = scrape(server.metrics_url)
-            check_delivered(result, "shardlog")
+            check_delivered(result, "shardlog", spec.reply_timeout)
             used = memory_of(server.processes())
             reported = worker_counts(metrics_before, metrics_after, workers)
             if reported is None:
                 notes.append("per-worker counts not cross-checked: metrics not reachable")
             shares = balance(uuids, result.completed_by_stream, workers, reported)
-            restarted = _restart(server, sock, uuids, progress) if restart else None
+            restarted = _restart(server, sock, spec, uuids, progress) if restart else None
             if not server.disposable:
                 _tear_down(sock, spec, uuids)
         finally:
@@ -430,8 +429,8 @@ def _set_up(sock: socket.socket, spec: LoadSpec, uuids: Sequence[str],
         batch = [workloads.setup_stream(uuid, spec)
                  for uuid in uuids[first:first + SETUP_BATCH]]
         result = run_load(sock, batch, in_flight=SETUP_IN_FLIGHT, cycles=1,
-                          reply_timeout=REPLY_TIMEOUT)
-        check_delivered(result, "creating logs")
+                          reply_timeout=spec.reply_timeout, resend=False)
+        check_delivered(result, "creating logs", spec.reply_timeout)
         progress.update((first + len(batch)) / len(uuids),
                         f"created {first + len(batch)}/{len(uuids)} logs")
     progress.done()
@@ -442,14 +441,14 @@ def _tear_down(sock: socket.socket, spec: LoadSpec, uuids: Sequence[str]) -> Non
     """Device removal of every log (an attached server keeps only what it had)."""
     streams = [s for uuid in uuids for s in workloads.teardown_streams(uuid, spec)]
     result = run_load(sock, streams, in_flight=SETUP_IN_FLIGHT, cycles=1,
-                      reply_timeout=REPLY_TIMEOUT)
+                      reply_timeout=spec.reply_timeout, resend=False)
     # Errors are expected here (churn: one of the two instances is gone already); only
     # unanswered requests mean the server is in trouble.
-    if result.resends or result.requests == 0:
+    if result.unanswered:
         raise CapacityError("removing the logs: requests unanswered")
 
 
-def _restart(server: Server, sock: socket.socket, uuids: Sequence[str],
+def _restart(server: Server, sock: socket.socket, spec: LoadSpec, uuids: Sequence[str],
              progress: Progress) -> dict[str, Any]:
     """SIGKILL the server, start it again, ask every log once (GET_SYNC_COUNT): each is
     restored from its files by that request.  Seconds to serving and to all answered."""
@@ -460,8 +459,8 @@ def _restart(server: Server, sock: socket.socket, uuids: Sequence[str],
     streams = [Stream.build(uuid, workloads.LUIDS[0], [(RequestType.GET_SYNC_COUNT, b"")])
                for uuid in uuids]
     result = run_load(sock, streams, in_flight=SETUP_IN_FLIGHT, cycles=1,
-                      reply_timeout=REPLY_TIMEOUT)
+                      reply_timeout=spec.reply_timeout, resend=False)
     all_answered = time.monotonic() - started
-    check_delivered(result, "after the restart")
+    check_delivered(result, "after the restart", spec.reply_timeout)
     return {"seconds_to_serving": to_serving, "seconds_to_all_answered": all_answered,
             "logs": len(uuids), "memory": memory_of(server.processes())}

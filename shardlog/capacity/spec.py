@@ -34,6 +34,7 @@ class LoadSpec:
     in_flight: int = 64  # mirrors with a request outstanding at most (capped at mirrors)
     rate: float | None = None  # requests/s offered; None: as fast as the server answers
     duration: float = 5.0  # seconds of load
+    reply_timeout: float = 10.0  # a request unanswered this long: the load failed
 
     def __post_init__(self) -> None:
         if self.workload not in WORKLOADS:
@@ -45,8 +46,8 @@ class LoadSpec:
             raise SpecError("region size must be a power of two of at least 8 sectors")
         if self.rate is not None and self.rate <= 0:
             raise SpecError("rate must be positive")
-        if self.duration <= 0:
-            raise SpecError("duration must be positive")
+        if self.duration <= 0 or self.reply_timeout <= 0:
+            raise SpecError("duration and reply timeout must be positive")
 
     @property
     def effective_in_flight(self) -> int:

@@ -119,6 +119,7 @@ class LoadResult:
     elapsed: float  # seconds
     errors: dict[str, int] = field(default_factory=dict)  # replies with error != 0
     resends: int = 0  # requests resent with a new seq after reply_timeout
+    unanswered: int = 0  # requests given up on after reply_timeout (resend=False)
     stray_replies: int = 0  # replies matching no outstanding seq
     completed_by_stream: list[int] = field(default_factory=list)  # replies, per stream
 
@@ -148,11 +149,13 @@ class LoadResult:
 def run_load(target: Connector | socket.socket, streams: Sequence[Stream], *,
              in_flight: int, count: int | None = None, duration: float | None = None,
              reply_timeout: float = 5.0, rate: float | None = None,
-             cycles: int | None = None) -> LoadResult:
+             cycles: int | None = None, resend: bool = True) -> LoadResult:
     """Send ``count`` requests (or for ``duration`` seconds, or each stream's cycle
     ``cycles`` times) with at most ``in_flight`` logs waiting for a reply, and no faster
     than ``rate`` requests per second if given; wait for the last replies; return the
-    latencies."""
+    latencies.  A request unanswered for ``reply_timeout`` is re-sent with a new seq, as
+    the kernel does, or with ``resend=False`` ends the run (a tool that must not hang on
+    a server that is gone)."""
     if sum(bound is not None for bound in (count, duration, cycles)) != 1:
         raise ValueError("give exactly one of count, duration and cycles")
     if not streams or in_flight < 1:
@@ -162,14 +165,14 @@ def run_load(target: Connector | socket.socket, streams: Sequence[Stream], *,
     if isinstance(target, Connector):
         with target.exclusive() as link:
             return _run(link, streams, in_flight, count, duration, reply_timeout, rate,
-                        cycles)
+                        cycles, resend)
     return _run(RawLink(target, 0), streams, in_flight, count, duration, reply_timeout,
-                rate, cycles)
+                rate, cycles, resend)
 
 
 def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | None,
          duration: float | None, reply_timeout: float, rate: float | None,
-         cycles: int | None) -> LoadResult:
+         cycles: int | None, resend: bool) -> LoadResult:
     sock = link.sock
     old_timeout = sock.gettimeout()
     sock.settimeout(reply_timeout)
@@ -185,7 +188,7 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
     outstanding: dict[int, tuple[int, int, int]] = {}  # seq -> stream, type, sent at
     buf = bytearray(65536)
     seq = link.seq
-    sent = completed = resends = stray = 0
+    sent = completed = resends = stray = unanswered = 0
     start = now_ns()
     deadline = start + int(duration * 1e9) if duration is not None else None
     interval_ns = int(1e9 / rate) if rate is not None else 0
@@ -218,6 +221,9 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
             try:
                 size = sock.recv_into(buf)
             except TimeoutError:
+                if not resend:
+                    unanswered = len(outstanding)
+                    break
                 # As the kernel does: resend what went unanswered, with new seqs.
                 lost = list(outstanding.values())
                 outstanding.clear()
@@ -268,6 +274,7 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
         elapsed=elapsed,
         errors={names.get(t, str(t)): n for t, n in enumerate(errors) if n},
         resends=resends,
+        unanswered=unanswered,
         stray_replies=stray,
         completed_by_stream=completed_by_stream,
     )
