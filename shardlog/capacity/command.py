@@ -134,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
         except (CapacityError, PeerError) as exc:
             print(f"shardlog capacity: {exc}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("shardlog capacity: interrupted; nothing written", file=sys.stderr)
+            return 130
         finally:
             server.close()
     run_ = Run(command=sys.orig_argv, machine=machine(),

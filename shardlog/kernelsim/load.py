@@ -110,6 +110,11 @@ def log_streams(logs: Iterable[tuple[str, int]], kind: str = "write", *,
     return [Stream.build(uuid, luid, cycle) for uuid, luid in logs]
 
 
+def _overdue(outstanding: dict[int, tuple[int, int, int]], sent_before: int) -> bool:
+    """Whether a request sent before ``sent_before`` (ns) is still unanswered."""
+    return any(sent_at < sent_before for _index, _type, sent_at in outstanding.values())
+
+
 @dataclass
 class LoadResult:
     """Latencies (ns) per request type name, and the totals."""
@@ -192,14 +197,10 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
     start = now_ns()
     deadline = start + int(duration * 1e9) if duration is not None else None
     interval_ns = int(1e9 / rate) if rate is not None else 0
-    sleep = time.sleep
+    reply_timeout_ns = int(reply_timeout * 1e9)
 
     def send(index: int) -> None:
         nonlocal seq
-        if interval_ns:
-            wait_ns = start + sent * interval_ns - now_ns()
-            if wait_ns > 0:
-                sleep(wait_ns / 1e9)
         stream_requests = streams[index].requests
         request_type, datagram = stream_requests[positions[index]]
         pack_seq(datagram, _NLMSG_SEQ_AT, seq)
@@ -213,14 +214,37 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
         except ConnectionRefusedError:
             pass  # multicast delivered; no kernel at port 0 in a private namespace
 
-    try:
-        for _ in range(min(in_flight, len(streams), count or len(streams))):
+    def pump() -> int | None:
+        """Send what may be sent now; with a rate, when the next one falls due (ns)."""
+        nonlocal sent
+        while idle and len(outstanding) < in_flight:
+            now = now_ns()
+            if (count is not None and sent >= count) or (
+                    deadline is not None and now >= deadline):
+                return None
+            if interval_ns:
+                due = start + sent * interval_ns
+                if due > now:
+                    return due
             send(idle.popleft())
             sent += 1
-        while outstanding:
+        return None
+
+    try:
+        due = pump()
+        while outstanding or due is not None:
+            if interval_ns:
+                # Wait for a reply, but no longer than until the next request is due:
+                # replies are read as they come, never held up by the pacing.
+                wait = reply_timeout_ns if due is None else min(reply_timeout_ns,
+                                                                due - now_ns())
+                sock.settimeout(max(wait, 1000) / 1e9)  # 0 would mean non-blocking
             try:
                 size = sock.recv_into(buf)
             except TimeoutError:
+                if interval_ns and not _overdue(outstanding, now_ns() - reply_timeout_ns):
+                    due = pump()
+                    continue
                 if not resend:
                     unanswered = len(outstanding)
                     break
@@ -258,10 +282,7 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
             if cycles is None or positions[index] or (
                     completed_by_stream[index] < cycles * len(streams[index].requests)):
                 idle.append(index)
-            if idle and ((count is not None and sent < count) or cycles is not None or (
-                    deadline is not None and received_at < deadline)):
-                send(idle.popleft())
-                sent += 1
+            due = pump()
         elapsed = (now_ns() - start) / 1e9
     finally:
         link.seq = seq
