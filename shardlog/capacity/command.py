@@ -117,7 +117,14 @@ def run(args: argparse.Namespace) -> int:
     if args.attach is None and filesystem in ("tmpfs", "ramfs"):
         print("warning: the state directory is on tmpfs: msync costs nothing there",
               file=sys.stderr)
-    points = []
+    points: list = []
+
+    def run_of(points: list) -> Run:
+        return Run(command=sys.orig_argv, machine=machine(),
+                   filesystem=filesystem if args.attach is None else "?",
+                   parameter=parameter, flush_p99_limit_ms=args.flush_p99_limit,
+                   points=points)
+
     with tempfile.TemporaryDirectory(prefix="capacity-", dir=args.state_dir) as scratch:
         server: Server = (SpawnedServer(Path(scratch), args.peer_port) if args.attach is None
                           else AttachedServer(args.attach, args.pid_file, args.metrics_url))
@@ -127,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
                 point = measure_point(server, spec, label, value, restart=args.restart,
                                       progress=progress)
                 points.append(point)
+                _write(out_dir, run_of(points))  # as they come: a later failure keeps them
                 load = point.load
                 print(f"{label}: {load['requests_per_second']:,.0f} req/s, p99 "
                       f"{load['p99_us']:.0f} us (echo {point.baseline['requests_per_second']:,.0f}"
@@ -139,20 +147,19 @@ def run(args: argparse.Namespace) -> int:
             return 130
         finally:
             server.close()
-    run_ = Run(command=sys.orig_argv, machine=machine(),
-               filesystem=filesystem if args.attach is None else "?",
-               parameter=parameter, flush_p99_limit_ms=args.flush_p99_limit, points=points)
-    write_json(run_, out_dir / "results.json")
-    write_csv(run_, out_dir / "results.csv")
-    text = summary(run_)
-    (out_dir / "summary.txt").write_text(text)
     from .plots import draw  # matplotlib only when plotting
 
-    draw(run_, out_dir)
+    draw(run_of(points), out_dir)
     print()
-    print(text, end="")
+    print((out_dir / "summary.txt").read_text(), end="")
     print(f"\nresults in {out_dir}/: results.json, results.csv, summary.txt, *.png")
     return 0
+
+
+def _write(out_dir: Path, run: Run) -> None:
+    write_json(run, out_dir / "results.json")
+    write_csv(run, out_dir / "results.csv")
+    (out_dir / "summary.txt").write_text(summary(run))
 
 
 def _check_mode(args: argparse.Namespace, parameter: str | None) -> None:

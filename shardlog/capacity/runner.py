@@ -41,7 +41,10 @@ from .spec import LoadSpec
 
 LOAD_RCVBUF = 32 << 20
 SETUP_BATCH = 500  # logs per setup round trip of the progress bar
-SETUP_IN_FLIGHT = 64
+# Logs being created at once.  Each RESUME of a new instance lists the state directory
+# (logtable: stale instance files of its uuid), so with 10,000 logs one costs tens of ms,
+# and a worker handed 64 of them at once can stay silent past --worker-timeout.
+SETUP_IN_FLIGHT = 16
 # FLUSH latency histogram: log-spaced bins from 10 us to 10 s.
 HISTOGRAM_EDGES_US = [10 * 10 ** (n / 8) for n in range(6 * 8 + 1)]
 
@@ -83,6 +86,10 @@ class Server:
 
     def close(self) -> None:
         pass
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The end of the server's log, where the tool has it."""
+        return ""
 
 
 class SpawnedServer(Server):
@@ -144,6 +151,11 @@ class SpawnedServer(Server):
     def close(self) -> None:
         if self.process is not None:
             self.process.close()
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.process is None:
+            return ""
+        return "\n".join(self.process.log.splitlines()[-lines:])
 
 
 class AttachedServer(Server):
@@ -370,54 +382,81 @@ def measure_point(server: Server, spec: LoadSpec, label: str, value: float | Non
     uuids = workloads.log_uuids(label, spec.mirrors)
     server.begin_point(spec, label)
     try:
-        check_reachable(server.peer_port)
-        empty = memory_of(server.processes())
-        sock = open_connector_socket(server.peer_port, receive_buffer=LOAD_RCVBUF)
         try:
-            setup_seconds = _set_up(sock, spec, uuids, progress)
-            if spec.workload == "resync-storm":
-                if server.can_restart:
-                    server.restart()
-                    notes.append("server SIGKILLed and restarted before the load: every "
-                                 "log restored from its CTR record by its first request")
-                else:
-                    notes.append("attached server: the resync storm ran without a crash")
-            streams = workloads.streams(spec, uuids)
-            processes = server.processes()
-            workers = len(processes["workers"])
-            metrics_before = scrape(server.metrics_url)
-            cpu_before = cpu_seconds(processes)
-            result = progress.timed(
-                f"{label}: {spec.workload}, {spec.mirrors} mirrors, {spec.duration:g} s",
-                spec.duration,
-                lambda: run_load(sock, streams, in_flight=spec.effective_in_flight,
-                                 duration=spec.duration, rate=spec.rate,
-                                 reply_timeout=spec.reply_timeout, resend=False))
-            cpu_after = cpu_seconds(processes)
-            metrics_after = scrape(server.metrics_url)
-            check_delivered(result, "shardlog", spec.reply_timeout)
-            used = memory_of(server.processes())
-            reported = worker_counts(metrics_before, metrics_after, workers)
-            if reported is None:
-                notes.append("per-worker counts not cross-checked: metrics not reachable")
-            shares = balance(uuids, result.completed_by_stream, workers, reported)
-            restarted = _restart(server, sock, spec, uuids, progress) if restart else None
-            if not server.disposable:
-                _tear_down(sock, spec, uuids)
-        finally:
-            sock.close()
+            driven = _drive(server, spec, label, uuids, restart, notes, progress)
+        except CapacityError as exc:
+            tail = server.log_tail()
+            raise CapacityError(f"{exc}\nthe server's log ends:\n{tail}" if tail
+                                else str(exc)) from exc
     finally:
         server.end_point()
     base = None
     if with_baseline:
         progress.phase(f"{label}: baseline (echo peer), {spec.duration:g} s")
-        base = baseline(streams, spec, server.peer_port)
-    return Point(label=label, value=value, spec=spec.as_dict(), workers=workers,
-                 setup_seconds=setup_seconds, load=load_figures(result), baseline=base,
-                 memory=used, memory_empty=empty, balance=asdict(shares),
-                 cpu_us_per_request=_cpu_per_request(cpu_before, cpu_after,
-                                                     result.requests),
-                 restart=restarted, notes=notes)
+        base = baseline(driven.streams, spec, server.peer_port)
+    return Point(label=label, value=value, spec=spec.as_dict(), workers=driven.workers,
+                 setup_seconds=driven.setup_seconds, load=load_figures(driven.result),
+                 baseline=base, memory=driven.memory, memory_empty=driven.memory_empty,
+                 balance=asdict(driven.balance),
+                 cpu_us_per_request=driven.cpu_us_per_request, restart=driven.restart,
+                 notes=notes)
+
+
+@dataclass
+class _Driven:
+    """What one point measured while its server ran."""
+
+    streams: list[Stream]
+    result: LoadResult
+    workers: int
+    setup_seconds: float
+    memory_empty: list[dict[str, Any]]
+    memory: list[dict[str, Any]]
+    balance: Balance
+    cpu_us_per_request: dict[str, float]
+    restart: dict[str, Any] | None
+
+
+def _drive(server: Server, spec: LoadSpec, label: str, uuids: list[str], restart: bool,
+           notes: list[str], progress: Progress) -> _Driven:
+    check_reachable(server.peer_port)
+    empty = memory_of(server.processes())
+    sock = open_connector_socket(server.peer_port, receive_buffer=LOAD_RCVBUF)
+    try:
+        setup_seconds = _set_up(sock, spec, uuids, progress)
+        if spec.workload == "resync-storm":
+            if server.can_restart:
+                server.restart()
+                notes.append("server SIGKILLed and restarted before the load: every "
+                             "log restored from its CTR record by its first request")
+            else:
+                notes.append("attached server: the resync storm ran without a crash")
+        streams = workloads.streams(spec, uuids)
+        processes = server.processes()
+        workers = len(processes["workers"])
+        metrics_before = scrape(server.metrics_url)
+        cpu_before = cpu_seconds(processes)
+        result = progress.timed(
+            f"{label}: {spec.workload}, {spec.mirrors} mirrors, {spec.duration:g} s",
+            spec.duration,
+            lambda: run_load(sock, streams, in_flight=spec.effective_in_flight,
+                             duration=spec.duration, rate=spec.rate,
+                             reply_timeout=spec.reply_timeout, resend=False))
+        cpu_after = cpu_seconds(processes)
+        metrics_after = scrape(server.metrics_url)
+        check_delivered(result, "shardlog", spec.reply_timeout)
+        used = memory_of(server.processes())
+        reported = worker_counts(metrics_before, metrics_after, workers)
+        if reported is None:
+            notes.append("per-worker counts not cross-checked: metrics not reachable")
+        shares = balance(uuids, result.completed_by_stream, workers, reported)
+        restarted = _restart(server, sock, spec, uuids, progress) if restart else None
+        if not server.disposable:
+            _tear_down(sock, spec, uuids)
+    finally:
+        sock.close()
+    return _Driven(streams, result, workers, setup_seconds, empty, used, shares,
+                   _cpu_per_request(cpu_before, cpu_after, result.requests), restarted)
 
 
 def _set_up(sock: socket.socket, spec: LoadSpec, uuids: Sequence[str],
