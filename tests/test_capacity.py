@@ -147,6 +147,12 @@ def test_a_tiny_sweep_writes_json_csv_summary_and_plots(tmp_path):
     assert "knee:" in summary and "x echo" in summary
     for name in PLOTS:
         assert _png_has_a_picture(out / name), name
+    # The plots and summary can be drawn again from the JSON alone.
+    again = tmp_path / "again"
+    replot = capacity("--replot", str(out / "results.json"), "--out", str(again))
+    assert replot.returncode == 0, replot.stderr
+    assert (again / "summary.txt").read_text() == summary
+    assert all(_png_has_a_picture(again / name) for name in PLOTS)
 
 
 def test_every_workload_runs_against_a_started_server(tmp_path):

@@ -14,7 +14,7 @@ from ..kernelsim.connector import DEFAULT_PORT
 from ..kernelsim.echo import PeerError
 from ..netns import enter_private_netns, kernel_connector_reachable
 from .progress import Progress
-from .results import Run, summary, write_csv, write_json
+from .results import Run, read_json, summary, write_csv, write_json
 from .runner import AttachedServer, CapacityError, Server, SpawnedServer, measure_point
 from .spec import SWEEPABLE, WORKLOADS, LoadSpec, SpecError, parse_sweep
 
@@ -68,6 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="the knee: the largest load whose FLUSH p99 stays under this "
                           "(default 10 ms)")
     out.add_argument("--no-progress", action="store_true", help="no progress output")
+    out.add_argument("--replot", type=Path, metavar="RESULTS_JSON",
+                     help="measure nothing: draw the plots and summary of an earlier run "
+                          "again (into --out, default beside the file)")
     server = parser.add_argument_group("the server")
     server.add_argument("--state-dir", type=Path, default=Path("."),
                         help="where a started server's state directories go (default: the "
@@ -84,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.replot is not None:
+        return _replot(args.replot, args.out or args.replot.parent)
     try:
         base = LoadSpec(mirrors=args.mirrors, regions=args.regions,
                         region_size=args.region_size, workload=args.workload,
@@ -153,6 +158,22 @@ def run(args: argparse.Namespace) -> int:
     print()
     print((out_dir / "summary.txt").read_text(), end="")
     print(f"\nresults in {out_dir}/: results.json, results.csv, summary.txt, *.png")
+    return 0
+
+
+def _replot(results: Path, out_dir: Path) -> int:
+    from .plots import draw
+
+    try:
+        run = read_json(results)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"shardlog capacity: {results}: not a capacity results.json ({exc})",
+              file=sys.stderr)
+        return 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "summary.txt").write_text(summary(run))
+    for path in draw(run, out_dir):
+        print(path)
     return 0
 
 

@@ -125,11 +125,11 @@ def _balance(run: Run, path: Path) -> Path:
 def _memory(run: Run, path: Path) -> Path:
     xs = _axis(run)[0]
     fig, (total, per) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for role, marker in (("front", "o"), ("worker", "s")):
+    for role, name, marker in (("front", "front", "o"), ("worker", "workers (sum)", "s")):
         total.plot(xs, [sum(r["rss"] for r in p.memory if r["role"] == role) / MiB
-                        for p in run.points], marker + "--", label=f"RSS {role}")
+                        for p in run.points], marker + "--", label=f"RSS {name}")
         total.plot(xs, [sum(r["pss"] for r in p.memory if r["role"] == role) / MiB
-                        for p in run.points], marker + "-", label=f"PSS {role}")
+                        for p in run.points], marker + "-", label=f"PSS {name}")
     total.plot(xs, [derived(p)["pss_bytes"] / MiB for p in run.points], "k-",
                label="PSS server total")
     _frame(total, run, "Memory of the server", "MiB")

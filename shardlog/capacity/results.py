@@ -111,6 +111,19 @@ def knee(points: Sequence[Point], limit_ms: float) -> dict[str, Any]:
             "first_over_label": over.label if over else None}
 
 
+def read_json(path: Path) -> Run:
+    """A run back from its results.json (to draw its plots again)."""
+    saved = json.loads(path.read_text())
+    points = []
+    for point in saved["points"]:
+        point = dict(point)
+        point.pop("derived", None)
+        points.append(Point(**point))
+    return Run(command=saved["command"], machine=saved["machine"],
+               filesystem=saved["filesystem"], parameter=saved["parameter"],
+               flush_p99_limit_ms=saved["flush_p99_limit_ms"], points=points)
+
+
 def write_json(run: Run, path: Path) -> None:
     path.write_text(json.dumps(run.as_dict(), indent=2, allow_nan=True) + "\n")
 
