@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .runner import Point
+from .spec import SWEEPABLE
 
 MiB = 1 << 20
 
@@ -153,8 +154,11 @@ def summary(run: Run) -> str:
                  f"{machine['kernel']}, Python {machine['python']}; state on "
                  f"{run.filesystem}")
     lines.append("command: " + " ".join(run.command))
-    first = run.points[0].spec
-    pace = f"rate {first['rate']:,.0f}/s" if first["rate"] else "closed loop"
+    first = dict(run.points[0].spec)
+    if run.parameter is not None:  # not the first point's value: every point has its own
+        first[SWEEPABLE[run.parameter]] = "(swept)"
+    pace = (f"rate {first['rate']}" if isinstance(first["rate"], str)
+            else f"rate {first['rate']:,.0f}/s" if first["rate"] else "closed loop")
     lines.append(f"load: {first['workload']}"
                  f"{' (integrated flush)' if first['integrated_flush'] else ''}, "
                  f"{first['regions']} regions x {first['region_size']} sectors per log, "
