@@ -23,7 +23,8 @@ private network namespace, point by point along one swept parameter (mirrors = 1
 4. Optionally the server is **restarted** after a SIGKILL and every log asked once:
    how long until all of them answer from their restored state.
 
-:mod:`.spec` says what a load is, :mod:`.runner` measures one point, :mod:`.results`
+:mod:`.spec` says what a load is, :mod:`.workloads` what each one sends,
+:mod:`.servers` which server is driven, :mod:`.runner` measures one point, :mod:`.results`
 turns points into JSON, CSV and a summary that names the knee, :mod:`.plots` draws them,
 :mod:`.command` is the ``shardlog capacity`` command (``scripts/capacity.py`` runs it).
 """

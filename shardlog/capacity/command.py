@@ -15,7 +15,8 @@ from ..kernelsim.echo import PeerError
 from ..netns import enter_private_netns, kernel_connector_reachable
 from .progress import Progress
 from .results import Run, read_json, summary, write_csv, write_json
-from .runner import AttachedServer, CapacityError, Server, SpawnedServer, measure_point
+from .runner import measure_point
+from .servers import AttachedServer, CapacityError, Server, SpawnedServer
 from .spec import SWEEPABLE, WORKLOADS, LoadSpec, SpecError, parse_sweep
 
 DESCRIPTION = """\
