@@ -4,9 +4,11 @@ whose JSON, CSV and plots are checked for content (nothing here is timed)."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -228,3 +230,29 @@ def test_run_load_runs_each_cycle_exactly_so_often_with_fewer_logs_than_in_fligh
         result = run_load(sock, streams, in_flight=64, cycles=2, resend=False)
     assert result.completed_by_stream == [2, 4, 6]
     assert result.requests == 12 and not result.unanswered
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_draws_on_a_terminal_and_hands_back_the_result():
+    from shardlog.capacity.progress import Progress
+
+    screen = _Terminal()
+    assert Progress(screen).timed("loading", 0.3, lambda: time.sleep(0.5) or 42) == 42
+    drawn = screen.getvalue()
+    assert "\r" in drawn and "] " in drawn and "% loading" in drawn
+    with pytest.raises(ZeroDivisionError):
+        Progress(_Terminal()).timed("failing", 0.1, lambda: 1 // 0)
+
+
+def test_without_a_terminal_each_phase_is_one_line():
+    from shardlog.capacity.progress import Progress
+
+    log = io.StringIO()
+    progress = Progress(log)
+    assert progress.timed("loading", 0.1, lambda: 7) == 7
+    progress.update(0.5, "half")
+    assert log.getvalue() == "loading\n"
