@@ -54,27 +54,32 @@ import argparse
 import json
 import mmap
 import os
-import platform
 import shlex
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
 from shardlog import protocol
+from shardlog.hostinfo import filesystem_of, machine
 from shardlog.kernelsim import LoadResult, Stream, log_streams, run_load
-from shardlog.kernelsim.connector import group7_listeners
+from shardlog.kernelsim.echo import (
+    PeerError,
+    expect_one_listener,
+    running_echo_peer,
+    wait_for_no_listener,
+)
 from shardlog.kernelsim.serveprocess import ServeFailed, ServeProcess
 from shardlog.netns import enter_private_netns
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
+from shardlog.procstat import cpu_seconds, server_processes
 from shardlog.protocol import RequestType as T
 
 RCVBUF = 32 << 20
@@ -84,13 +89,6 @@ FLUSH_UUID = "bench-flush"
 LOG_REGIONS = 1024
 FLUSH_REGIONS = 1 << 20  # room for every FLUSH of a round to mark a region of its own
 PAGE = mmap.PAGESIZE
-
-# Where a datagram holds what the echo peer reads or patches (protocol.py's layout):
-# nlmsghdr (16) | cn_msg (20) | dm_ulog_request header (160) | data.
-_NL_LEN, _NL_SEQ, _CN_LEN = slice(0, 4), slice(8, 12), slice(32, 34)
-_ULOG_ERROR, _ULOG_DATA_SIZE = slice(180, 184), slice(192, 196)
-_ULOG_TYPE_AT = 188
-_HEADERS = 196
 
 
 class BenchError(Exception):
@@ -176,80 +174,6 @@ def run_one(sock: socket.socket, load: Load, streams: list[Stream], settings: Se
                              for name in cpu_after})
 
 
-# --- the echo peer -------------------------------------------------------------------
-
-
-def _reply_patches() -> list[tuple[bytes, bytes, bytes, bytes, int] | None]:
-    """Per request type byte: nlmsg_len, cn_msg.len, data_size, payload, datagram size."""
-    patches: list[tuple[bytes, bytes, bytes, bytes, int] | None] = [None] * 256
-    for request_type, size in protocol.REPLY_SIZES.items():
-        size = size or 0  # variable-size replies (CTR, STATUS_*): empty
-        total = _HEADERS + size
-        patches[request_type] = (total.to_bytes(4, "little"),
-                                 (total - 36).to_bytes(2, "little"),
-                                 size.to_bytes(4, "little"), bytes(size), total)
-    return patches
-
-
-def echo_peer(reply_port: int, ready_fd: int) -> None:
-    """The echo peer's process: join group 7, answer everything, until killed.
-
-    The reply is the request itself, patched: nlmsg_len, nlmsg_seq (0, as shardlog's),
-    cn_msg.len, error 0, data_size, and a zero payload of the type's reply size."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sock = open_connector_socket(receive_buffer=RCVBUF, join_group_7=True)
-    os.write(ready_fd, b"r")
-    os.close(ready_fd)
-    patches = _reply_patches()
-    buf = bytearray(65536)
-    view = memoryview(buf)
-    recv_into, sendto, destination = sock.recv_into, sock.sendto, (reply_port, 0)
-    zero4 = bytes(4)
-    while True:
-        size = recv_into(buf)
-        if size < _HEADERS:
-            continue
-        patch = patches[buf[_ULOG_TYPE_AT]]
-        if patch is None:
-            continue
-        nl_len, cn_len, data_size, payload, total = patch
-        buf[_NL_LEN] = nl_len
-        buf[_NL_SEQ] = zero4
-        buf[_CN_LEN] = cn_len
-        buf[_ULOG_ERROR] = zero4
-        buf[_ULOG_DATA_SIZE] = data_size
-        if payload:
-            buf[_HEADERS:total] = payload
-        sendto(view[:total], destination)
-
-
-@contextmanager
-def running_echo_peer(reply_port: int) -> Iterator[int]:
-    ready_r, ready_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into the parent's code
-        try:
-            os.close(ready_r)
-            echo_peer(reply_port, ready_w)
-        except BaseException as exc:
-            print(f"echo peer: {exc!r}", file=sys.stderr)
-        finally:
-            os._exit(1)
-    os.close(ready_w)
-    try:
-        if os.read(ready_r, 1) != b"r":
-            raise BenchError("the echo peer did not start")
-        expect_one_listener("echo peer")
-        yield pid
-    finally:
-        os.close(ready_r)
-        with suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        wait_for_no_listener()
-
-
 # --- shardlog --------------------------------------------------------------------------
 
 
@@ -262,20 +186,13 @@ class Server(ServeProcess):
 
     def start(self, timeout: float = 30.0) -> Server:
         super().start(timeout)
-        expect_one_listener("shardlog")
+        expect_one_listener("shardlog", LOAD_PORT)
         return self
 
     def pids(self) -> dict[str, list[int]]:
         """The front and its workers (its children)."""
         assert self.process is not None
-        front = self.process.pid
-        workers = []
-        for entry in os.scandir("/proc"):
-            if entry.name.isdigit():
-                with suppress(OSError, IndexError, ValueError):
-                    if _stat_fields(int(entry.name))[2] == front:
-                        workers.append(int(entry.name))
-        return {"front": [front], "workers": workers}
+        return server_processes(self.process.pid)
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, as systemd does; it must commit every log and exit 0."""
@@ -283,32 +200,8 @@ class Server(ServeProcess):
         if code != 0:
             tail = "\n".join(self.log.splitlines()[-20:])
             raise BenchError(f"shardlog serve exited {code} after SIGTERM:\n{tail}")
-        wait_for_no_listener()
+        wait_for_no_listener(LOAD_PORT)
         return code
-
-
-def _stat_fields(pid: int) -> tuple[float, float, int]:
-    """(user CPU seconds, system CPU seconds, parent pid) of a process (/proc/PID/stat)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / ticks, int(fields[12]) / ticks, int(fields[1])
-
-
-def cpu_seconds(processes: dict[str, list[int]]) -> dict[str, float]:
-    """CPU seconds so far of each named group of processes and of this one (``load``, the
-    simulated kernel): ``name`` is user + system, ``name sys`` the system part."""
-    times = os.times()
-    cpu = {"load": times.user + times.system, "load sys": times.system}
-    for name, pids in processes.items():
-        user = system = 0.0
-        for pid in pids:
-            with suppress(OSError):
-                pid_user, pid_system, _ = _stat_fields(pid)
-                user += pid_user
-                system += pid_system
-        cpu[name], cpu[f"{name} sys"] = user + system, system
-    return cpu
 
 
 def ask(sock: socket.socket, seq: int, request_type: T, uuid: str,
@@ -336,21 +229,6 @@ def open_logs(sock: socket.socket, logs: Sequence[str]) -> None:
         ask(sock, seq, T.CTR, uuid, f"{regions * 8} core 8 nosync".encode())
         ask(sock, seq + 1, T.RESUME, uuid)
         seq += 2
-
-
-def expect_one_listener(what: str) -> None:
-    members = group7_listeners(exclude_port=LOAD_PORT)
-    if len(members) != 1:
-        raise BenchError(f"{what}: expected one member of connector group 7, found "
-                         f"{len(members)} (ports {members})")
-
-
-def wait_for_no_listener(timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while group7_listeners(exclude_port=LOAD_PORT):
-        if time.monotonic() > deadline:
-            raise BenchError("a server is still subscribed to group 7")
-        time.sleep(0.01)
 
 
 # --- the bare msync ---------------------------------------------------------------------
@@ -589,37 +467,6 @@ def cpu_text(cpu: dict[str, float]) -> str:
                      for name, us in cpu.items() if not name.endswith(" sys"))
 
 
-# --- the machine -------------------------------------------------------------------------
-
-
-def filesystem_of(path: Path) -> str:
-    """The type of the filesystem holding ``path`` (the longest mount point above it)."""
-    path = path.resolve()
-    best, kind = "", "?"
-    with open("/proc/self/mounts") as mounts:
-        for line in mounts:
-            fields = line.split()
-            mount_point = fields[1].replace("\\040", " ")
-            inside = path == Path(mount_point) or Path(mount_point) in path.parents
-            if inside and len(mount_point) >= len(best):
-                best, kind = mount_point, fields[2]
-    return kind
-
-
-def cpu_model() -> str:
-    with suppress(OSError), open("/proc/cpuinfo") as info:
-        for line in info:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
-def machine() -> dict[str, object]:
-    return {"nproc": len(os.sched_getaffinity(0)), "cpus": os.cpu_count(),
-            "cpu": cpu_model(), "kernel": platform.release(),
-            "python": platform.python_version()}
-
-
 # --- main --------------------------------------------------------------------------------
 
 
@@ -673,7 +520,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_server-", dir=args.state_dir) as base:
         try:
             rounds = measure(Path(base), settings)
-        except (BenchError, ServeFailed) as exc:
+        except (BenchError, PeerError, ServeFailed) as exc:
             print(f"bench_server: {exc}", file=sys.stderr)
             return 1
     checks = verdicts(rounds)

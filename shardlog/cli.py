@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TextIO
 
 from . import __version__, control, inspect, nlmessages, protocol, status, top, tracing
+from .capacity import command as capacity_command
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .describe import describe_answer, describe_payload
 from .front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
@@ -107,6 +108,13 @@ def _parser() -> argparse.ArgumentParser:
                              "directory, removed afterwards)")
     replay.add_argument("--all", action="store_true", help="show every request, not a sample")
     replay.set_defaults(run=_replay)
+
+    capacity = commands.add_parser(
+        "capacity", help="capacity test: drive a server with a described load (root)",
+        description=capacity_command.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    capacity_command.add_arguments(capacity)
+    capacity.set_defaults(run=capacity_command.run)
 
     decode = commands.add_parser("decode", help="print datagrams field by field")
     decode.add_argument("file", nargs="?", type=Path, help="hex or JSON lines (default: stdin)")

@@ -93,6 +93,13 @@ CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 _REPLY_MIN = REPLY_ERROR_OFFSET + REPLY_ERROR.size  # a full reply, with its error field
 
 
+def worker_index(uuid_key: bytes, workers: int) -> int:
+    """The worker that serves a log: a CRC of its uuid's bytes (up to their NUL, as
+    :func:`protocol.peek_request` gives them), modulo the number of workers.  Every
+    instance of a log meets in one worker; tools that predict the balance call this."""
+    return zlib.crc32(uuid_key) % workers
+
+
 class ServeError(Exception):
     """The server cannot start; the message says why, in one line."""
 
@@ -145,7 +152,7 @@ class Front:
 
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.stats = FrontStats()
+        self.stats = FrontStats(config.workers)
         # Nothing is measured when nobody can read it (--metrics-addr ''): the benchmark
         # compares the two.
         self.recording = bool(config.metrics_addr)
@@ -362,7 +369,9 @@ class Front:
             stats.requests[request_type] += 1
             if stats.resend_watch:
                 stats.check_resend(datagram, now_ns)
-            slot = slots[zlib.crc32(uuid_field) % nslots]
+            index = worker_index(uuid_field, nslots)
+            stats.worker_requests[index] += 1
+            slot = slots[index]
             if not slot.in_flight:
                 slot.progress = time.monotonic()
             tag = self._next_tag = (self._next_tag + 1) & 0xFFFFFFFF

@@ -87,8 +87,9 @@ def result_name(error: int) -> str:
 class FrontStats:
     """What the front has counted since it started, and the workers' counter totals."""
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int = 0) -> None:
         self.requests = [0] * _TYPE_COUNT  # received, by raw request type (the low byte)
+        self.worker_requests = [0] * workers  # routed to each worker slot
         # Answered: ok[type], and the others by results[type << 12 | -error] (an errno is
         # below 4096).
         self.ok = [0] * _TYPE_COUNT
@@ -219,6 +220,13 @@ class FrontCollector(Collector):
                 latency.add_metric([_TYPE_NAMES.get(value, "unknown")],
                                    _cumulative(LATENCY_BOUNDS, counts), sums[value] / 1e9)
         yield latency
+
+        routed = CounterMetricFamily(
+            "shardlog_worker_requests", "Requests routed to each worker slot",
+            labels=["worker"])
+        for index, count in enumerate(stats.worker_requests):
+            routed.add_metric([str(index)], count)
+        yield routed
 
     def _front_counters(self) -> Iterator:
         stats = self.stats
@@ -353,3 +361,14 @@ def parse_address(address: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or not host or int(port) > 65535:
         raise ValueError(f"metrics address {address!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """Every sample of a /metrics page (text format), keyed by its name with labels, as
+    ``shardlog_requests_total{type="flush"}``: for tests and tools that scrape the server."""
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples

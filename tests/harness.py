@@ -10,11 +10,12 @@ import contextlib
 import errno
 import socket
 import urllib.request
-import zlib
 from pathlib import Path
 
 from shardlog import protocol
+from shardlog.front import worker_index
 from shardlog.kernelsim.serveprocess import ServeProcess
+from shardlog.metrics import parse_samples
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import Reply, RequestType
 
@@ -40,13 +41,7 @@ class ServerProcess(ServeProcess):
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics, keyed by its name with labels."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-        text = urllib.request.urlopen(url, timeout=5).read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
+        return parse_samples(urllib.request.urlopen(url, timeout=5).read().decode())
 
 
 def _free_port() -> int:
@@ -126,11 +121,11 @@ class RawPeer:
 
 
 def uuids_for_worker(worker: int, workers: int, count: int, prefix: str = "log") -> list[str]:
-    """Log uuids that the front routes to ``worker`` (its routing rule, restated)."""
+    """Log uuids that the front routes to ``worker`` (by its own routing function)."""
     found, n = [], 0
     while len(found) < count:
         uuid = f"{prefix}-{n}"
-        if zlib.crc32(uuid.encode()) % workers == worker:
+        if worker_index(uuid.encode(), workers) == worker:
             found.append(uuid)
         n += 1
     return found

@@ -12,7 +12,8 @@ The kernel's side of the protocol is three layers, and so is this package:
   reads, recovery, suspend/resume and table reloads, plus an oracle of which regions'
   legs may differ, to catch a server that calls them clean or in sync.
 
-:mod:`.load` drives many logs at once for benchmarks.  :mod:`shardlog.netns` puts the
+:mod:`.load` drives many logs at once for benchmarks and the capacity tool, and
+:mod:`.echo` is the minimal server they set shardlog against.  :mod:`shardlog.netns` puts the
 process in a private network namespace, the only place where any of this may run (there,
 a connector socket reaches the namespace's other sockets and never a real kernel).
 """

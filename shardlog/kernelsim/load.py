@@ -14,6 +14,9 @@ server rather than itself:
 - at most ``in_flight`` logs have a request outstanding; when a reply comes, its log goes to
   the back of the idle queue and the log at its front sends its next request, so every log
   takes turns;
+- with a ``rate``, a request is never sent before its turn on a fixed schedule (the n-th
+  at ``start + n / rate``): an offered load, the same whatever the server; without, the
+  next is sent as soon as a reply frees a slot (a closed loop: the server sets the pace);
 - one thread, one blocking socket, latencies from ``time.perf_counter_ns``; replies are
   matched by seq exactly as the kernel does (``dm_ulog_request.seq``, or ``cn_msg.seq`` for
   an ACK), and an unanswered request is resent with a new seq after ``reply_timeout``.
@@ -107,6 +110,11 @@ def log_streams(logs: Iterable[tuple[str, int]], kind: str = "write", *,
     return [Stream.build(uuid, luid, cycle) for uuid, luid in logs]
 
 
+def _overdue(outstanding: dict[int, tuple[int, int, int]], sent_before: int) -> bool:
+    """Whether a request sent before ``sent_before`` (ns) is still unanswered."""
+    return any(sent_at < sent_before for _index, _type, sent_at in outstanding.values())
+
+
 @dataclass
 class LoadResult:
     """Latencies (ns) per request type name, and the totals."""
@@ -116,7 +124,9 @@ class LoadResult:
     elapsed: float  # seconds
     errors: dict[str, int] = field(default_factory=dict)  # replies with error != 0
     resends: int = 0  # requests resent with a new seq after reply_timeout
+    unanswered: int = 0  # requests given up on after reply_timeout (resend=False)
     stray_replies: int = 0  # replies matching no outstanding seq
+    completed_by_stream: list[int] = field(default_factory=list)  # replies, per stream
 
     @property
     def requests_per_second(self) -> float:
@@ -143,21 +153,31 @@ class LoadResult:
 
 def run_load(target: Connector | socket.socket, streams: Sequence[Stream], *,
              in_flight: int, count: int | None = None, duration: float | None = None,
-             reply_timeout: float = 5.0) -> LoadResult:
-    """Send ``count`` requests (or for ``duration`` seconds) with at most ``in_flight``
-    logs waiting for a reply; wait for the last replies; return the latencies."""
-    if (count is None) == (duration is None):
-        raise ValueError("give exactly one of count and duration")
+             reply_timeout: float = 5.0, rate: float | None = None,
+             cycles: int | None = None, resend: bool = True) -> LoadResult:
+    """Send ``count`` requests (or for ``duration`` seconds, or each stream's cycle
+    ``cycles`` times) with at most ``in_flight`` logs waiting for a reply, and no faster
+    than ``rate`` requests per second if given; wait for the last replies; return the
+    latencies.  A request unanswered for ``reply_timeout`` is re-sent with a new seq, as
+    the kernel does, or with ``resend=False`` ends the run (a tool that must not hang on
+    a server that is gone)."""
+    if sum(bound is not None for bound in (count, duration, cycles)) != 1:
+        raise ValueError("give exactly one of count, duration and cycles")
     if not streams or in_flight < 1:
         raise ValueError("run_load needs streams and in_flight >= 1")
+    if rate is not None and rate <= 0:
+        raise ValueError("rate must be positive")
     if isinstance(target, Connector):
         with target.exclusive() as link:
-            return _run(link, streams, in_flight, count, duration, reply_timeout)
-    return _run(RawLink(target, 0), streams, in_flight, count, duration, reply_timeout)
+            return _run(link, streams, in_flight, count, duration, reply_timeout, rate,
+                        cycles, resend)
+    return _run(RawLink(target, 0), streams, in_flight, count, duration, reply_timeout,
+                rate, cycles, resend)
 
 
 def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | None,
-         duration: float | None, reply_timeout: float) -> LoadResult:
+         duration: float | None, reply_timeout: float, rate: float | None,
+         cycles: int | None, resend: bool) -> LoadResult:
     sock = link.sock
     old_timeout = sock.gettimeout()
     sock.settimeout(reply_timeout)
@@ -168,13 +188,16 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
     latencies: list[list[int]] = [[] for _ in range(256)]
     errors = [0] * 256
     positions = [0] * len(streams)
+    completed_by_stream = [0] * len(streams)
     idle = deque(range(len(streams)))
     outstanding: dict[int, tuple[int, int, int]] = {}  # seq -> stream, type, sent at
     buf = bytearray(65536)
     seq = link.seq
-    sent = completed = resends = stray = 0
+    sent = completed = resends = stray = unanswered = 0
     start = now_ns()
     deadline = start + int(duration * 1e9) if duration is not None else None
+    interval_ns = int(1e9 / rate) if rate is not None else 0
+    reply_timeout_ns = int(reply_timeout * 1e9)
 
     def send(index: int) -> None:
         nonlocal seq
@@ -191,14 +214,40 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
         except ConnectionRefusedError:
             pass  # multicast delivered; no kernel at port 0 in a private namespace
 
-    try:
-        for _ in range(min(in_flight, len(streams), count or len(streams))):
+    def pump() -> int | None:
+        """Send what may be sent now; with a rate, when the next one falls due (ns)."""
+        nonlocal sent
+        while idle and len(outstanding) < in_flight:
+            now = now_ns()
+            if (count is not None and sent >= count) or (
+                    deadline is not None and now >= deadline):
+                return None
+            if interval_ns:
+                due = start + sent * interval_ns
+                if due > now:
+                    return due
             send(idle.popleft())
             sent += 1
-        while outstanding:
+        return None
+
+    try:
+        due = pump()
+        while outstanding or due is not None:
+            if interval_ns:
+                # Wait for a reply, but no longer than until the next request is due:
+                # replies are read as they come, never held up by the pacing.
+                wait = reply_timeout_ns if due is None else min(reply_timeout_ns,
+                                                                due - now_ns())
+                sock.settimeout(max(wait, 1000) / 1e9)  # 0 would mean non-blocking
             try:
                 size = sock.recv_into(buf)
             except TimeoutError:
+                if interval_ns and not _overdue(outstanding, now_ns() - reply_timeout_ns):
+                    due = pump()
+                    continue
+                if not resend:
+                    unanswered = len(outstanding)
+                    break
                 # As the kernel does: resend what went unanswered, with new seqs.
                 lost = list(outstanding.values())
                 outstanding.clear()
@@ -228,12 +277,12 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
             if error:
                 errors[request_type] += 1
             completed += 1
+            completed_by_stream[index] += 1
             positions[index] = (positions[index] + 1) % len(streams[index].requests)
-            idle.append(index)
-            if (count is not None and sent < count) or (
-                    deadline is not None and received_at < deadline):
-                send(idle.popleft())
-                sent += 1
+            if cycles is None or positions[index] or (
+                    completed_by_stream[index] < cycles * len(streams[index].requests)):
+                idle.append(index)
+            due = pump()
         elapsed = (now_ns() - start) / 1e9
     finally:
         link.seq = seq
@@ -246,5 +295,7 @@ def _run(link: RawLink, streams: Sequence[Stream], in_flight: int, count: int | 
         elapsed=elapsed,
         errors={names.get(t, str(t)): n for t, n in enumerate(errors) if n},
         resends=resends,
+        unanswered=unanswered,
         stray_replies=stray,
+        completed_by_stream=completed_by_stream,
     )
