@@ -14,6 +14,8 @@ from shardlog import protocol
 from shardlog.logtable import LogTable
 from shardlog.protocol import Request, RequestType
 
+from .harness import RawPeer, ServerProcess
+
 FIXTURES = Path(__file__).parent / "fixtures" / "kernel-6.1"
 DISKLOG_IMAGES = FIXTURES / "disklog"
 SCENARIOS = ("plain", "iflush", "resync", "disklog", "badcount")
@@ -139,3 +141,20 @@ def table(state_dir: Path) -> LogTable:
 @pytest.fixture
 def kernel(table: LogTable) -> Kernel:
     return Kernel(table)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A started server with 2 workers, in the private namespace (the caller's module
+    uses the ``private_netns`` fixture); nothing of it outlives the test."""
+    process = ServerProcess(tmp_path / "state").start()
+    yield process
+    process.close()
+
+
+@pytest.fixture
+def peer() -> Iterator[RawPeer]:
+    """A raw netlink peer on PEER_PORT that plays the kernel."""
+    raw = RawPeer()
+    yield raw
+    raw.close()

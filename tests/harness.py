@@ -129,3 +129,4 @@ def uuids_for_worker(worker: int, workers: int, count: int, prefix: str = "log")
             found.append(uuid)
         n += 1
     return found
+

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,26 +17,12 @@ from shardlog import control, protocol
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.protocol import RequestType as T
 
-from .harness import RawPeer, ServerProcess, uuids_for_worker
+from .harness import ServerProcess, uuids_for_worker
 from .test_cli import shardlog
 
 pytestmark = pytest.mark.usefixtures("private_netns")
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-
-
-@pytest.fixture
-def server(tmp_path: Path):
-    process = ServerProcess(tmp_path / "state").start()
-    yield process
-    process.close()
-
-
-@pytest.fixture
-def peer():
-    raw = RawPeer()
-    yield raw
-    raw.close()
 
 
 def status_json(server: ServerProcess) -> dict:

@@ -31,20 +31,6 @@ from .harness import PEER_PORT, RawPeer, ServerProcess, uuids_for_worker
 pytestmark = pytest.mark.usefixtures("private_netns")
 
 
-@pytest.fixture
-def server(tmp_path: Path):
-    process = ServerProcess(tmp_path / "state").start()
-    yield process
-    process.close()
-
-
-@pytest.fixture
-def peer():
-    raw = RawPeer()
-    yield raw
-    raw.close()
-
-
 # -- start and stop ------------------------------------------------------------------------
 
 
