@@ -1,0 +1,61 @@
+"""``python -m shardlog.kernelvm COMMAND`` (``scripts/kernel-vm`` runs it):
+
+- ``build``: build (or find cached) the guest's kernel and initramfs;
+- ``run SCRIPT``: boot the guest and run a shell command line in it (as root, in the
+  project directory, the virtual environment on PATH), the console on stdout;
+- ``test [PYTEST ARGS]``: boot once and run the kernel scenarios (tests/kernel/guest)
+  in the guest, as the default test suite does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+from . import image, runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shardlog.kernelvm",
+                                     description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("build", help="build the guest image (cached)")
+    run = commands.add_parser("run", help="run a shell command line in the guest")
+    run.add_argument("script")
+    run.add_argument("--timeout", type=float, default=runner.DEFAULT_TIMEOUT)
+    test = commands.add_parser("test", help="run the kernel scenarios in one boot")
+    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    test.add_argument("--timeout", type=float, default=runner.DEFAULT_TIMEOUT)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            guest = image.build()
+            print(f"kernel {guest.kernel}\ninitrd {guest.initrd}")
+            return 0
+        script = args.script if args.command == "run" else \
+            guest_pytest_command(args.pytest_args)
+        with tempfile.TemporaryDirectory(prefix="shardlog-vm-") as share:
+            result = runner.boot(script, Path(share), timeout=args.timeout,
+                                 echo=sys.stdout)
+            print(f"kernel-vm: {result.describe()}", file=sys.stderr)
+            return 1 if result.exit_code is None else result.exit_code
+    except image.ImageError as exc:
+        print(f"kernel-vm: {exc}", file=sys.stderr)
+        return 2
+
+
+def guest_pytest_command(extra: list[str], junit: str | None = None) -> str:
+    """The guest's command line that runs the kernel scenarios with pytest (no cache or
+    bytecode written: the project is read-only there)."""
+    words = ["python", "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=",
+             "-ra", "tests/kernel/guest"]
+    if junit:
+        words.append(f"--junitxml={junit}")
+    return shlex.join(words + list(extra))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
