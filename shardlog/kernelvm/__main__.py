@@ -27,16 +27,18 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("script")
     run.add_argument("--timeout", type=float, default=runner.DEFAULT_TIMEOUT)
     test = commands.add_parser("test", help="run the kernel scenarios in one boot")
-    test.add_argument("pytest_args", nargs=argparse.REMAINDER)
     test.add_argument("--timeout", type=float, default=runner.DEFAULT_TIMEOUT)
-    args = parser.parse_args(argv)
+    # Whatever `test` does not know goes to pytest in the guest.
+    args, pytest_args = parser.parse_known_args(argv)
+    if pytest_args and args.command != "test":
+        parser.error(f"unrecognized arguments: {' '.join(pytest_args)}")
     try:
         if args.command == "build":
             guest = image.build()
             print(f"kernel {guest.kernel}\ninitrd {guest.initrd}")
             return 0
         script = args.script if args.command == "run" else \
-            guest_pytest_command(args.pytest_args)
+            guest_pytest_command(pytest_args)
         with tempfile.TemporaryDirectory(prefix="shardlog-vm-") as share:
             result = runner.boot(script, Path(share), timeout=args.timeout,
                                  echo=sys.stdout)
@@ -50,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 def guest_pytest_command(extra: list[str], junit: str | None = None) -> str:
     """The guest's command line that runs the kernel scenarios with pytest (no cache or
     bytecode written: the project is read-only there)."""
-    words = ["python", "-m", "pytest", "-p", "no:cacheprovider", "-o", "addopts=",
+    words = ["python", "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:hypothesispytest",
+             "-o", "addopts=",
              "-ra", "tests/kernel/guest"]
     if junit:
         words.append(f"--junitxml={junit}")

@@ -1,0 +1,71 @@
+"""Fixtures of the kernel scenarios, which run as root inside the guest against the real
+kernel: loop devices over the guest's tmpfs, mirrors made with dmsetup, and a real
+``shardlog serve`` (front + workers) answering the kernel over the connector."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shardlog.kernelsim.serveprocess import ServeProcess
+from shardlog.kernelvm import guest
+from shardlog.kernelvm.guest import Loop, Mirror
+
+LEG_SIZE = 16 << 20
+REGION_SECTORS = 256  # 128 KiB regions: 128 of them on a 16 MiB leg
+SECTORS = LEG_SIZE // guest.SECTOR
+
+
+class Rig:
+    """Everything one scenario made, undone in the right order whatever happened: the
+    mirrors first (their DTR needs a server: a userspace log's request with no server
+    waits for one for ever), then the server, then the loop devices."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.state_dir = root / "state"
+        self.loops: list[Loop] = []
+        self.mirrors: list[Mirror] = []
+        self.server: ServeProcess | None = None
+
+    def start_server(self, workers: int = 2) -> ServeProcess:
+        self.server = guest.start_server(self.state_dir, workers)
+        return self.server
+
+    def loop(self, size: int = LEG_SIZE, fill: bytes | None = None) -> Loop:
+        loop = Loop.create(self.root / f"loop{len(self.loops)}.img", size, fill)
+        self.loops.append(loop)
+        return loop
+
+    def legs(self, count: int = 2, size: int = LEG_SIZE,
+             fills: tuple[bytes | None, ...] | None = None) -> list[Loop]:
+        fills = fills or (None,) * count
+        return [self.loop(size, fill) for fill in fills]
+
+    def mirror(self, name: str, table: str) -> Mirror:
+        mirror = Mirror(name, table)
+        self.mirrors.append(mirror)
+        return mirror.create()
+
+    def close(self) -> None:
+        if any(m.created for m in self.mirrors) and (
+                self.server is None or self.server.process.poll() is not None):
+            with contextlib.suppress(Exception):
+                self.start_server()
+        guest.remove_all(self.mirrors)
+        if self.server is not None:
+            self.server.close()
+        for loop in self.loops:
+            loop.detach()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    rig = Rig(tmp_path)
+    try:
+        yield rig
+    finally:
+        rig.close()
