@@ -247,14 +247,17 @@ def remove_all(mirrors: list[Mirror]) -> None:
 
 class WriteLoop:
     """O_DIRECT 4 KiB writes to a device in a thread, each block stamped with its offset
-    and a counter, until stopped or ``count`` writes; errors are kept, not raised."""
+    and a counter, until stopped or ``count`` writes; errors are kept, not raised, and
+    each completed write's time (monotonic) and offset are kept in ``completed``."""
 
     def __init__(self, device: Path | str, size: int, *, count: int | None = None,
-                 block: int = 4096, stride: int = 7919):
+                 block: int = 4096, stride: int = 7919, first_block: int = 0):
         self.device, self.size, self.count, self.block = device, size, count, block
         self.stride = stride  # a prime number of blocks: spreads writes over regions
+        self.first_block = first_block
         self.written = 0
         self.errors: list[str] = []
+        self.completed: list[tuple[float, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -269,12 +272,13 @@ class WriteLoop:
         try:
             while not self._stop.is_set() and (self.count is None or
                                                self.written < self.count):
-                offset = (self.written * self.stride % blocks) * self.block
+                offset = ((self.first_block + self.written * self.stride) % blocks) * self.block
                 stamp = f"{offset}:{self.written};".encode()
                 buffer.seek(0)
                 buffer.write(stamp * (self.block // len(stamp)))
                 try:
                     os.pwritev(fd, [buffer], offset)
+                    self.completed.append((time.monotonic(), offset))
                 except OSError as exc:
                     self.errors.append(f"write at {offset}: {exc}")
                     if len(self.errors) > 10:

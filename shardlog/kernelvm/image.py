@@ -8,8 +8,8 @@ the modules the guest needs are put in load order.
 
 The initramfs holds busybox-static, those modules and ``/init`` (INIT_SCRIPT below).
 Everything lands in the cache directory under a name that includes the kernel version
-and a hash of the init script, so a new kernel package or a changed init builds anew and
-an unchanged one costs nothing.
+and a hash of the init script and module list, so a new kernel package or a changed
+initramfs builds anew and an unchanged one costs nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # What the guest needs, by module name; their dependencies are added from modules.dep.
-GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "loop", "dm-mirror", "dm-log-userspace")
+# dm-delay slows a leg's writes down, to hold writes in flight across a server crash.
+GUEST_MODULES = ("virtio_pci", "9pnet_virtio", "9p", "loop", "dm-mirror", "dm-log-userspace",
+                 "dm-delay")
 
 # Tags of the 9p shares (runner.py passes them to qemu).
 HOSTROOT_TAG = "hostroot"
@@ -104,7 +106,7 @@ def build(cache_dir: Path | None = None) -> GuestImage:
     version = package.removeprefix("linux-image-")
     tree = _unpacked(package, cache_dir)
     kernel = tree / "boot" / f"vmlinuz-{version}"
-    init_hash = hashlib.sha256(INIT_SCRIPT.encode()).hexdigest()[:12]
+    init_hash = hashlib.sha256((INIT_SCRIPT + repr(GUEST_MODULES)).encode()).hexdigest()[:12]
     initrd = cache_dir / f"initrd-{version}-{init_hash}.cpio.gz"
     if not initrd.exists():
         busybox = _unpacked("busybox-static", cache_dir) / "bin" / "busybox"

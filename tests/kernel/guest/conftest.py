@@ -5,7 +5,7 @@ kernel: loop devices over the guest's tmpfs, mirrors made with dmsetup, and a re
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,8 @@ class Rig:
         self.loops: list[Loop] = []
         self.mirrors: list[Mirror] = []
         self.server: ServeProcess | None = None
+        # Undone after the mirrors, before the loops: devices stacked between them.
+        self.cleanup: list[Callable[[], object]] = []
 
     def start_server(self, workers: int = 2) -> ServeProcess:
         self.server = guest.start_server(self.state_dir, workers)
@@ -56,6 +58,9 @@ class Rig:
             with contextlib.suppress(Exception):
                 self.start_server()
         guest.remove_all(self.mirrors)
+        for undo in reversed(self.cleanup):
+            with contextlib.suppress(Exception):
+                undo()
         if self.server is not None:
             self.server.close()
         for loop in self.loops:
