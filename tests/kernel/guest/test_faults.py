@@ -44,7 +44,7 @@ def test_sigkill_of_the_whole_server_during_writes_costs_no_io_error_and_no_resy
                                uuid="uuid-kill")
     mirror = rig.mirror("m-kill", table)
     (instance,) = guest.instance_files(rig.state_dir)
-    writers = [WriteLoop(mirror.path, LEG_SIZE, count=5, first_block=i * 997).start()
+    writers = [WriteLoop(mirror.path, LEG_SIZE, count=3, first_block=i * 997).start()
                for i in range(4)]
     deadline = time.monotonic() + 60
     while not any(w.completed for w in writers) and time.monotonic() < deadline:
@@ -69,7 +69,7 @@ def test_sigkill_of_the_whole_server_during_writes_costs_no_io_error_and_no_resy
     for writer in writers:
         writer.join(180)
         assert writer.errors == []
-        assert writer.written == 5
+        assert writer.written == 3
     status = mirror.status()
     assert (status.in_sync, status.regions) == (REGIONS, REGIONS)  # no resync
     # The kernel did see it gone: a request it sent was lost with the server (re-sent
@@ -143,25 +143,20 @@ def test_many_mirrors_at_once_spread_over_the_workers(rig):
     server = rig.start_server(workers=3)
     count, leg_sectors = 32, 2048  # 1 MiB legs of 16 regions of 64 KiB
     backing = rig.legs(size=count * leg_sectors * guest.SECTOR)
-    mirrors = []
-    for i in range(count):
-        legs = []
-        for side, loop in enumerate(backing):
-            name = f"many{i}-leg{side}"
-            guest.dmsetup("create", name, "--table",
-                          f"0 {leg_sectors} linear {loop.path} {i * leg_sectors}")
-            rig.cleanup.append(lambda n=name: guest.dmsetup("remove", "--force", n,
-                                                            check=False))
-            legs.append(f"/dev/mapper/{name}")
-        table = guest.mirror_table(leg_sectors, legs, region_sectors=128, nosync=True,
-                                   uuid=f"uuid-many-{i}", integrated_flush=i % 2 == 0)
-        mirrors.append(rig.mirror(f"m-many{i}", table))
+    legs = {f"many{i}-leg{side}": f"0 {leg_sectors} linear {loop.path} {i * leg_sectors}"
+            for i in range(count) for side, loop in enumerate(backing)}
+    guest.create_devices(legs)
+    rig.cleanup.append(lambda: guest.dmsetup("remove", "--force", *legs, check=False))
+    mirrors = [rig.mirror(f"m-many{i}", guest.mirror_table(
+        leg_sectors, [f"/dev/mapper/many{i}-leg{side}" for side in (0, 1)],
+        region_sectors=128, nosync=True, uuid=f"uuid-many-{i}",
+        integrated_flush=i % 2 == 0)) for i in range(count)]
     # Every worker holds some of the logs: their instance files are mapped in it.
     holders = [Path(f"/proc/{pid}/maps").read_text().count("/logs/")
                for pid in server.worker_pids()]
     assert len(holders) == 3 and all(holders), holders
     assert sum(holders) == count
-    writers = [WriteLoop(m.path, leg_sectors * guest.SECTOR, count=12, stride=37).start()
+    writers = [WriteLoop(m.path, leg_sectors * guest.SECTOR, count=4, stride=37).start()
                for m in mirrors]
     for writer in writers:
         writer.join(240)

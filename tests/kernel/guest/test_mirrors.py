@@ -21,7 +21,7 @@ def block(tag: str, size: int = 4096) -> bytes:
     return (text * (size // len(text) + 1))[:size]
 
 
-def write_and_read_back(mirror: Mirror, legs: list[guest.Loop], count: int = 32) -> None:
+def write_and_read_back(mirror: Mirror, legs: list[guest.Loop], count: int = 12) -> None:
     """O_DIRECT writes spread over the regions, read back through the mirror and found
     on every leg."""
     offsets = [(i * 7 % REGIONS) * REGION_BYTES + (i % 8) * 4096 for i in range(count)]
@@ -72,7 +72,7 @@ def life_cycle(rig: Rig, log: str, integrated_flush: bool) -> None:
 
     mirror.suspend()
     mirror.resume()
-    write_and_read_back(mirror, legs, count=8)
+    write_and_read_back(mirror, legs, count=4)
     assert mirror.status().synced
 
     mirror.remove()
