@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -56,13 +58,22 @@ def main() -> int:
     parser.add_argument("--workloads", default=",".join(WORKLOADS),
                         help="comma-separated subset of " + ", ".join(WORKLOADS))
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--workers", type=int, default=2, help="shardlog serve --workers")
+    parser.add_argument("--server-cpu", type=int,
+                        help="pin shardlog's front and workers to this CPU")
+    parser.add_argument("--logs", default=",".join(LOGS),
+                        help="comma-separated subset of: " + ", ".join(LOGS) +
+                             f" ({BASELINE!r} is always measured)")
     args = parser.parse_args()
     workloads = args.workloads.split(",")
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    logs = [BASELINE] + [name for name in args.logs.split(",") if name != BASELINE]
+    if set(logs) - set(LOGS):
+        parser.error(f"unknown logs: {', '.join(sorted(set(logs) - set(LOGS)))}")
     if args.here:
-        results = measure(workloads, args.runtime, args.rounds)
+        results = measure(workloads, logs, args)
     else:
         results = measure_in_vm(args)
         if results is None:
@@ -77,9 +88,8 @@ def measure_in_vm(args: argparse.Namespace) -> dict | None:
     from shardlog.kernelvm import runner
 
     with tempfile.TemporaryDirectory(prefix="shardlog-bench-vm-") as share:
-        command = (f"python scripts/bench_kernel.py --here --runtime {args.runtime} "
-                   f"--rounds {args.rounds} --workloads {args.workloads} "
-                   "--json $SHARE/results.json")
+        command = shlex.join(["python", "scripts/bench_kernel.py", "--here", *sys.argv[1:]])
+        command += " --json $SHARE/results.json"
         timeout = 120 + len(LOGS) * args.rounds * len(args.workloads.split(",")) * (
             args.runtime + 15)
         result = runner.boot(command, Path(share), timeout=timeout, echo=sys.stderr)
@@ -90,17 +100,22 @@ def measure_in_vm(args: argparse.Namespace) -> dict | None:
         return json.loads(path.read_text())
 
 
-def measure(workloads: list[str], runtime: float, rounds: int) -> dict:
+def measure(workloads: list[str], logs: list[str], args: argparse.Namespace) -> dict:
     """{"runs": [{round, workload, log, iops, p50_us, p99_us}], ...}"""
     runs = []
+    runtime, rounds = args.runtime, args.rounds
     with tempfile.TemporaryDirectory(prefix="shardlog-bench-") as root_name:
         root = Path(root_name)
-        server = guest.start_server(root / "state", workers=2)
+        server = guest.start_server(root / "state", workers=args.workers)
+        if args.server_cpu is not None:
+            for pid in [server.process.pid, *server.worker_pids()]:
+                os.sched_setaffinity(pid, {args.server_cpu})
         loops: list[guest.Loop] = []
         try:
             for round_number in range(rounds):
                 for workload in workloads:
-                    for name, (log, userspace, iflush) in LOGS.items():
+                    for name in logs:
+                        log, userspace, iflush = LOGS[name]
                         run = one_run(root, loops, name, log, userspace, iflush, workload,
                                       runtime)
                         run["round"] = round_number
@@ -112,7 +127,8 @@ def measure(workloads: list[str], runtime: float, rounds: int) -> dict:
             server.close()
             for loop in loops:
                 loop.detach()
-    return {"runtime": runtime, "rounds": rounds, "runs": runs,
+    return {"runtime": runtime, "rounds": rounds, "runs": runs, "workers": args.workers,
+            "server_cpu": args.server_cpu,
             "kernel": subprocess.run(["uname", "-r"], capture_output=True,
                                      text=True).stdout.strip()}
 
@@ -149,9 +165,11 @@ def one_run(root: Path, loops: list[guest.Loop], name: str, log: str, userspace:
 
 def report(results: dict) -> None:
     runs = results["runs"]
+    pinned = "" if results["server_cpu"] is None else f", pinned to CPU {results['server_cpu']}"
     print(f"fio on dm-mirror, kernel {results['kernel']}, {results['rounds']} round(s) of "
-          f"{results['runtime']:.0f} s per run; ratio = IOPS / IOPS of the in-kernel disk log "
-          "in the same round, median over rounds\n")
+          f"{results['runtime']:.0f} s per run, shardlog --workers {results['workers']}{pinned};"
+          " ratio = IOPS / IOPS of the in-kernel disk log in the same round, median over "
+          "rounds\n")
     print(f"{'workload':<18} {'log':<22} {'IOPS':>8} {'p50 µs':>8} {'p99 µs':>8} "
           f"{'ratio':>6}")
     for workload in dict.fromkeys(run["workload"] for run in runs):

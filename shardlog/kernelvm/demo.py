@@ -100,20 +100,25 @@ def show(root: Path) -> int:
         print("  demo-resync's legs differ everywhere and it was made without nosync: "
               "the kernel resyncs it, asking shardlog for the work")
 
-        step("writing 4 MiB to each mirror with O_DIRECT (4 KiB writes: each waits for "
-             "shardlog's FLUSH)")
-        writers = [guest.WriteLoop(m.path, LEG_SIZE, count=1024).start() for m in mirrors]
+        print(f"  demo-resync right after creation: {mirrors[3].status().in_sync}/"
+              f"{mirrors[3].status().regions} regions in sync")
+        step("writing 1 MiB to each mirror at once, with O_DIRECT (4 KiB writes: each "
+             "waits for shardlog's FLUSH)")
+        writers = [guest.WriteLoop(m.path, LEG_SIZE, count=256).start() for m in mirrors]
         for mirror, writer in zip(mirrors, writers, strict=True):
             writer.join(DEMO_TIMEOUT)
             seconds = writer.completed[-1][0] - writer.completed[0][0] \
                 if len(writer.completed) > 1 else 0.0
-            rate = f"{len(writer.completed) / seconds:,.0f} writes/s" if seconds else ""
+            rate = f"({len(writer.completed) / seconds:,.0f} writes/s)" if seconds else ""
             print(f"  {mirror.name}: {writer.written} writes, {len(writer.errors)} errors "
                   f"{rate}")
             if writer.errors:
                 print("   ", writer.errors[0])
 
         step("waiting for every mirror to be in sync")
+        while not (status := mirrors[3].status()).synced:
+            print(f"  demo-resync: {status.in_sync}/{status.regions}")
+            time.sleep(1)
         for mirror in mirrors:
             mirror.wait_synced(DEMO_TIMEOUT)
         step("what the kernel reports (dmsetup status): <legs> <in sync>/<regions> 1 "

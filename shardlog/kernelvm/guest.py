@@ -82,7 +82,10 @@ class Loop:
             if fill is None:
                 f.truncate(size)
             else:
-                f.write(fill * (size // len(fill)))
+                chunk = (fill * ((1 << 20) // len(fill) + 1))[:1 << 20]
+                for _ in range(size >> 20):
+                    f.write(chunk)
+                f.write(chunk[:size & ((1 << 20) - 1)])
         device = run("losetup", "--find", "--show", str(backing)).strip()
         return cls(backing=backing, path=Path(device))
 
