@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -45,10 +46,39 @@ LOGS = {
     "shardlog core+iflush": ("core", True, True),
     "shardlog disk+iflush": ("disk", True, True),
 }
+# Diagnostic (--one-process): shardlog's own log table answering on the connector socket
+# in one process, no front and no workers: what the three-process path costs.
+ONE_PROCESS = {"1-process core": ("core", True, False),
+               "1-process core+iflush": ("core", True, True)}
 BASELINE = "kernel disk"
 
 
+def respond(state_dir: Path) -> None:
+    """The --one-process diagnostic: requests answered in this one process by shardlog's
+    log table, FLUSHes committed before their reply, as a worker does."""
+    from shardlog import protocol
+    from shardlog.logtable import LogTable
+    from shardlog.nlsocket import open_connector_socket
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    table = LogTable(state_dir)
+    sock = open_connector_socket(receive_buffer=32 << 20, join_group_7=True)
+    while True:
+        raw, (port, _groups) = sock.recvfrom(65536)
+        if port != 0:
+            continue
+        try:
+            reply = table.answer(protocol.decode_datagram(raw))
+        except protocol.ProtocolError as exc:
+            reply = exc.reply
+        if reply:
+            sock.sendto(reply, (0, 0))
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["--respond"]:
+        respond(Path(sys.argv[2]))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--here", action="store_true",
                         help="run on this kernel (inside the guest, or a host with "
@@ -61,6 +91,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=2, help="shardlog serve --workers")
     parser.add_argument("--server-cpu", type=int,
                         help="pin shardlog's front and workers to this CPU")
+    parser.add_argument("--one-process", action="store_true",
+                        help="also measure " + ", ".join(ONE_PROCESS) + " (diagnostic)")
+    parser.add_argument("--vm-cpus", type=int, default=2, help="the guest's vCPUs")
     parser.add_argument("--logs", default=",".join(LOGS),
                         help="comma-separated subset of: " + ", ".join(LOGS) +
                              f" ({BASELINE!r} is always measured)")
@@ -70,6 +103,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
     logs = [BASELINE] + [name for name in args.logs.split(",") if name != BASELINE]
+    if args.one_process:
+        LOGS.update(ONE_PROCESS)
+        logs += list(ONE_PROCESS)
     if set(logs) - set(LOGS):
         parser.error(f"unknown logs: {', '.join(sorted(set(logs) - set(LOGS)))}")
     if args.here:
@@ -92,7 +128,8 @@ def measure_in_vm(args: argparse.Namespace) -> dict | None:
         command += " --json $SHARE/results.json"
         timeout = 120 + len(LOGS) * args.rounds * len(args.workloads.split(",")) * (
             args.runtime + 15)
-        result = runner.boot(command, Path(share), timeout=timeout, echo=sys.stderr)
+        result = runner.boot(command, Path(share), timeout=timeout, echo=sys.stderr,
+                             cpus=args.vm_cpus)
         path = Path(share) / "results.json"
         if result.exit_code != 0 or not path.exists():
             print(f"bench_kernel: {result.describe()}", file=sys.stderr)
@@ -116,8 +153,19 @@ def measure(workloads: list[str], logs: list[str], args: argparse.Namespace) -> 
                 for workload in workloads:
                     for name in logs:
                         log, userspace, iflush = LOGS[name]
-                        run = one_run(root, loops, name, log, userspace, iflush, workload,
-                                      runtime)
+                        if name in ONE_PROCESS:
+                            server.process.send_signal(signal.SIGSTOP)  # out of group 7's way
+                            responder = subprocess.Popen(
+                                [sys.executable, __file__, "--respond", str(root / "one")])
+                            time.sleep(3)  # it joins group 7 (slowly, under emulation)
+                        try:
+                            run = one_run(root, loops, name, log, userspace, iflush,
+                                          workload, runtime)
+                        finally:
+                            if name in ONE_PROCESS:
+                                responder.kill()
+                                responder.wait()
+                                server.process.send_signal(signal.SIGCONT)
                         run["round"] = round_number
                         runs.append(run)
                         print(f"round {round_number} {workload:<18} {name:<22} "
@@ -128,6 +176,7 @@ def measure(workloads: list[str], logs: list[str], args: argparse.Namespace) -> 
             for loop in loops:
                 loop.detach()
     return {"runtime": runtime, "rounds": rounds, "runs": runs, "workers": args.workers,
+            "cpus": os.cpu_count(),
             "server_cpu": args.server_cpu,
             "kernel": subprocess.run(["uname", "-r"], capture_output=True,
                                      text=True).stdout.strip()}
@@ -167,7 +216,8 @@ def report(results: dict) -> None:
     runs = results["runs"]
     pinned = "" if results["server_cpu"] is None else f", pinned to CPU {results['server_cpu']}"
     print(f"fio on dm-mirror, kernel {results['kernel']}, {results['rounds']} round(s) of "
-          f"{results['runtime']:.0f} s per run, shardlog --workers {results['workers']}{pinned};"
+          f"{results['runtime']:.0f} s per run, {results['cpus']} CPUs, shardlog --workers "
+          f"{results['workers']}{pinned};"
           " ratio = IOPS / IOPS of the in-kernel disk log in the same round, median over "
           "rounds\n")
     print(f"{'workload':<18} {'log':<22} {'IOPS':>8} {'p50 µs':>8} {'p99 µs':>8} "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--timeout", type=float, default=runner.DEFAULT_TIMEOUT)
     test = commands.add_parser("test", help="run the kernel scenarios in one boot")
     test.add_argument("--timeout", type=float, default=runner.DEFAULT_TIMEOUT)
+    test.add_argument("--captures", type=Path, metavar="DIR",
+                      help="record the kernel's requests in some scenarios into DIR "
+                           "(capture-*.jsonl, the fixtures' format)")
     # Whatever `test` does not know goes to pytest in the guest.
     args, pytest_args = parser.parse_known_args(argv)
     if pytest_args and args.command != "test":
@@ -39,9 +43,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         script = args.script if args.command == "run" else \
             guest_pytest_command(pytest_args)
+        captures = getattr(args, "captures", None)
+        env = {"SHARDLOG_CAPTURE_DIR": f"{image.GUEST_SHARE}/captures"} if captures else {}
         with tempfile.TemporaryDirectory(prefix="shardlog-vm-") as share:
             result = runner.boot(script, Path(share), timeout=args.timeout,
-                                 echo=sys.stdout)
+                                 echo=sys.stdout, env=env)
+            if captures:
+                captures.mkdir(parents=True, exist_ok=True)
+                for path in (Path(share) / "captures").glob("*.jsonl"):
+                    shutil.copy(path, captures / path.name)
+                    print(f"kernel-vm: recorded {captures / path.name}", file=sys.stderr)
             print(f"kernel-vm: {result.describe()}", file=sys.stderr)
             return 1 if result.exit_code is None else result.exit_code
     except image.ImageError as exc:

@@ -5,6 +5,7 @@ kernel: loop devices over the guest's tmpfs, mirrors made with dmsetup, and a re
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from shardlog.kernelsim.serveprocess import ServeProcess
 from shardlog.kernelvm import guest
 from shardlog.kernelvm.guest import Loop, Mirror
+from shardlog.kernelvm.recorder import Recorder
 
 LEG_SIZE = 16 << 20
 REGION_SECTORS = 256  # 128 KiB regions: 128 of them on a 16 MiB leg
@@ -65,6 +67,22 @@ class Rig:
             self.server.close()
         for loop in self.loops:
             loop.detach()
+
+
+@contextlib.contextmanager
+def recording(name: str) -> Iterator[None]:
+    """Records the kernel's requests meanwhile, as a fixture-to-be, where the harness asks
+    for captures (``python -m shardlog.kernelvm test --captures DIR``).  Only around
+    steps with a live server (recorder.py says why)."""
+    directory = os.environ.get("SHARDLOG_CAPTURE_DIR")
+    if not directory:
+        yield
+        return
+    recorder = Recorder()
+    try:
+        yield
+    finally:
+        recorder.save(Path(directory) / f"capture-{name}.jsonl")
 
 
 @pytest.fixture

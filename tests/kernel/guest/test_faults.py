@@ -4,6 +4,7 @@ many mirrors at once, and a forged request from an unprivileged process."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -16,7 +17,7 @@ from shardlog.kernelvm.guest import LogImage, WriteLoop, direct_read, direct_wri
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import RequestType as T
 
-from .conftest import LEG_SIZE, REGION_SECTORS, SECTORS, Rig
+from .conftest import LEG_SIZE, REGION_SECTORS, SECTORS, Rig, recording
 
 REGIONS = SECTORS // REGION_SECTORS
 REGION_BYTES = REGION_SECTORS * guest.SECTOR
@@ -66,8 +67,10 @@ def test_sigkill_of_the_whole_server_during_writes_costs_no_io_error_and_no_resy
                                        f"{sorted(marked & on_disk.clean)}"
 
     rig.start_server()
+    with recording("reconnect"):  # the kernel's CTR (with its NUL), RESUME, retries
+        for writer in writers:
+            writer.join(180)
     for writer in writers:
-        writer.join(180)
         assert writer.errors == []
         assert writer.written == 3
     status = mirror.status()
@@ -94,10 +97,11 @@ def test_table_reload_under_io_carries_a_disk_logs_state_to_the_new_instance(rig
     mirror = rig.mirror("m-reload", table(nosync=True))
     (old_instance,) = guest.instance_files(rig.state_dir)
     writes = WriteLoop(mirror.path, LEG_SIZE).start()
-    for _ in range(3):
+    for attempt in range(3):
         time.sleep(0.5)
         # Without nosync: only the log device's bits can put the new instance in sync.
-        mirror.reload(table(nosync=False))
+        with recording("reload") if attempt == 0 else contextlib.nullcontext():
+            mirror.reload(table(nosync=False))
         status = mirror.status()
         assert (status.in_sync, status.regions) == (REGIONS, REGIONS)
     writes.stop()
