@@ -21,14 +21,42 @@ REGION_SECTORS = 256  # 128 KiB regions: 128 of them on a 16 MiB leg
 SECTORS = LEG_SIZE // guest.SECTOR
 
 
+class SharedServer:
+    """One ``shardlog serve`` for the scenarios, started again only when one killed it
+    or needs another worker count: under emulation a start costs 5-10 s.  Never two at
+    once (both would answer the kernel).  Between scenarios it holds no log: each
+    scenario removes its mirrors."""
+
+    def __init__(self, root: Path):
+        self.state_dir = root / "state"
+        self.server: ServeProcess | None = None
+        self.workers = 0
+
+    def get(self, workers: int) -> ServeProcess:
+        server = self.server
+        if server is not None and server.process.poll() is None and self.workers == workers:
+            return server
+        self.close()
+        # A fresh log: the worker pids that close() kills are read from it.
+        self.state_dir.parent.joinpath(f"{self.state_dir.name}.log").unlink(missing_ok=True)
+        self.server, self.workers = guest.start_server(self.state_dir, workers), workers
+        return self.server
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
 class Rig:
     """Everything one scenario made, undone in the right order whatever happened: the
     mirrors first (their DTR needs a server: a userspace log's request with no server
-    waits for one for ever), then the server, then the loop devices."""
+    waits for one for ever), then the devices stacked on the loops, then the loops."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, shared: SharedServer):
         self.root = root
-        self.state_dir = root / "state"
+        self.shared = shared
+        self.state_dir = shared.state_dir
         self.loops: list[Loop] = []
         self.mirrors: list[Mirror] = []
         self.server: ServeProcess | None = None
@@ -36,7 +64,8 @@ class Rig:
         self.cleanup: list[Callable[[], object]] = []
 
     def start_server(self, workers: int = 2) -> ServeProcess:
-        self.server = guest.start_server(self.state_dir, workers)
+        """The shared server, alive (a new one if it was killed)."""
+        self.server = self.shared.get(workers)
         return self.server
 
     def loop(self, size: int = LEG_SIZE, fill: bytes | None = None) -> Loop:
@@ -55,16 +84,13 @@ class Rig:
         return mirror.create()
 
     def close(self) -> None:
-        if any(m.created for m in self.mirrors) and (
-                self.server is None or self.server.process.poll() is not None):
+        if any(m.created for m in self.mirrors):
             with contextlib.suppress(Exception):
-                self.start_server()
+                self.start_server(self.shared.workers or 2)
         guest.remove_all(self.mirrors)
         for undo in reversed(self.cleanup):
             with contextlib.suppress(Exception):
                 undo()
-        if self.server is not None:
-            self.server.close()
         for loop in self.loops:
             loop.detach()
 
@@ -85,9 +111,18 @@ def recording(name: str) -> Iterator[None]:
         recorder.save(Path(directory) / f"capture-{name}.jsonl")
 
 
+@pytest.fixture(scope="session")
+def shared_server(tmp_path_factory) -> Iterator[SharedServer]:
+    shared = SharedServer(tmp_path_factory.mktemp("shared"))
+    try:
+        yield shared
+    finally:
+        shared.close()
+
+
 @pytest.fixture
-def rig(tmp_path: Path) -> Iterator[Rig]:
-    rig = Rig(tmp_path)
+def rig(tmp_path: Path, shared_server: SharedServer) -> Iterator[Rig]:
+    rig = Rig(tmp_path, shared_server)
     try:
         yield rig
     finally:
