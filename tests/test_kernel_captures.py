@@ -5,14 +5,21 @@ design relies on."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from shardlog import nlmessages, protocol
 from shardlog.protocol import Request, RequestType
 
-from .conftest import load_capture
+from .conftest import FIXTURES
 
 HARNESS_CAPTURES = ("reload", "reconnect")
+
+
+def load_capture(scenario: str) -> list[dict]:
+    with open(FIXTURES / f"harness-{scenario}.jsonl") as f:
+        return [json.loads(line) for line in f]
 
 
 def requests(scenario: str) -> list[Request]:

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     test.add_argument("--timeout", type=float, default=runner.DEFAULT_TIMEOUT)
     test.add_argument("--captures", type=Path, metavar="DIR",
                       help="record the kernel's requests in some scenarios into DIR "
-                           "(capture-*.jsonl, the fixtures' format)")
+                           "(harness-*.jsonl: requests only, no replies)")
     # Whatever `test` does not know goes to pytest in the guest.
     args, pytest_args = parser.parse_known_args(argv)
     if pytest_args and args.command != "test":

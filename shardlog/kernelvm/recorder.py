@@ -2,8 +2,9 @@
 
 A second member of connector group 7 receives every request the kernel multicasts (the
 kernel takes the first reply per seq; this socket never replies), and keeps each
-datagram as the kernel sent it, with the time and a decoded summary, in the JSON lines
-format of tests/fixtures/kernel-6.1 (``raw_hex`` is what the tests decode).
+datagram as the kernel sent it, with the time and a decoded summary, as JSON lines
+(``raw_hex`` as in tests/fixtures/kernel-6.1's captures, but no replies: they are
+``harness-*.jsonl`` there, beside the ``capture-*.jsonl`` of the answered sessions).
 
 Only ever run it beside a live server: with no server but a recorder in the group, the
 kernel's send succeeds and it waits 15 s for a reply, instead of finding no server

@@ -108,7 +108,7 @@ def recording(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        recorder.save(Path(directory) / f"capture-{name}.jsonl")
+        recorder.save(Path(directory) / f"harness-{name}.jsonl")
 
 
 @pytest.fixture(scope="session")
