@@ -110,3 +110,39 @@ def test_scenario_names_come_from_the_guest_test_files():
     assert all(Path(__file__).parent.joinpath("kernel", "guest",
                                               n.split("::")[0] + ".py").exists()
                for n in names)
+
+
+def _fake_run(share: Path) -> runner.GuestRun:
+    return runner.GuestRun(exit_code=None, timed_out=True, seconds=600.0,
+                           console="line\n" * 100, share=share)
+
+
+def test_a_guest_that_never_finished_is_reported_from_its_progress(tmp_path):
+    from tests.kernel.test_kernel_vm import GuestReport
+
+    progress = tmp_path / "progress.jsonl"
+    progress.write_text(
+        '{"nodeid": "tests/kernel/guest/test_mirrors.py::test_a[core]", "when": "call", '
+        '"outcome": "passed", "text": null}\n'
+        '{"nodeid": "tests/kernel/guest/test_mirrors.py::test_a[disk]", "when": "call", '
+        '"outcome": "failed", "text": "assert 3 == 4"}\n')
+    report = GuestReport(_fake_run(tmp_path), tmp_path / "junit.xml", progress)
+    assert report.cases["test_mirrors::test_a"] == [
+        ("test_a[core]", None), ("test_a[disk]", "failed (call):\nassert 3 == 4")]
+    assert "test_mirrors::test_b" not in report.cases  # the stuck one: reported missing
+    assert len(report.console_tail(10).splitlines()) == 10
+
+
+def test_a_guest_junit_report_gives_each_case_its_failure_text(tmp_path):
+    from tests.kernel.test_kernel_vm import GuestReport
+
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite>'
+        '<testcase classname="tests.kernel.guest.test_faults" name="test_x"/>'
+        '<testcase classname="tests.kernel.guest.test_faults" name="test_y">'
+        '<failure message="boom">trace</failure></testcase>'
+        '</testsuite></testsuites>')
+    report = GuestReport(_fake_run(tmp_path), junit, tmp_path / "none.jsonl")
+    assert report.cases == {"test_faults::test_x": [("test_x", None)],
+                            "test_faults::test_y": [("test_y", "failure: boom\ntrace")]}

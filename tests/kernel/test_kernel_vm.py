@@ -9,6 +9,7 @@ not run (a crash, a timeout) fails here rather than disappearing.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import xml.etree.ElementTree as ElementTree
@@ -33,10 +34,11 @@ def scenario_names() -> list[str]:
 
 
 class GuestReport:
-    def __init__(self, run: runner.GuestRun, junit: Path):
+    def __init__(self, run: runner.GuestRun, junit: Path, progress: Path):
         self.run = run
         self.cases: dict[str, list[tuple[str, str | None]]] = {}  # name -> [(case, failure)]
         if not junit.exists():
+            self._read_progress(progress)  # the guest did not finish: what it reported
             return
         for case in ElementTree.parse(junit).iter("testcase"):
             module = case.get("classname", "").rsplit(".", 1)[-1]
@@ -47,6 +49,22 @@ class GuestReport:
                 f"{problem.tag}: {problem.get('message', '')}\n{problem.text or ''}"
             self.cases.setdefault(f"{module}::{function}", []).append(
                 (case.get("name", ""), text))
+
+    def _read_progress(self, progress: Path) -> None:
+        if not progress.exists():
+            return
+        outcomes: dict[str, str | None] = {}
+        for line in progress.read_text().splitlines():
+            entry = json.loads(line)
+            if entry["outcome"] != "passed":
+                outcomes[entry["nodeid"]] = f"{entry['outcome']} ({entry['when']}):\n" \
+                                            f"{entry['text']}"
+            else:
+                outcomes.setdefault(entry["nodeid"], None)
+        for nodeid, text in outcomes.items():
+            path, _, case = nodeid.partition("::")
+            key = f"{Path(path).stem}::{case.split('[', 1)[0]}"
+            self.cases.setdefault(key, []).append((case, text))
 
     def console_tail(self, lines: int = 60) -> str:
         return "\n".join(self.run.console.splitlines()[-lines:])
@@ -65,11 +83,12 @@ def guest_report(tmp_path_factory) -> GuestReport:
     share = tmp_path_factory.mktemp("kernel-vm")
     junit = "junit.xml"
     command = guest_pytest_command(["-v"], junit=f"{image.GUEST_SHARE}/{junit}")
+    env = {"SHARDLOG_PROGRESS": f"{image.GUEST_SHARE}/progress.jsonl"}
     try:
-        run = runner.boot(command, share, timeout=VM_TIMEOUT)
+        run = runner.boot(command, share, timeout=VM_TIMEOUT, env=env)
     except image.ImageError as exc:
         pytest.fail(f"the guest image could not be built: {exc}")
-    return GuestReport(run, share / junit)
+    return GuestReport(run, share / junit, share / "progress.jsonl")
 
 
 @pytest.mark.parametrize("scenario", scenario_names())

@@ -5,6 +5,8 @@ kernel: loop devices over the guest's tmpfs, mirrors made with dmsetup, and a re
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -109,6 +111,32 @@ def recording(name: str) -> Iterator[None]:
         yield
     finally:
         recorder.save(Path(directory) / f"harness-{name}.jsonl")
+
+
+# A scenario stuck in the kernel (a request nobody answers is retried for ever) would
+# take the whole boot to its timeout with no JUnit report: each outcome is therefore also
+# appended to $SHARDLOG_PROGRESS as it comes, and a stuck scenario's stacks go to the
+# console.
+STUCK_AFTER = 240.0
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    path = os.environ.get("SHARDLOG_PROGRESS")
+    if not path or (report.when != "call" and report.passed):
+        return
+    entry = {"nodeid": report.nodeid, "when": report.when, "outcome": report.outcome,
+             "text": None if report.passed else report.longreprtext}
+    with open(path, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def stacks_if_stuck() -> Iterator[None]:
+    faulthandler.dump_traceback_later(STUCK_AFTER)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture(scope="session")
