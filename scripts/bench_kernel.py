@@ -90,7 +90,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--workers", type=int, default=2, help="shardlog serve --workers")
     parser.add_argument("--server-cpu", type=int,
-                        help="pin shardlog's front and workers to this CPU")
+                        help="pin shardlog's front and workers (and the --one-process "
+                             "responder) to this CPU")
     parser.add_argument("--one-process", action="store_true",
                         help="also measure " + ", ".join(ONE_PROCESS) + " (diagnostic)")
     parser.add_argument("--vm-cpus", type=int, default=2, help="the guest's vCPUs")
@@ -157,6 +158,8 @@ def measure(workloads: list[str], logs: list[str], args: argparse.Namespace) -> 
                             server.process.send_signal(signal.SIGSTOP)  # out of group 7's way
                             responder = subprocess.Popen(
                                 [sys.executable, __file__, "--respond", str(root / "one")])
+                            if args.server_cpu is not None:
+                                os.sched_setaffinity(responder.pid, {args.server_cpu})
                             time.sleep(3)  # it joins group 7 (slowly, under emulation)
                         try:
                             run = one_run(root, loops, name, log, userspace, iflush,
