@@ -109,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--all", action="store_true", help="show every request, not a sample")
     replay.set_defaults(run=_replay)
 
+    demo = commands.add_parser("demo", help="mirrors on shardlog in the real kernel (root; "
+                               "boots a VM where the kernel lacks dm-log-userspace)")
+    demo.set_defaults(run=lambda args: _kernelvm_demo().main())
+
     capacity = commands.add_parser(
         "capacity", help="capacity test: drive a server with a described load (root)",
         description=capacity_command.DESCRIPTION,
@@ -144,6 +148,12 @@ def _serve(args: argparse.Namespace) -> int:
     except ServeError as exc:
         print(f"shardlog serve: {exc}", file=sys.stderr)
         return 1
+
+
+def _kernelvm_demo():
+    from .kernelvm import demo
+
+    return demo
 
 
 # -- input ---------------------------------------------------------------------------------------

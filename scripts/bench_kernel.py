@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""fio on real dm-mirror devices: the in-kernel ``core`` and ``disk`` logs against
+shardlog's ``userspace`` log, with and without ``integrated_flush``, in one boot.
+
+Run from the checkout: ``.venv/bin/python scripts/bench_kernel.py`` boots the guest
+(shardlog.kernelvm) and runs this same script inside it with ``--here`` (which also runs
+directly on a host whose kernel has dm-log-userspace, as root).  Every mirror has two
+64 MiB legs on loop devices over the guest's tmpfs, 512 KiB regions, ``nosync``;
+shardlog runs with ``--workers 2`` and its state directory on tmpfs, its ``disk`` log on
+a loop device.  Each workload runs on every log type in turn, round after round
+(``--rounds``), so a noisy neighbour hits all of them alike; a ratio is taken within a
+round against the in-kernel ``disk`` log and the median over rounds is printed.
+
+Workloads (fio, libaio, O_DIRECT): 4 KiB random writes at iodepth 1 and 16, 64 KiB
+sequential writes at iodepth 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shardlog.kernelvm import guest
+
+LEG_SIZE = 64 << 20
+REGION_SECTORS = 1024
+WORKLOADS = {
+    "randwrite-4k-qd1": ["--rw=randwrite", "--bs=4k", "--iodepth=1"],
+    "randwrite-4k-qd16": ["--rw=randwrite", "--bs=4k", "--iodepth=16"],
+    "write-64k-qd4": ["--rw=write", "--bs=64k", "--iodepth=4"],
+}
+# name -> (log type, shardlog?, integrated_flush)
+LOGS = {
+    "kernel core": ("core", False, False),
+    "kernel disk": ("disk", False, False),
+    "shardlog core": ("core", True, False),
+    "shardlog core+iflush": ("core", True, True),
+    "shardlog disk+iflush": ("disk", True, True),
+}
+# Diagnostic (--one-process): shardlog's own log table answering on the connector socket
+# in one process, no front and no workers: what the three-process path costs.
+ONE_PROCESS = {"1-process core": ("core", True, False),
+               "1-process core+iflush": ("core", True, True)}
+BASELINE = "kernel disk"
+
+
+def respond(state_dir: Path) -> None:
+    """The --one-process diagnostic: requests answered in this one process by shardlog's
+    log table, FLUSHes committed before their reply, as a worker does."""
+    from shardlog import protocol
+    from shardlog.logtable import LogTable
+    from shardlog.nlsocket import open_connector_socket
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    table = LogTable(state_dir)
+    sock = open_connector_socket(receive_buffer=32 << 20, join_group_7=True)
+    while True:
+        raw, (port, _groups) = sock.recvfrom(65536)
+        if port != 0:
+            continue
+        try:
+            reply = table.answer(protocol.decode_datagram(raw))
+        except protocol.ProtocolError as exc:
+            reply = exc.reply
+        if reply:
+            sock.sendto(reply, (0, 0))
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--respond"]:
+        respond(Path(sys.argv[2]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--here", action="store_true",
+                        help="run on this kernel (inside the guest, or a host with "
+                             "dm-log-userspace) instead of booting the guest")
+    parser.add_argument("--runtime", type=float, default=8.0, help="seconds per fio run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS),
+                        help="comma-separated subset of " + ", ".join(WORKLOADS))
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--workers", type=int, default=2, help="shardlog serve --workers")
+    parser.add_argument("--server-cpu", type=int,
+                        help="pin shardlog's front and workers (and the --one-process "
+                             "responder) to this CPU")
+    parser.add_argument("--one-process", action="store_true",
+                        help="also measure " + ", ".join(ONE_PROCESS) + " (diagnostic)")
+    parser.add_argument("--vm-cpus", type=int, default=2, help="the guest's vCPUs")
+    parser.add_argument("--logs", default=",".join(LOGS),
+                        help="comma-separated subset of: " + ", ".join(LOGS) +
+                             f" ({BASELINE!r} is always measured)")
+    args = parser.parse_args()
+    workloads = args.workloads.split(",")
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+    logs = [BASELINE] + [name for name in args.logs.split(",") if name != BASELINE]
+    if args.one_process:
+        LOGS.update(ONE_PROCESS)
+        logs += list(ONE_PROCESS)
+    if set(logs) - set(LOGS):
+        parser.error(f"unknown logs: {', '.join(sorted(set(logs) - set(LOGS)))}")
+    if args.here:
+        results = measure(workloads, logs, args)
+    else:
+        results = measure_in_vm(args)
+        if results is None:
+            return 1
+    report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def measure_in_vm(args: argparse.Namespace) -> dict | None:
+    from shardlog.kernelvm import runner
+
+    with tempfile.TemporaryDirectory(prefix="shardlog-bench-vm-") as share:
+        command = shlex.join(["python", "scripts/bench_kernel.py", "--here", *sys.argv[1:]])
+        command += " --json $SHARE/results.json"
+        timeout = 120 + len(LOGS) * args.rounds * len(args.workloads.split(",")) * (
+            args.runtime + 15)
+        result = runner.boot(command, Path(share), timeout=timeout, echo=sys.stderr,
+                             cpus=args.vm_cpus)
+        path = Path(share) / "results.json"
+        if result.exit_code != 0 or not path.exists():
+            print(f"bench_kernel: {result.describe()}", file=sys.stderr)
+            return None
+        return json.loads(path.read_text())
+
+
+def measure(workloads: list[str], logs: list[str], args: argparse.Namespace) -> dict:
+    """{"runs": [{round, workload, log, iops, p50_us, p99_us}], ...}"""
+    runs = []
+    runtime, rounds = args.runtime, args.rounds
+    with tempfile.TemporaryDirectory(prefix="shardlog-bench-") as root_name:
+        root = Path(root_name)
+        server = guest.start_server(root / "state", workers=args.workers)
+        if args.server_cpu is not None:
+            for pid in [server.process.pid, *server.worker_pids()]:
+                os.sched_setaffinity(pid, {args.server_cpu})
+        loops: list[guest.Loop] = []
+        try:
+            for round_number in range(rounds):
+                for workload in workloads:
+                    for name in logs:
+                        log, userspace, iflush = LOGS[name]
+                        if name in ONE_PROCESS:
+                            server.process.send_signal(signal.SIGSTOP)  # out of group 7's way
+                            responder = subprocess.Popen(
+                                [sys.executable, __file__, "--respond", str(root / "one")])
+                            if args.server_cpu is not None:
+                                os.sched_setaffinity(responder.pid, {args.server_cpu})
+                            time.sleep(3)  # it joins group 7 (slowly, under emulation)
+                        try:
+                            run = one_run(root, loops, name, log, userspace, iflush,
+                                          workload, runtime)
+                        finally:
+                            if name in ONE_PROCESS:
+                                responder.kill()
+                                responder.wait()
+                                server.process.send_signal(signal.SIGCONT)
+                        run["round"] = round_number
+                        runs.append(run)
+                        print(f"round {round_number} {workload:<18} {name:<22} "
+                              f"{run['iops']:>8.0f} IOPS  p50 {run['p50_us']:>7.0f} µs  "
+                              f"p99 {run['p99_us']:>7.0f} µs", file=sys.stderr, flush=True)
+        finally:
+            server.close()
+            for loop in loops:
+                loop.detach()
+    return {"runtime": runtime, "rounds": rounds, "runs": runs, "workers": args.workers,
+            "cpus": os.cpu_count(),
+            "server_cpu": args.server_cpu,
+            "kernel": subprocess.run(["uname", "-r"], capture_output=True,
+                                     text=True).stdout.strip()}
+
+
+def one_run(root: Path, loops: list[guest.Loop], name: str, log: str, userspace: bool,
+            iflush: bool, workload: str, runtime: float) -> dict:
+    legs = [guest.Loop.create(root / f"leg{i}.img", LEG_SIZE) for i in range(2)]
+    log_device = guest.Loop.create(root / "log.img", 1 << 20) if log == "disk" else None
+    made = legs + ([log_device] if log_device else [])
+    loops.extend(made)
+    table = guest.mirror_table(
+        LEG_SIZE // guest.SECTOR, [str(leg.path) for leg in legs], log=log,
+        log_device=log_device.number if log_device else None,
+        region_sectors=REGION_SECTORS, nosync=True,
+        uuid=f"bench-{time.monotonic_ns()}" if userspace else None, integrated_flush=iflush)
+    mirror = guest.Mirror("bench", table).create()
+    try:
+        output = guest.run("fio", "--name=bench", f"--filename={mirror.path}",
+                           "--ioengine=libaio", "--direct=1", "--time_based",
+                           f"--runtime={runtime}", "--ramp_time=1", "--norandommap",
+                           "--randrepeat=0", "--output-format=json",
+                           *WORKLOADS[workload])
+    finally:
+        mirror.remove()
+        for loop in made:
+            loop.detach()
+            loops.remove(loop)
+    write = json.loads(output[output.index("{"):])["jobs"][0]["write"]
+    percentiles = write["clat_ns"].get("percentile", {})
+    return {"workload": workload, "log": name, "iops": write["iops"],
+            "p50_us": percentiles.get("50.000000", 0) / 1000,
+            "p99_us": percentiles.get("99.000000", 0) / 1000}
+
+
+def report(results: dict) -> None:
+    runs = results["runs"]
+    pinned = "" if results["server_cpu"] is None else f", pinned to CPU {results['server_cpu']}"
+    print(f"fio on dm-mirror, kernel {results['kernel']}, {results['rounds']} round(s) of "
+          f"{results['runtime']:.0f} s per run, {results['cpus']} CPUs, shardlog --workers "
+          f"{results['workers']}{pinned};"
+          " ratio = IOPS / IOPS of the in-kernel disk log in the same round, median over "
+          "rounds\n")
+    print(f"{'workload':<18} {'log':<22} {'IOPS':>8} {'p50 µs':>8} {'p99 µs':>8} "
+          f"{'ratio':>6}")
+    for workload in dict.fromkeys(run["workload"] for run in runs):
+        for name in LOGS:
+            mine = [r for r in runs if r["workload"] == workload and r["log"] == name]
+            if not mine:
+                continue
+            ratios = []
+            for run in mine:
+                base = next(r for r in runs if r["workload"] == workload and
+                            r["log"] == BASELINE and r["round"] == run["round"])
+                ratios.append(run["iops"] / base["iops"] if base["iops"] else 0.0)
+            print(f"{workload:<18} {name:<22} "
+                  f"{statistics.median(r['iops'] for r in mine):>8.0f} "
+                  f"{statistics.median(r['p50_us'] for r in mine):>8.0f} "
+                  f"{statistics.median(r['p99_us'] for r in mine):>8.0f} "
+                  f"{statistics.median(ratios):>5.2f}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
