@@ -130,6 +130,10 @@ def show(root: Path) -> int:
         mirrors[2].resume()
         print(f"  {guest.dmsetup('status', 'demo-disk').strip()}")
 
+        step("the same logs as shardlog sees them (shardlog status, over its control socket)")
+        print(guest.run(sys.executable, "-m", "shardlog.cli", "status", "--socket",
+                        str(server.control_socket)).rstrip())
+
         step("shardlog's state: one instance file per log instance, and a CTR record")
         for path in sorted((root / "state" / "logs").iterdir()):
             print(f"  {path.name} ({path.stat().st_size} bytes)")
