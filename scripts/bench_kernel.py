@@ -262,21 +262,17 @@ def report(results: dict) -> None:
           "rounds\n")
     print(f"{'workload':<18} {'log':<22} {'IOPS':>8} {'p50 µs':>8} {'p99 µs':>8} "
           f"{'ratio':>6}")
-    for workload in dict.fromkeys(run["workload"] for run in runs):
-        for name in LOGS:
-            mine = [r for r in runs if r["workload"] == workload and r["log"] == name]
-            if not mine:
-                continue
-            ratios = []
-            for run in mine:
-                base = next(r for r in runs if r["workload"] == workload and
-                            r["log"] == BASELINE and r["round"] == run["round"])
-                ratios.append(run["iops"] / base["iops"] if base["iops"] else 0.0)
-            print(f"{workload:<18} {name:<22} "
-                  f"{statistics.median(r['iops'] for r in mine):>8.0f} "
-                  f"{statistics.median(r['p50_us'] for r in mine):>8.0f} "
-                  f"{statistics.median(r['p99_us'] for r in mine):>8.0f} "
-                  f"{statistics.median(ratios):>5.2f}x")
+    for workload, name, mine in by_workload_and_log(runs):
+        ratios = []
+        for run in mine:
+            base = next(r for r in runs if r["workload"] == workload and
+                        r["log"] == BASELINE and r["round"] == run["round"])
+            ratios.append(run["iops"] / base["iops"] if base["iops"] else 0.0)
+        print(f"{workload:<18} {name:<22} "
+              f"{statistics.median(r['iops'] for r in mine):>8.0f} "
+              f"{statistics.median(r['p50_us'] for r in mine):>8.0f} "
+              f"{statistics.median(r['p99_us'] for r in mine):>8.0f} "
+              f"{statistics.median(ratios):>5.2f}x")
     timed = [run for run in runs if "server_us" in run]
     if timed:
         print("\nwhere a shardlog write's time goes (medians over rounds): the kernel's "
@@ -284,16 +280,21 @@ def report(results: dict) -> None:
               "to reply leaving), and fio's mean write latency\n")
         print(f"{'workload':<18} {'log':<22} {'req/write':>9} {'in shardlog':>12} "
               f"{'x req/write':>12} {'write mean':>11}")
-        for workload in dict.fromkeys(run["workload"] for run in timed):
-            for name in LOGS:
-                mine = [r for r in timed if r["workload"] == workload and r["log"] == name]
-                if not mine:
-                    continue
-                per_write = statistics.median(r["requests_per_write"] for r in mine)
-                inside = statistics.median(r["server_us"] for r in mine)
-                print(f"{workload:<18} {name:<22} {per_write:>9.1f} {inside:>9.0f} µs "
-                      f"{per_write * inside:>9.0f} µs "
-                      f"{statistics.median(r['mean_us'] for r in mine):>8.0f} µs")
+        for workload, name, mine in by_workload_and_log(timed):
+            per_write = statistics.median(r["requests_per_write"] for r in mine)
+            inside = statistics.median(r["server_us"] for r in mine)
+            print(f"{workload:<18} {name:<22} {per_write:>9.1f} {inside:>9.0f} µs "
+                  f"{per_write * inside:>9.0f} µs "
+                  f"{statistics.median(r['mean_us'] for r in mine):>8.0f} µs")
+
+
+def by_workload_and_log(runs: list[dict]):
+    """(workload, log, its runs over the rounds), in the order they were measured."""
+    for workload in dict.fromkeys(run["workload"] for run in runs):
+        for name in LOGS:
+            mine = [r for r in runs if r["workload"] == workload and r["log"] == name]
+            if mine:
+                yield workload, name, mine
 
 
 if __name__ == "__main__":
