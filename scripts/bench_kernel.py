@@ -41,6 +41,7 @@ from pathlib import Path
 
 from shardlog.kernelvm import guest
 from shardlog.metrics import parse_samples
+from shardlog.netns import loopback_up
 
 LEG_SIZE = 64 << 20
 REGION_SECTORS = 1024
@@ -157,7 +158,7 @@ def measure(workloads: list[str], logs: list[str], args: argparse.Namespace) -> 
     runtime, rounds = args.runtime, args.rounds
     with tempfile.TemporaryDirectory(prefix="shardlog-bench-") as root_name:
         root = Path(root_name)
-        subprocess.run(["ip", "link", "set", "lo", "up"], check=False)
+        loopback_up()  # the guest's, for the metrics endpoint
         server = guest.start_server(root / "state", workers=args.workers,
                                     extra=("--metrics-addr", METRICS_ADDR))
         if args.server_cpu is not None:

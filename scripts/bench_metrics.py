@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import socket
 import statistics
 import sys
 import tempfile
@@ -65,7 +64,7 @@ from shardlog import protocol, worker
 from shardlog.front import _REPLY_MIN
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.logtable import LogTable
-from shardlog.metrics import FrontStats
+from shardlog.metrics import FrontStats, free_local_port
 from shardlog.netns import enter_private_netns
 from shardlog.protocol import RequestType as T
 from shardlog.workerstats import Reporter
@@ -81,7 +80,7 @@ class MeteredServer(Server):
         super().__init__(run_dir, workers, LOAD_PORT)
         self.metrics_url = None
         if metrics:
-            port = _free_port()
+            port = free_local_port()
             self.command += ["--metrics-addr", f"127.0.0.1:{port}", "--per-log-metrics", "on"]
             self.metrics_url = f"http://127.0.0.1:{port}/metrics"
 
@@ -109,12 +108,6 @@ class Scraper:
         while not self.stop.wait(1.0):
             urllib.request.urlopen(self.url, timeout=5).read()
             self.scrapes += 1
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def server_cpu_us(result: Measured) -> float:

@@ -16,11 +16,16 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from urllib.parse import unquote
 
 from bitarray import bitarray
 
-from .regionmap import SYNC_MAGIC, StoredImage, StoreError, read_stored_image
+from .regionmap import (
+    SYNC_MAGIC,
+    StoredImage,
+    StoreError,
+    parse_instance_file_name,
+    read_stored_image,
+)
 
 EXIT_OK, EXIT_ERROR = 0, 1
 SHOWN_RANGES = 32  # per kind in the text output unless --all: a fragmented map is long
@@ -89,15 +94,13 @@ def summarize(image: StoredImage) -> dict:
 
 
 def instance_name(path: Path) -> tuple[str | None, str | None]:
-    """The uuid and luid an instance file's name carries (regionmap.instance_file_path),
-    or None for a file named otherwise."""
-    stem, at, luid = path.stem.rpartition("@")
-    if not at or len(luid) != 16:
+    """The uuid and luid an instance file's name carries, or None for a file named
+    otherwise."""
+    parsed = parse_instance_file_name(path.name)
+    if parsed is None:
         return None, None
-    try:
-        return unquote(stem), f"{int(luid, 16):#018x}"
-    except ValueError:
-        return None, None
+    uuid, luid = parsed
+    return uuid, f"{luid:#018x}"
 
 
 def ranges(bits: bitarray, value: int) -> list[list[int]]:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import logging
 import platform
+import socket
 from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import start_http_server
@@ -372,3 +373,11 @@ def parse_samples(text: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 right now: for a metrics endpoint (or a Prometheus)
+    that tests, benchmarks and the capacity tool start beside their own server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

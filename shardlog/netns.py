@@ -27,7 +27,7 @@ def enter_private_netns() -> None:
     if libc.unshare(CLONE_NEWNET) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
-    _loopback_up()
+    loopback_up()
     if kernel_connector_reachable():
         raise RuntimeError("a kernel connector answers in the new network namespace")
 
@@ -48,9 +48,9 @@ def kernel_connector_reachable() -> bool:
         return True
 
 
-def _loopback_up() -> None:
-    # SIOCSIFFLAGS on "lo": the namespace's loopback starts down, and metrics scrapes
-    # (Prometheus, tests) need it.
+def loopback_up() -> None:
+    """Bring this network namespace's "lo" up (SIOCSIFFLAGS; no binary needed): a new
+    namespace's loopback, or a bare guest's, starts down, and metrics scrapes need it."""
     import fcntl
     import struct
 

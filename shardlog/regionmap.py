@@ -724,12 +724,20 @@ def instance_files_by_uuid(state_dir: Path) -> dict[str, dict[int, Path]]:
     except OSError:
         return found
     for name in entries:
-        quoted, at, rest = name.rpartition("@")
-        if not (at and rest.endswith(".map")):
-            continue
-        try:
-            luid = int(rest[: -len(".map")], 16)
-        except ValueError:
-            continue
-        found.setdefault(unquote(quoted), {})[luid] = directory / name
+        parsed = parse_instance_file_name(name)
+        if parsed is not None:
+            uuid, luid = parsed
+            found.setdefault(uuid, {})[luid] = directory / name
     return found
+
+
+def parse_instance_file_name(name: str) -> tuple[str, int] | None:
+    """``(uuid, luid)`` from an instance file's name (:func:`instance_file_path`), or
+    None for a file named otherwise."""
+    quoted, at, rest = name.rpartition("@")
+    if not (at and rest.endswith(".map")):
+        return None
+    try:
+        return unquote(quoted), int(rest[: -len(".map")], 16)
+    except ValueError:
+        return None

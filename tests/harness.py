@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import socket
 import urllib.request
 from pathlib import Path
 
 from shardlog import protocol
 from shardlog.front import worker_index
 from shardlog.kernelsim.serveprocess import ServeProcess
-from shardlog.metrics import parse_samples
+from shardlog.metrics import free_local_port, parse_samples
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import Reply, RequestType
 
@@ -28,7 +27,7 @@ class ServerProcess(ServeProcess):
 
     def __init__(self, state_dir: Path, *, workers: int = 2, peer: int | None = PEER_PORT,
                  extra: tuple[str, ...] = (), run_dir: Path | None = None):
-        self.metrics_port = _free_port()
+        self.metrics_port = free_local_port()
         super().__init__(state_dir, workers=workers, test_peer=peer,
                          metrics_addr=f"127.0.0.1:{self.metrics_port}", extra=extra,
                          run_dir=run_dir)
@@ -42,12 +41,6 @@ class ServerProcess(ServeProcess):
         """Every sample of /metrics, keyed by its name with labels."""
         url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         return parse_samples(urllib.request.urlopen(url, timeout=5).read().decode())
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class RawPeer:

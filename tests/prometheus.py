@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -19,6 +18,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from shardlog.metrics import free_local_port
 
 SCRAPE_INTERVAL = "1s"
 
@@ -42,19 +43,13 @@ def promtool(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
                           text=True, timeout=120)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Prometheus:
     """``prometheus`` scraping ``targets`` (``host:port``) every second."""
 
     def __init__(self, directory: Path, targets: list[str], *, job: str = "shardlog",
                  rule_files: tuple[Path, ...] = ()):
         self.directory = directory
-        self.port = free_port()
+        self.port = free_local_port()
         directory.mkdir(parents=True, exist_ok=True)
         config = directory / "prometheus.yml"
         # JSON is YAML: no YAML library needed to write it.

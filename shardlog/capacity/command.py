@@ -149,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"shardlog capacity: {exc}", file=sys.stderr)
             return 1
         except KeyboardInterrupt:
-            print("shardlog capacity: interrupted; nothing written", file=sys.stderr)
+            kept = (f"the {len(points)} finished points are in {out_dir}" if points
+                    else "no point finished, nothing written")
+            print(f"shardlog capacity: interrupted; {kept}", file=sys.stderr)
             return 130
         finally:
             server.close()

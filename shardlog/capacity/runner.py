@@ -19,7 +19,7 @@ from typing import Any
 
 from ..front import worker_index
 from ..kernelsim.echo import running_echo_peer
-from ..kernelsim.load import LoadResult, Stream, run_load
+from ..kernelsim.load import LoadResult, Stream, percentile_us, run_load
 from ..netns import enter_private_netns
 from ..nlsocket import open_connector_socket
 from ..procstat import cpu_seconds, memory
@@ -42,13 +42,6 @@ HISTOGRAM_EDGES_US = [10 * 10 ** (n / 8) for n in range(6 * 8 + 1)]
 # --- figures -------------------------------------------------------------------------------
 
 
-def _percentile(ordered: Sequence[int], q: float) -> float:
-    if not ordered:
-        return float("nan")
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1] / 1000
-
-
 def load_figures(result: LoadResult) -> dict[str, Any]:
     """Throughput and latency percentiles (us) of a load, overall and per request type,
     and the FLUSH latency histogram."""
@@ -56,9 +49,9 @@ def load_figures(result: LoadResult) -> dict[str, Any]:
     by_type = {}
     for name, values in sorted(result.latencies_ns.items()):
         ordered = sorted(values)
-        by_type[name] = {"count": len(ordered), "p50_us": _percentile(ordered, 50),
-                         "p99_us": _percentile(ordered, 99),
-                         "p999_us": _percentile(ordered, 99.9)}
+        by_type[name] = {"count": len(ordered), "p50_us": percentile_us(ordered, 50),
+                         "p99_us": percentile_us(ordered, 99),
+                         "p999_us": percentile_us(ordered, 99.9)}
     flushes = result.latencies_ns.get("FLUSH", [])
     counts = [0] * (len(HISTOGRAM_EDGES_US) + 1)
     for ns in flushes:
@@ -67,8 +60,8 @@ def load_figures(result: LoadResult) -> dict[str, Any]:
     return {
         "requests": result.requests, "seconds": result.elapsed,
         "requests_per_second": result.requests_per_second,
-        "p50_us": _percentile(every, 50), "p99_us": _percentile(every, 99),
-        "p999_us": _percentile(every, 99.9), "by_type": by_type,
+        "p50_us": percentile_us(every, 50), "p99_us": percentile_us(every, 99),
+        "p999_us": percentile_us(every, 99.9), "by_type": by_type,
         "errors": result.errors, "resends": result.resends,
         "stray_replies": result.stray_replies,
         "flush_histogram": {"edges_us": HISTOGRAM_EDGES_US, "counts": counts},

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -20,8 +19,8 @@ from pathlib import Path
 
 from ..kernelsim.connector import group7_listeners
 from ..kernelsim.serveprocess import ServeFailed, ServeProcess
-from ..metrics import parse_samples
-from ..procstat import children
+from ..metrics import free_local_port, parse_samples
+from ..procstat import server_processes
 from .spec import LoadSpec
 
 
@@ -41,11 +40,7 @@ class Server:
         raise NotImplementedError
 
     def processes(self) -> dict[str, list[int]]:
-        front = self.front_pid()
-        return {"front": [front], "workers": children(front)}
-
-    def workers(self) -> int:
-        return len(self.processes()["workers"])
+        return server_processes(self.front_pid())
 
     def begin_point(self, spec: LoadSpec, label: str) -> None:
         """Ready for a point's logs."""
@@ -80,7 +75,7 @@ class SpawnedServer(Server):
     def begin_point(self, spec: LoadSpec, label: str) -> None:
         run_dir = self.base / label
         run_dir.mkdir(parents=True)
-        port = _free_tcp_port()
+        port = free_local_port()
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         self.process = ServeProcess(run_dir / "state", workers=spec.workers,
                                     test_peer=self.peer_port,
@@ -147,12 +142,6 @@ class AttachedServer(Server):
             raise CapacityError(f"no running server behind pid file {self.pid_file} "
                                 f"({exc})") from exc
         return pid
-
-
-def _free_tcp_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def check_reachable(peer_port: int) -> None:

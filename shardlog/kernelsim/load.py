@@ -139,16 +139,22 @@ class LoadResult:
             samples = sorted(ns for values in self.latencies_ns.values() for ns in values)
         else:
             samples = sorted(self.latencies_ns.get(request_type, ()))
-        if not samples:
-            return math.nan
-        rank = max(1, math.ceil(q / 100 * len(samples)))
-        return samples[rank - 1] / 1000
+        return percentile_us(samples, q)
 
     def p50(self, request_type: str | None = None) -> float:
         return self.percentile_us(50, request_type)
 
     def p99(self, request_type: str | None = None) -> float:
         return self.percentile_us(99, request_type)
+
+
+def percentile_us(ordered: Sequence[int], q: float) -> float:
+    """The ``q``-th percentile (0-100, nearest rank) of sorted nanoseconds, in
+    microseconds (NaN for none)."""
+    if not ordered:
+        return math.nan
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[rank - 1] / 1000
 
 
 def run_load(target: Connector | socket.socket, streams: Sequence[Stream], *,

@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..kernelsim.connector import group7_listeners
 from . import guest
 
 DEMO_TIMEOUT = 300.0
@@ -51,15 +52,8 @@ def in_vm() -> int:
 
 
 def group_7_taken() -> bool:
-    """Whether a socket is already a member of connector group 7 (/proc/net/netlink:
-    protocol 11 is NETLINK_CONNECTOR; the groups column is a bitmask)."""
-    with open("/proc/net/netlink") as f:
-        next(f)
-        for line in f:
-            words = line.split()
-            if words[1] == "11" and int(words[3], 16) & (1 << 6):
-                return True
-    return False
+    """Whether a socket is already a member of connector group 7."""
+    return bool(group7_listeners())
 
 
 def show(root: Path) -> int:
