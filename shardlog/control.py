@@ -62,11 +62,9 @@ class ControlSetupError(Exception):
 class Connection:
     """One client of the control socket, as the front sees it."""
 
-    def __init__(self, server: ControlServer, sock: socket.socket, pid: int, uid: int):
+    def __init__(self, server: ControlServer, sock: socket.socket):
         self.server = server
         self.sock = sock
-        self.pid = pid
-        self.uid = uid
         self.fd = sock.fileno()
         self.inbox = bytearray()
         self.out = bytearray()
@@ -281,7 +279,7 @@ class ControlServer:
             sock.setblocking(False)
             pid, uid, _gid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-            client = Connection(self, sock, pid, uid)
+            client = Connection(self, sock)
             self.clients[client.fd] = client
             self.epoll.register(client.fd, select.EPOLLIN)
             self.handlers[client.fd] = client.on_ready

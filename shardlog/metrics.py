@@ -106,6 +106,7 @@ class FrontStats:
         self.worker_totals: dict[str, float] = {}  # the workers' deltas, added up
         # Bodies of requests answered -EAGAIN → until when a re-send is expected.
         self.resend_watch: dict[bytes, int] = {}
+        self.resend_until = 0  # no entry of resend_watch is watched past this (ns)
 
     def answered(self, sent: Iterable[tuple[tuple, bytes]], now_ns: int) -> None:
         """Count replies that left at ``now_ns``: ``(request, reply)`` pairs, a request
@@ -149,10 +150,17 @@ class FrontStats:
                 del watch[key]
             if len(watch) >= RESEND_WATCH_LIMIT:
                 return
-        watch[resend_key(datagram)] = now_ns + RESEND_WINDOW_NS
+        until = now_ns + RESEND_WINDOW_NS
+        watch[resend_key(datagram)] = until
+        self.resend_until = until  # the latest deadline: entries are added in time order
 
     def check_resend(self, datagram: bytes, now_ns: int) -> None:
         """Called for arrivals while :attr:`resend_watch` is not empty."""
+        if now_ns > self.resend_until:
+            # Every re-send that could still come is overdue: stop watching, so that a
+            # re-send that never came does not tax every later request.
+            self.resend_watch.clear()
+            return
         until = self.resend_watch.pop(resend_key(datagram), None)
         if until is not None and until >= now_ns:
             self.resent_requests += 1

@@ -26,12 +26,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from . import control
 from .protocol import RequestType
-from .workerstats import LogStatus, WorkerReport
+from .workerstats import LOG_FIELDS, LogStatus, WorkerReport, log_row
 
 if TYPE_CHECKING:
     from .front import Front, WorkerSlot
@@ -145,7 +144,7 @@ class StatusCommand:
 
 
 def _log_row(status: LogStatus, worker: int, rate: float) -> dict:
-    row = asdict(status)
+    row = dict(zip(LOG_FIELDS, log_row(status), strict=True))
     row["type"] = row.pop("log_type")
     row["worker"] = worker
     row["requests_per_s"] = round(rate, 1)

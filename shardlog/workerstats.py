@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from dataclasses import astuple, dataclass, field, fields
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -50,7 +51,10 @@ class LogStatus:
     health: str  # A (alive), D (device failed), F (flush failed): the kernel's letters
 
 
-_LOG_FIELDS = len(fields(LogStatus))
+LOG_FIELDS = tuple(spec.name for spec in fields(LogStatus))
+# A log's row, in field order: dataclasses.astuple deep-copies every field, ~30 times
+# slower (100 ms a report of 10,000 logs).
+log_row = attrgetter(*LOG_FIELDS)
 
 
 @dataclass(slots=True)
@@ -65,7 +69,7 @@ class WorkerReport:
 
     def encode(self) -> bytes:
         # Logs as rows, not objects: thousands of them repeat no field names.
-        return json.dumps({"logs": [astuple(status) for status in self.logs],
+        return json.dumps({"logs": [log_row(status) for status in self.logs],
                            "counters": self.counters}, separators=(",", ":")).encode()
 
     @classmethod
@@ -74,7 +78,7 @@ class WorkerReport:
         try:
             document = json.loads(payload)
             logs = [LogStatus(*row) for row in document["logs"]
-                    if len(row) == _LOG_FIELDS]
+                    if len(row) == len(LOG_FIELDS)]
             counters = {str(name): float(value)
                         for name, value in document["counters"].items()}
         except (TypeError, KeyError, AttributeError, ValueError) as exc:
