@@ -52,8 +52,7 @@ from bench_server import (
     Measured,
     Server,
     Settings,
-    cpu_seconds,
-    machine,
+    enter_namespace,
     open_load_socket,
     open_logs,
     run_one,
@@ -62,10 +61,11 @@ from bench_server import (
 
 from shardlog import protocol, worker
 from shardlog.front import _REPLY_MIN
+from shardlog.hostinfo import describe, machine
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.logtable import LogTable
 from shardlog.metrics import FrontStats, free_local_port
-from shardlog.netns import enter_private_netns
+from shardlog.procstat import cpu_seconds
 from shardlog.protocol import RequestType as T
 from shardlog.workerstats import Reporter
 
@@ -267,15 +267,10 @@ def main() -> int:
                         workers=args.workers)
     if settings.logs < 64 or settings.rounds < 1:
         parser.error("need --logs >= 64 (64 in flight) and --rounds >= 1")
-    try:
-        enter_private_netns()
-    except OSError as exc:
-        print(f"bench_metrics: cannot enter a private network namespace ({exc.strerror}): "
-              "run as root (CAP_SYS_ADMIN)", file=sys.stderr)
+    if not enter_namespace("bench_metrics"):
         return 2
     host = machine()
-    print(f"machine: nproc {host['nproc']} ({host['cpu']}), kernel {host['kernel']}, "
-          f"Python {host['python']}")
+    print(f"machine: {describe(host)}")
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"settings: {settings.rounds} rounds x (metrics off, on), {settings.seconds:g} s "
           f"per load, {settings.logs} core logs, {settings.workers} workers")

@@ -68,7 +68,7 @@ from functools import partial
 from pathlib import Path
 
 from shardlog import protocol
-from shardlog.hostinfo import filesystem_of, machine
+from shardlog.hostinfo import describe, filesystem_of, machine
 from shardlog.kernelsim import LoadResult, Stream, log_streams, run_load
 from shardlog.kernelsim.echo import (
     PeerError,
@@ -470,6 +470,18 @@ def cpu_text(cpu: dict[str, float]) -> str:
 # --- main --------------------------------------------------------------------------------
 
 
+def enter_namespace(script: str) -> bool:
+    """Enter a private network namespace (the servers and peers must not meet a real
+    kernel's connector), or say why not."""
+    try:
+        enter_private_netns()
+    except OSError as exc:
+        print(f"{script}: cannot enter a private network namespace ({exc.strerror}): "
+              "run as root (CAP_SYS_ADMIN)", file=sys.stderr)
+        return False
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -498,16 +510,11 @@ def main() -> int:
     if settings.logs < 64 or settings.rounds < 1 or settings.flushes < 2:
         parser.error("need --logs >= 64 (64 in flight), --rounds >= 1, --flushes >= 2")
 
-    try:
-        enter_private_netns()
-    except OSError as exc:
-        print(f"bench_server: cannot enter a private network namespace ({exc.strerror}): "
-              "run as root (CAP_SYS_ADMIN)", file=sys.stderr)
+    if not enter_namespace("bench_server"):
         return 2
     host = machine()
     filesystem = filesystem_of(args.state_dir)
-    print(f"machine: nproc {host['nproc']} ({host['cpu']}), kernel {host['kernel']}, "
-          f"Python {host['python']}")
+    print(f"machine: {describe(host)}")
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"settings: {settings.rounds} rounds x (echo, shardlog), {settings.seconds:g} s per "
           f"load, {settings.flushes} FLUSHes, {settings.logs} core logs, "

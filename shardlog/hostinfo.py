@@ -35,3 +35,9 @@ def machine() -> dict[str, object]:
     return {"nproc": len(os.sched_getaffinity(0)), "cpus": os.cpu_count(),
             "cpu": cpu_model(), "kernel": platform.release(),
             "python": platform.python_version()}
+
+
+def describe(host: dict[str, object]) -> str:
+    """A :func:`machine` in one line, as every benchmark and report heads its output."""
+    return (f"nproc {host['nproc']} ({host['cpu']}), kernel {host['kernel']}, "
+            f"Python {host['python']}")

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ..hostinfo import describe
 from .runner import Point
 from .spec import SWEEPABLE
 
@@ -150,9 +151,7 @@ def summary(run: Run) -> str:
     """The text a reader reads first."""
     lines = []
     machine = run.machine
-    lines.append(f"machine: nproc {machine['nproc']} ({machine['cpu']}), kernel "
-                 f"{machine['kernel']}, Python {machine['python']}; state on "
-                 f"{run.filesystem}")
+    lines.append(f"machine: {describe(machine)}; state on {run.filesystem}")
     lines.append("command: " + " ".join(run.command))
     first = dict(run.points[0].spec)
     if run.parameter is not None:  # not the first point's value: every point has its own
