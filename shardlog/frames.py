@@ -1,14 +1,14 @@
 """Frames between the front process and its workers: raw bytes over pipes, no pickling.
 
-Every frame is a 9-byte header (payload length, kind, tag) and its payload.  A request
-travels as the kernel's datagram itself, a reply as the datagram to send back; both carry
-the front's ``tag`` for the request, so that the front knows which requests a worker still
-holds (answered -EAGAIN if it dies) and replies may return in any order (a worker answers
-a batch's FLUSHes after their group commit, everything else at once).
+Every frame is a 9-byte header (payload length, kind, tag) and its payload.  Requests
+and replies never travel here: each worker reads its shard's netlink socket and replies
+to the kernel itself (front.py).  The pipes carry what is off the request path: a
+worker's readiness, its reports (workerstats.py), the requests it traced while someone
+traces, and the front's orders (report now, trace or stop tracing).
 
 Pickling costs ~38 µs a round trip and multiprocess's Connection framing 11-17 µs against
-~7 µs for a raw pipe (design.md); a struct header and one ``os.write`` per batch keep the
-hop near the raw cost.
+~7 µs for a raw pipe (design.md); a struct header and one ``os.write`` per batch keep a
+frame near the raw cost.
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ HEADER = struct.Struct("=IBI")  # payload length, kind, tag
 # Far above any datagram or report (a worker with 10,000 logs reports ~1.5 MB): a larger
 # length means a corrupt stream.
 MAX_PAYLOAD = 64 << 20
-READ_SIZE = 1 << 20  # a batch: up to ~2000 frames a read
+READ_SIZE = 1 << 20  # what one read takes
 
 
 class Kind(IntEnum):
-    REQUEST = 1  # front → worker: the kernel's datagram
-    REPLY = 2  # worker → front: the datagram to send (empty: nothing to send)
     READY = 3  # worker → front: started, its logs table is up (tag 0, no payload)
     STATS = 4  # worker → front: a workerstats.WorkerReport (tag 0)
     REPORT = 5  # front → worker: send a STATS frame now (tag 0, no payload)
+    TRACING = 6  # front → worker: tag 1, send TRACE frames from now on; tag 0, stop
+    TRACE = 7  # worker → front: the requests of one batch and their replies (tracing.py)
 
 
 class FrameError(Exception):

@@ -4,21 +4,19 @@ Theory of operation
 -------------------
 The front owns the only registry; no metric object exists until Prometheus scrapes.
 
-- **The front's own figures** are plain ``int`` attributes and fixed arrays of
-  :class:`FrontStats`, bumped inline (tens of nanoseconds): requests by type on arrival,
-  replies by type and result, per-type latency histograms, drops, overflows.  A latency
-  histogram's bounds are powers of two nanoseconds (16.4 µs, 32.8 µs, ... 17.2 s), so
-  that an observation's bucket is one shift and ``int.bit_length``: the front's whole
-  bookkeeping for a reply costs ~0.3 µs, against ~12 µs of server CPU per request
-  (scripts/bench_metrics.py measures it end to end).  prometheus-client's
-  own ``Counter.inc`` takes a lock per call, and its multiprocess mode leaves per-pid files
+- **Requests** are counted where they are answered, in the workers, as plain ints
+  (requeststats.py: by type, result and latency, in power-of-two nanosecond buckets,
+  16.4 µs ... 17.2 s, one shift and ``int.bit_length`` per reply), and shipped as
+  *deltas* in the workers' reports; the front adds them to :class:`FrontStats`, beside
+  its own figures (-EAGAIN answers for dead workers, restarts).  prometheus-client's own
+  ``Counter.inc`` takes a lock per call, and its multiprocess mode leaves per-pid files
   behind and is ~3x slower per increment (design.md).
-- **The workers' figures** (commit latency, marks, recovery work, batch sizes, storage
-  errors: what only a worker sees) arrive as counter *deltas* in the workers' reports
-  (workercounters.py encodes them) and are added to :attr:`FrontStats.worker_totals`, so
-  that a worker that dies and is replaced loses at most its last second of figures and
-  never makes a counter go down.  Gauges about logs (how many, in which state, regions
-  in sync) are taken from each worker's latest report as it stands.
+- **The workers' other figures** (commit latency, marks, recovery work, batch sizes,
+  storage errors) arrive the same way, as counter deltas (workercounters.py encodes
+  them), added to :attr:`FrontStats.worker_totals`, so that a worker that dies and is
+  replaced loses at most its last second of figures and never makes a counter go down.
+  Gauges about logs (how many, in which state, regions in sync) are taken from each
+  worker's latest report as it stands.
 - **At scrape time** :class:`FrontCollector` builds metric families from all of it, in
   the HTTP server's thread.  It reads ints and lists that the loop thread writes; the GIL
   makes each read whole, and a scrape that sees one counter a request ahead of another
@@ -48,34 +46,14 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
-from .protocol import REPLY_ERROR, REPLY_ERROR_OFFSET, RequestType
+from .protocol import RequestType
+from .requeststats import LATENCY_BOUNDS, SLOTS, TYPE_COUNT, RequestStats
 from .workercounters import WORKER_METRICS, parse_key
 
 log = logging.getLogger(__name__)
 
 # Request types by their raw value; anything else is counted as "unknown".
 _TYPE_NAMES = {t.value: t.name.lower() for t in RequestType}
-_TYPE_COUNT = 256  # raw types are counted by their low byte
-_reply_error = REPLY_ERROR.unpack_from
-_ERROR_AT = slice(REPLY_ERROR_OFFSET, REPLY_ERROR_OFFSET + REPLY_ERROR.size)
-_NO_ERROR = bytes(REPLY_ERROR.size)
-
-# Request latency, from the datagram's arrival to its reply leaving: a reply to anything
-# but a committing FLUSH takes tens of microseconds, a FLUSH an msync (~0.1 ms) or an
-# fdatasync of a log device (milliseconds), and the kernel gives up after 15 s.  Bucket i
-# holds elapsed nanoseconds whose ``(ns >> LATENCY_SHIFT).bit_length()`` is i: below
-# 2**(LATENCY_SHIFT + i) ns.  (An observation of exactly a bound lands one bucket up: 1 ns.)
-LATENCY_SHIFT = 14  # 2**14 ns = 16.4 µs, the first bound
-LATENCY_BOUNDS = tuple(2 ** (LATENCY_SHIFT + i) / 1e9 for i in range(21))  # to 17.2 s
-_SLOTS = 64  # per type: room for any bit_length of a 64-bit count of nanoseconds
-
-# Why a datagram was dropped (or answered by the front itself) instead of being routed.
-DROP_REASONS = ("forged_sender", "malformed", "not_for_us")
-
-# The front remembers requests it answered -EAGAIN this long, to recognise their re-sends
-# (the kernel re-sends at once), and at most this many.
-RESEND_WINDOW_NS = 5_000_000_000
-RESEND_WATCH_LIMIT = 65536
 
 
 def result_name(error: int) -> str:
@@ -85,91 +63,21 @@ def result_name(error: int) -> str:
     return errno.errorcode.get(-error, f"e{-error}").lower()
 
 
-class FrontStats:
-    """What the front has counted since it started, and the workers' counter totals."""
+class FrontStats(RequestStats):
+    """The workers' request counts added up (their deltas), the front's own figures, and
+    the workers' other counter totals."""
 
     def __init__(self, workers: int = 0) -> None:
-        self.requests = [0] * _TYPE_COUNT  # received, by raw request type (the low byte)
-        self.worker_requests = [0] * workers  # routed to each worker slot
-        # Answered: ok[type], and the others by results[type << 12 | -error] (an errno is
-        # below 4096).
-        self.ok = [0] * _TYPE_COUNT
-        self.results: dict[int, int] = {}
-        self.latency_buckets = [0] * (_TYPE_COUNT * _SLOTS)  # [type << 6 | bucket]
-        self.latency_sum_ns = [0] * _TYPE_COUNT
-        self.dropped = dict.fromkeys(DROP_REASONS, 0)
-        self.enobufs = 0  # the socket's receive buffer overflowed: requests were lost
-        self.send_errors = 0
+        super().__init__()
+        self.worker_requests = [0] * workers  # received by each worker slot
         self.eagain_replies = 0  # requests lost with a worker, answered -EAGAIN
-        self.resent_requests = 0  # re-sends of requests answered -EAGAIN, seen arriving
         self.worker_restarts = 0
         self.worker_totals: dict[str, float] = {}  # the workers' deltas, added up
-        # Bodies of requests answered -EAGAIN → until when a re-send is expected.
-        self.resend_watch: dict[bytes, int] = {}
-        self.resend_until = 0  # no entry of resend_watch is watched past this (ns)
-
-    def answered(self, sent: Iterable[tuple[tuple, bytes]], now_ns: int) -> None:
-        """Count replies that left at ``now_ns``: ``(request, reply)`` pairs, a request
-        being the front's ``(seq, raw type, arrival ns, datagram)`` and a reply a full
-        reply datagram (its error field is read here)."""
-        ok, buckets, sums = self.ok, self.latency_buckets, self.latency_sum_ns
-        error_at, no_error, results = _ERROR_AT, _NO_ERROR, self.results
-        for (_seq, request_type, arrived, _datagram), reply in sent:
-            if reply[error_at] == no_error:
-                ok[request_type] += 1
-            else:
-                key = request_type << 12 | -_reply_error(reply, REPLY_ERROR_OFFSET)[0]
-                results[key] = results.get(key, 0) + 1
-            elapsed = now_ns - arrived
-            buckets[request_type << 6 | (elapsed >> LATENCY_SHIFT).bit_length()] += 1
-            sums[request_type] += elapsed
-
-    def lost(self, requests: Iterable[tuple], error: int, now_ns: int) -> None:
-        """Count requests the front answered itself with ``error`` (-EAGAIN: their worker
-        died)."""
-        results, buckets, sums = self.results, self.latency_buckets, self.latency_sum_ns
-        for _seq, request_type, arrived, _datagram in requests:
-            key = request_type << 12 | -error
-            results[key] = results.get(key, 0) + 1
-            elapsed = now_ns - arrived
-            buckets[request_type << 6 | (elapsed >> LATENCY_SHIFT).bit_length()] += 1
-            sums[request_type] += elapsed
 
     def add_worker_deltas(self, deltas: dict[str, float]) -> None:
         totals = self.worker_totals
         for key, delta in deltas.items():
             totals[key] = totals.get(key, 0) + delta
-
-    # -- re-sent requests --------------------------------------------------------------------
-
-    def expect_resend(self, datagram: bytes, now_ns: int) -> None:
-        """A request answered -EAGAIN: the kernel re-sends it at once with a new seq."""
-        watch = self.resend_watch
-        if len(watch) >= RESEND_WATCH_LIMIT:
-            for key in [k for k, until in watch.items() if until < now_ns]:
-                del watch[key]
-            if len(watch) >= RESEND_WATCH_LIMIT:
-                return
-        until = now_ns + RESEND_WINDOW_NS
-        watch[resend_key(datagram)] = until
-        self.resend_until = until  # the latest deadline: entries are added in time order
-
-    def check_resend(self, datagram: bytes, now_ns: int) -> None:
-        """Called for arrivals while :attr:`resend_watch` is not empty."""
-        if now_ns > self.resend_until:
-            # Every re-send that could still come is overdue: stop watching, so that a
-            # re-send that never came does not tax every later request.
-            self.resend_watch.clear()
-            return
-        until = self.resend_watch.pop(resend_key(datagram), None)
-        if until is not None and until >= now_ns:
-            self.resent_requests += 1
-
-
-def resend_key(datagram: bytes) -> bytes:
-    """A request without its seqs: the kernel's re-send differs from the first send only
-    there (a new seq in the connector header and in dm_ulog_request)."""
-    return datagram[36:184] + datagram[188:]
 
 
 class FrontCollector(Collector):
@@ -177,14 +85,18 @@ class FrontCollector(Collector):
     scrape time."""
 
     def __init__(self, stats: FrontStats, gauges: Callable[[], dict],
-                 per_log: bool = True):
+                 per_log: bool = True, refresh: Callable[[], None] | None = None):
         self.stats = stats
+        # Called first at every scrape: the front has its workers report their counts.
+        self.refresh = refresh
         # Live values from the front: {"workers": [(index, up, in_flight)],
         # "logs": [LogStatus, ...] from the latest reports}.
         self.gauges = gauges
         self.per_log = per_log
 
     def collect(self) -> Iterator:
+        if self.refresh is not None:
+            self.refresh()
         yield from self._requests()
         yield from self._front_counters()
         live = self.gauges()
@@ -218,12 +130,12 @@ class FrontCollector(Collector):
         yield answered
         latency = HistogramMetricFamily(
             "shardlog_request_duration_seconds",
-            "Time from a request's arrival to its reply leaving the front, by type",
+            "Time from a request's arrival in its worker to its reply leaving, by type",
             labels=["type"])
         buckets, sums = stats.latency_buckets, stats.latency_sum_ns
         bounds = len(LATENCY_BOUNDS)
-        for value in range(_TYPE_COUNT):
-            slots = buckets[value * _SLOTS:(value + 1) * _SLOTS]
+        for value in range(TYPE_COUNT):
+            slots = buckets[value * SLOTS:(value + 1) * SLOTS]
             if any(slots):
                 counts = [*slots[:bounds], sum(slots[bounds:])]  # the rest: past every bound
                 latency.add_metric([_TYPE_NAMES.get(value, "unknown")],
@@ -231,7 +143,8 @@ class FrontCollector(Collector):
         yield latency
 
         routed = CounterMetricFamily(
-            "shardlog_worker_requests", "Requests routed to each worker slot",
+            "shardlog_worker_requests",
+            "Requests the kernel routed to each worker slot (its shard socket's filter)",
             labels=["worker"])
         for index, count in enumerate(stats.worker_requests):
             routed.add_metric([str(index)], count)
@@ -241,7 +154,7 @@ class FrontCollector(Collector):
         stats = self.stats
         dropped = CounterMetricFamily(
             "shardlog_datagrams_dropped",
-            "Datagrams not routed to a worker, by reason (malformed ones are answered "
+            "Datagrams not served as requests, by reason (malformed ones are answered "
             "-EINVAL when the kernel waits for them)", labels=["reason"])
         for reason, count in stats.dropped.items():
             dropped.add_metric([reason], count)
@@ -262,7 +175,7 @@ class FrontCollector(Collector):
         up = GaugeMetricFamily("shardlog_worker_up", "1 while the worker serves",
                                labels=["worker"])
         in_flight = GaugeMetricFamily("shardlog_worker_requests_in_flight",
-                                      "Requests handed to the worker and not yet answered",
+                                      "Requests the worker has read and not yet answered",
                                       labels=["worker"])
         total_up = total_in_flight = 0
         for index, ready, count in workers:
@@ -274,7 +187,7 @@ class FrontCollector(Collector):
         yield in_flight
         yield GaugeMetricFamily("shardlog_workers_up", "Workers serving", value=total_up)
         yield GaugeMetricFamily("shardlog_requests_in_flight",
-                                "Requests handed to workers and not yet answered",
+                                "Requests the workers have read and not yet answered",
                                 value=total_in_flight)
 
     def _worker_totals(self) -> Iterator:

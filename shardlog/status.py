@@ -48,7 +48,7 @@ class StatusCommand:
     def __init__(self, front: Front):
         self.front = front
         # (what to do with the snapshot, deadline, slots still owing a report)
-        self._waiting: list[tuple[Callable[[dict], None], float, set[WorkerSlot]]] = []
+        self._waiting: list[tuple[Callable[[], None], float, set[WorkerSlot]]] = []
         # (uuid, luid) → (time, requests) at its worker's previous report, and the rate
         self._previous: dict[tuple[str, int], tuple[float, int]] = {}
         self._rates: dict[tuple[str, int], float] = {}
@@ -66,9 +66,14 @@ class StatusCommand:
     def when_fresh(self, callback: Callable[[dict], None]) -> None:
         """Call ``callback`` with a snapshot once every live worker has reported anew
         (or after FRESH_TIMEOUT): from the loop, never blocking it."""
-        owed = {slot for slot in self.front.slots if slot.ready and slot.request_fd >= 0}
+        self.when_reported(lambda: callback(self.snapshot()))
+
+    def when_reported(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every live worker has reported anew (or after
+        FRESH_TIMEOUT): from the loop, never blocking it."""
+        owed = {slot for slot in self.front.slots if slot.ready and slot.control_fd >= 0}
         if not owed or self.front.stopping:
-            callback(self.snapshot())
+            callback()
             return
         self._waiting.append((callback, time.monotonic() + FRESH_TIMEOUT, owed))
         self.front.request_reports()
@@ -92,20 +97,19 @@ class StatusCommand:
         self._keys_of_slot[slot.index] = keys
         for _callback, _deadline, owed in self._waiting:
             owed.discard(slot)
-        self._answer_ready(lambda deadline, owed: not owed)
+        self._call_ready(lambda deadline, owed: not owed)
 
     def _expire(self) -> None:
         if self._waiting:
             now = time.monotonic()
-            self._answer_ready(lambda deadline, owed: now >= deadline)
+            self._call_ready(lambda deadline, owed: now >= deadline)
 
-    def _answer_ready(self, ready) -> None:
+    def _call_ready(self, ready) -> None:
         due = [entry for entry in self._waiting if ready(entry[1], entry[2])]
         if due:
             self._waiting = [entry for entry in self._waiting if entry not in due]
-            snapshot = self.snapshot()
             for callback, _deadline, _owed in due:
-                callback(snapshot)
+                callback()
 
     def snapshot(self) -> dict:
         front, now = self.front, time.monotonic()
@@ -117,7 +121,7 @@ class StatusCommand:
             workers.append({
                 "index": slot.index, "pid": slot.process.pid, "ready": slot.ready,
                 "restarts": slot.restarts, "logs": len(statuses),
-                "in_flight": len(slot.in_flight),
+                "in_flight": slot.in_flight.held,
                 "requests_per_s": round(sum(rates), 1),
                 "report_age_s": round(now - slot.report_time, 3) if report else None,
             })

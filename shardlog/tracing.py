@@ -2,24 +2,24 @@
 
 Theory of operation
 -------------------
-The front sees every datagram arrive and every reply leave, so it can time them
-itself; the workers know nothing of tracing.  While nobody traces, the front's
-``tracer`` attribute is None and the hot path pays one ``is not None`` test per request
-and per reply (measured with scripts/bench_server.py: README).  When a client subscribes
-(``{"cmd": "trace", "uuid": [...], "type": [...], "sample": N}`` on the control socket),
-the front gets a :class:`Tracer`; then for each request a subscriber wants — matched on
-the raw uuid bytes and type number that routing already read — the arrival time and the
-datagram are kept under the request's tag, and when its reply leaves, one line goes to
-each subscriber that wants it: the time, the worker, the latency and both datagrams in
-hex.  Decoding them (protocol.py, describe.py) is the tracer's work, in its own process
+Each worker answers the kernel itself (front.py), so the workers time their requests:
+while nobody traces, a worker pays one attribute test per request.  When a client
+subscribes (``{"cmd": "trace", "uuid": [...], "type": [...], "sample": N}`` on the control
+socket), the front gets a :class:`Tracer` and tells every worker to trace: after each
+batch a worker sends one TRACE frame with each request's arrival, its latency and both
+datagrams (worker.py).  The front matches each request against the subscriptions — on
+the raw uuid bytes and type number — and sends one line to each subscriber that wants it:
+the time, the worker, the latency and both datagrams in hex.  Decoding them
+(protocol.py, describe.py) is the tracer's work, in its own process
 (:func:`decode_event`): formatted by hand, a line costs the front a few microseconds,
 where decoding and ``json.dumps`` cost it several times that.  Lines go out once per
 wakeup of the front's loop; a subscriber that cannot keep up loses lines, counted and
-reported to it (control.Connection.send_line): a tracer never blocks the front.
+reported to it (control.Connection.send_line): a tracer never blocks the front, and the
+front never blocks a worker.
 
 Decoded events: ``time`` (wall clock, seconds), ``worker``, ``seq``, ``type``,
 ``uuid``, ``luid``, ``args``, ``errno`` (0 or a negative errno; None without a reply),
-``result``, ``latency_us`` (from the datagram's arrival in the front to the reply's
+``result``, ``latency_us`` (from the datagram's arrival in its worker to the reply's
 send), and ``note`` for requests the front answered itself (-EAGAIN for a worker that
 died).
 """
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from .front import Front
 
 EXIT_OK, EXIT_ERROR = 0, 1
-PENDING_LIMIT = 1 << 16  # traced requests awaiting their reply: bounded, whatever happens
 
 
 class Subscription:
@@ -70,8 +69,8 @@ class Subscription:
 
 
 class TraceCommand:
-    """The control socket's ``trace``: subscribes a client; the front traces while
-    anyone is subscribed, and stops (``front.tracer`` back to None) when the last one
+    """The control socket's ``trace``: subscribes a client; the server traces while
+    anyone is subscribed, and stops (``Front.set_tracer(None)``) when the last one
     leaves."""
 
     def __init__(self, front: Front):
@@ -83,7 +82,7 @@ class TraceCommand:
             raise TypeError("uuid and type are lists of strings")
         subscription = Subscription(client, uuids, types, int(message.get("sample", 1)))
         if self.front.tracer is None:
-            self.front.tracer = Tracer()
+            self.front.set_tracer(Tracer())
         self.front.tracer.subscriptions.append(subscription)
         client.on_close.append(lambda: self._unsubscribe(subscription))
         client.send({"subscribed": {"uuid": uuids, "type": types,
@@ -95,37 +94,29 @@ class TraceCommand:
             return
         tracer.subscriptions.remove(subscription)
         if not tracer.subscriptions:
-            self.front.tracer = None
+            self.front.set_tracer(None)
 
 
 class Tracer:
-    """The front's side of tracing: requests seen, awaiting their replies."""
+    """The front's side of tracing: the subscriptions, and the lines for them."""
 
     def __init__(self) -> None:
         self.subscriptions: list[Subscription] = []
-        # tag → (arrival, worker, datagram, subscriptions that want it)
-        self._pending: dict[int, tuple[float, int, bytes, list[Subscription]]] = {}
 
-    def request(self, tag: int, worker: int, uuid_field: bytes, request_type: int,
-                datagram: bytes) -> None:
+    def traced(self, worker: int, arrived: float, latency: float, datagram: bytes,
+               reply: bytes, note: str | None = None) -> None:
+        """A request a worker answered (``reply``; empty: it got none), which arrived at
+        ``arrived`` (wall clock) and was answered ``latency`` seconds later."""
+        routing = protocol.peek_request(datagram)
+        uuid_field, request_type = (routing[0], routing[2] & 0xFF) if routing else (b"", -1)
         wanted = [s for s in self.subscriptions if s.wants(uuid_field, request_type)]
-        if wanted:
-            if len(self._pending) >= PENDING_LIMIT:
-                self._pending.clear()  # replies lost to a dead worker: never a leak
-            self._pending[tag] = (time.perf_counter(), worker, datagram, wanted)
-
-    def reply(self, tag: int, reply: bytes, note: str | None = None) -> None:
-        """The reply to ``tag`` leaves now (empty: the request got none)."""
-        entry = self._pending.pop(tag, None)
-        if entry is None:
+        if not wanted:
             return
-        arrived, worker, datagram, wanted = entry
-        latency = (time.perf_counter() - arrived) * 1e6
         # Numbers and hex only, formatted by hand: json.dumps and the decoders would cost
         # the front several times more per traced request; the tracer decodes (event()).
-        line = (f'{{"time": {time.time():.6f}, "worker": {worker}, "latency_us": '
-                f'{latency:.1f}, "request": "{datagram.hex()}", "reply": "{reply.hex()}"'
-                f'{_NOTES.get(note, "")}}}\n').encode()
+        line = (f'{{"time": {arrived + latency:.6f}, "worker": {worker}, "latency_us": '
+                f'{latency * 1e6:.1f}, "request": "{datagram.hex()}", "reply": '
+                f'"{reply.hex()}"{_NOTES.get(note, "")}}}\n').encode()
         for subscription in wanted:
             if not subscription.client.closed:
                 subscription.client.send_line(line)

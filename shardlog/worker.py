@@ -1,45 +1,59 @@
-"""A worker: the logs of one shard, served from request frames on a pipe.  No netlink.
+"""A worker: the logs of one shard, read from its own netlink socket and answered there.
 
 Theory of operation
 -------------------
-The front process forks N workers and routes every request by a hash of its log's uuid,
-so all instances of one log (a reload's old and new luid) meet in one worker, in order,
-with no locking between processes.  A worker owns a :class:`~shardlog.logtable.LogTable`
-and the instance files of its logs.
+The front opens one connector socket per shard, joined to group 7 with a BPF filter
+that accepts only the requests whose uuid hashes to that shard (routing.py), and forks
+one worker per shard, which inherits its socket.  The kernel runs the filters, so each
+request wakes exactly one process, and every instance of a log (a reload's old and new
+luid: same uuid) meets in one worker, in order, with no locking between processes.  A
+worker owns a :class:`~shardlog.logtable.LogTable` and the instance files of its logs.
 
-Each wakeup it reads everything the pipe holds and answers the batch:
+Each wakeup it drains its socket (at most :data:`inflight.CAPACITY` datagrams) straight
+into its :class:`~shardlog.inflight.InFlight` ring, which the front can read if the
+worker dies, drops whatever does not come from the kernel's port (or the test peer's),
+and answers the batch:
 
-1. every request is decoded and applied; replies to all but FLUSH go out at once, in one
-   write;
+1. every request is decoded and applied; every reply but a FLUSH's is sent at once;
 2. the FLUSHes only staged their marks: the batch's logs are then committed one after
-   another (msync / fdatasync) and only then are their replies written.  Under load a
-   batch holds the FLUSHes of many logs, and none waits for a commit it does not need:
-   a reply never precedes its own log's commit;
+   another (a disk log's device write + fdatasync; a core log needs none: design.md)
+   and only then are their replies sent.  Under load a batch holds the FLUSHes of many
+   logs, and none waits for a commit it does not need: a reply never precedes its own
+   log's commit;
 3. at most once a second while it is busy, and at once when the front asks, it sends the
-   front a report of its logs and counters (workerstats.py) on the same pipe.
+   front a report of its logs and its counters, requests included (workerstats.py), on
+   its events pipe; while someone traces, one TRACE frame per batch (tracing.py).
 
-A malformed datagram gets the -EINVAL reply the codec prepared (the front forwards only
-datagrams it could route, so there always is one).  Nothing a request does can end the
-loop: LogTable answers every failure with an errno.
+A malformed datagram gets the -EINVAL reply the codec prepared, or is dropped when it
+was not a request (only the designated shard's filter accepts such datagrams).  Nothing a
+request does can end the loop: LogTable answers every failure with an errno.
 
-The worker ends at EOF on its request pipe — the front closed it to stop the server, or
-the front died — by committing every log (clears included) and closing its files, which
-stay for the next server.  It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or
-systemd's stop reaches the whole process group, and the front orders the shutdown so
-that the requests in flight are answered first.
+The worker ends at EOF on its control pipe — the front closed it to stop the server, or
+the front died: it leaves group 7 (so that the kernel's next request finds no server and
+reconnects, rather than waiting on a socket nobody reads), answers what is still queued,
+commits every log (clears included) and closes its files, which stay for the next
+server.  It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or systemd's stop reaches the
+whole process group, and the front orders the shutdown.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import select
 import signal
+import socket
+import struct
+import time
 from pathlib import Path
 
 from . import frames, protocol
 from .frames import FrameReader, Kind
+from .inflight import CAPACITY, InFlight
 from .logtable import LogTable
+from .nlsocket import leave_group_7
 from .protocol import REPLY_DATA_OFFSET, REPLY_ERROR_OFFSET, ProtocolError
 from .protocol import RequestType as T
 from .regionmap import take_failures
@@ -58,16 +72,32 @@ from .workerstats import Reporter
 
 log = logging.getLogger(__name__)
 
+# One traced request in a TRACE frame: arrival (wall clock, s), latency (s), the sizes of
+# the request and the reply, then both datagrams.
+TRACE_ENTRY = struct.Struct("=ddHH")
 
-def run(index: int, requests_fd: int, replies_fd: int, state_dir: Path,
+
+class Peer:
+    """Who may drive the worker and where replies go: the kernel (netlink port 0), or in
+    tests a named port in a private namespace (``--test-peer``)."""
+
+    def __init__(self, test_peer: int | None = None) -> None:
+        self.allowed_ports = frozenset({0} if test_peer is None else {0, test_peer})
+        self.reply_address = (test_peer or 0, 0)
+
+
+def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
+        state_dir: Path, in_flight: InFlight, peer: Peer, resend_watch: dict[bytes, int],
         inherited: list) -> None:
     """The worker process's main function (the target of its multiprocess.Process).
 
     ``inherited`` are the front's descriptors (numbers, or objects with ``close()``) that
-    the fork copied here.  They are closed first: above all the netlink socket, which
-    would otherwise stay subscribed to group 7 after the front died, so that the kernel
-    would wait 15 s on a socket nobody reads instead of reconnecting; and the other
-    workers' pipes, whose EOF would never come."""
+    the fork copied here and this worker must not hold: above all the other shards'
+    sockets, which would otherwise stay in group 7 after the front and their workers
+    died, so that the kernel would wait 15 s on sockets nobody reads instead of
+    reconnecting; and the other workers' pipes, whose EOF would never come.
+    ``resend_watch`` are the requests a dead predecessor held, answered -EAGAIN by the
+    front: their re-sends are counted (requeststats.py)."""
     for item in inherited:
         _close_quietly(item)
     signal.set_wakeup_fd(-1)
@@ -75,82 +105,247 @@ def run(index: int, requests_fd: int, replies_fd: int, state_dir: Path,
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     table = LogTable(state_dir)
+    reporter = Reporter()
+    if resend_watch:
+        reporter.requests.resend_watch = dict(resend_watch)
+        reporter.requests.resend_until = max(resend_watch.values())
+    worker = ShardWorker(table, shard, in_flight, peer, reporter)
     try:
-        _write(replies_fd, frames.pack(Kind.READY))
-        serve(table, requests_fd, replies_fd)
+        _write(events_fd, frames.pack(Kind.READY))
+        worker.serve(control_fd, events_fd)
     finally:
         count = len(table.logs)
         table.close()
         log.debug("worker %d: stopped, %d logs committed", index, count)
 
 
-def serve(table: LogTable, requests_fd: int, replies_fd: int,
-          reporter: Reporter | None = None) -> None:
-    """Answer request frames until EOF on ``requests_fd``, and report to the front
-    (workerstats.py): at most once a second while busy, and when asked."""
-    reporter = reporter or Reporter()
-    table.count = reporter.count
-    reader = FrameReader()
-    while True:
-        if not _readable(requests_fd, reporter.wait()):
-            _write(replies_fd, _stats_frame(reporter, table))  # gone idle: the last deltas
-            continue
-        received = reader.read(requests_fd)
+class ShardWorker:
+    """One shard's request loop: its socket, its logs, its in-flight ring."""
+
+    def __init__(self, table: LogTable, sock: socket.socket, in_flight: InFlight,
+                 peer: Peer, reporter: Reporter) -> None:
+        self.table = table
+        self.sock = sock
+        self.in_flight = in_flight
+        self.peer = peer
+        self.reporter = reporter
+        self.tracing = False
+        self._traced = bytearray()  # this batch's TRACE entries, while tracing
+        self._last_warning: dict[str, float] = {}
+        table.count = reporter.count
+        sock.setblocking(False)
+
+    def serve(self, control_fd: int, events_fd: int) -> None:
+        """Answer the shard's requests until EOF on ``control_fd``, then answer what is
+        still queued; report to the front on ``events_fd``."""
+        reporter = self.reporter
+        reader = FrameReader(1 << 12)
+        poller = select.epoll()
+        sock_fd = self.sock.fileno()
+        poller.register(sock_fd, select.EPOLLIN)
+        poller.register(control_fd, select.EPOLLIN)
+        try:
+            while True:
+                wait = reporter.wait()
+                events = poller.poll(-1 if wait is None else wait)
+                if not events:
+                    _write(events_fd, self._stats_frame())  # gone idle: the last deltas
+                    continue
+                asked = stopping = False
+                for fd, _mask in events:
+                    if fd == control_fd:
+                        asked, stopping = self._on_control(reader, control_fd)
+                    elif self.answer_batch():
+                        self._after_batch(events_fd)
+                if stopping:
+                    self._stop(events_fd)
+                    return
+                if asked or reporter.due():
+                    _write(events_fd, self._stats_frame())
+        finally:
+            poller.close()
+
+    def _on_control(self, reader: FrameReader, control_fd: int) -> tuple[bool, bool]:
+        """The front's orders: (a report is asked for, stop)."""
+        received = reader.read(control_fd)
         if received is None:
-            if reader.partial:
-                log.error("the front's last request frame was cut off")
-            return
-        now = bytearray()
-        deferred_tags = []  # FLUSHes staged in this batch, in LogTable's order
+            return False, True
         asked = False
-        batch = 0
-        for kind, tag, datagram in received:
-            if kind == Kind.REQUEST:
-                reporter.active = True
-                batch += 1
-                reply = answer(table, datagram, reporter.count)
-                if reply is not None:
-                    now += frames.pack(Kind.REPLY, tag, reply)
-                else:
-                    deferred_tags.append(tag)
-            elif kind == Kind.REPORT:
+        for kind, tag, _payload in received:
+            if kind == Kind.REPORT:
                 asked = True
+            elif kind == Kind.TRACING:
+                self.tracing = bool(tag)
             else:
                 log.error("unexpected frame kind %d from the front, ignored", kind)
-        if now:
-            _write(replies_fd, now)
-        if deferred_tags:
-            replies = table.commit_deferred()
-            _write(replies_fd, b"".join(
-                frames.pack(Kind.REPLY, tag, reply)
-                for tag, reply in zip(deferred_tags, replies, strict=True)))
-        if batch:
-            observe(reporter.count, "worker_batch_size", batch)
-        if asked or reporter.due():
-            _write(replies_fd, _stats_frame(reporter, table))
+        return asked, False
+
+    def _stop(self, events_fd: int) -> None:
+        """Leave group 7 (the front did, unless it died), then answer what is queued."""
+        with contextlib.suppress(OSError):
+            leave_group_7(self.sock)
+        while self.answer_batch():
+            self._after_batch(events_fd)
+        _write(events_fd, self._stats_frame())
+
+    def _after_batch(self, events_fd: int) -> None:
+        if self._traced:
+            _write(events_fd, frames.pack(Kind.TRACE, 0, bytes(self._traced)))
+            self._traced.clear()
+
+    def answer_batch(self) -> int:
+        """Read what the socket holds (up to the ring's capacity) and answer it all;
+        the number of datagrams held."""
+        in_flight, stats = self.in_flight, self.reporter.requests
+        held = self._receive()
+        if not held:
+            return 0
+        arrived = time.monotonic_ns()
+        self.reporter.active = True
+        table, count, send = self.table, self.reporter.count, self._send
+        requests_seen, resend_watch = stats.requests, stats.resend_watch
+        entries = in_flight.entries
+        sent = []  # (type, arrival, reply): counted once the batch is answered
+        deferred = []  # (entry, request): FLUSHes staged, answered after the commit
+        for index, size in enumerate(held):
+            datagram = bytes(entries[index][:size])
+            try:
+                request = protocol.decode_datagram(datagram)
+            except ProtocolError as exc:
+                self._malformed(index, datagram, exc)
+                continue
+            request_type = request.request_type
+            requests_seen[request_type] += 1
+            if resend_watch:
+                stats.check_resend(datagram, arrived)
+            reply = answer_request(table, request, count)
+            if reply is None:
+                deferred.append((index, request))
+                continue
+            send(reply)
+            in_flight.answered(index)
+            sent.append((request_type, arrived, reply))
+            if self.tracing:
+                self._trace(datagram, reply, arrived)
+        if sent:
+            stats.answered(sent, time.monotonic_ns())
+        if deferred:
+            sent = []
+            for (index, request), reply in zip(deferred, self.table.commit_deferred(),
+                                               strict=True):
+                send(reply)
+                sent.append((request.request_type, arrived, reply))
+                if self.tracing:
+                    self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
+            stats.answered(sent, time.monotonic_ns())
+        in_flight.batch_done()
+        observe(count, "worker_batch_size", len(held))
+        return len(held)
+
+    def _receive(self) -> list[int]:
+        """Drain the socket into the ring: the sizes of the datagrams held."""
+        sock, in_flight, allowed = self.sock, self.in_flight, self.peer.allowed_ports
+        entries, hold = in_flight.entries, in_flight.hold
+        stats = self.reporter.requests
+        sizes: list[int] = []
+        while len(sizes) < CAPACITY:
+            try:
+                size, (port, _groups) = sock.recvfrom_into(entries[len(sizes)])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    # Nothing else is expected of a netlink receive; whatever it is, the
+                    # worker must stay up for the next wakeup.
+                    self._warn("receive", "receiving from the shard socket: %s", exc)
+                    break
+                stats.enobufs += 1
+                self._warn("enobufs", "receive buffer overflowed: requests were lost; the "
+                           "kernel re-sends them after 15 s (%d so far)", stats.enobufs)
+                continue
+            if port not in allowed:
+                self.reporter.active = True
+                stats.dropped["forged_sender"] += 1
+                self._warn("sender", "dropped a datagram from netlink port %d: only the "
+                           "kernel may drive shardlog", port)
+                continue
+            if not sizes:
+                in_flight.begin_batch(time.monotonic_ns())
+            hold(len(sizes), size)
+            sizes.append(size)
+        return sizes
+
+    def _malformed(self, index: int, datagram: bytes, exc: ProtocolError) -> None:
+        stats = self.reporter.requests
+        if exc.reply is None:
+            stats.dropped["not_for_us"] += 1
+            self._warn("not_for_us", "dropped a datagram not for dm-log-userspace: %s",
+                       exc.reason)
+        else:
+            stats.dropped["malformed"] += 1
+            self._warn("malformed", "malformed request answered -EINVAL: %s", exc.reason)
+            self._send(exc.reply)
+        self.in_flight.answered(index)
+        if self.tracing:
+            self._trace(datagram, exc.reply or b"", time.monotonic_ns())
+
+    def _send(self, reply: bytes) -> None:
+        try:
+            self.sock.sendto(reply, self.peer.reply_address)
+        except OSError as exc:
+            stats = self.reporter.requests
+            stats.send_errors += 1
+            self._warn("send", "a reply was refused: %s (%d so far)", exc.strerror,
+                       stats.send_errors)
+
+    def _trace(self, datagram: bytes, reply: bytes, arrived_ns: int) -> None:
+        latency = (time.monotonic_ns() - arrived_ns) / 1e9
+        self._traced += TRACE_ENTRY.pack(time.time() - latency, latency, len(datagram),
+                                         len(reply))
+        self._traced += datagram
+        self._traced += reply
+
+    def _stats_frame(self) -> bytes:
+        for source, failures in take_failures().items():
+            self.reporter.count(key("storage_errors", kind=source), failures)
+        return frames.pack(Kind.STATS, 0, self.reporter.report(self.table).encode())
+
+    def _warn(self, kind: str, message: str, *args) -> None:
+        """A warning at most once a second per kind: a flood must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_warning.get(kind, -1.0) >= 1.0:
+            self._last_warning[kind] = now
+            log.warning(message, *args)
 
 
-def _readable(fd: int, timeout: float | None) -> bool:
-    """Whether ``fd`` has something to read (or its EOF) within ``timeout`` seconds."""
-    if timeout is None:
-        return True  # nothing else to do: the read itself may block
-    return bool(select.select([fd], [], [], timeout)[0])
-
-
-def _stats_frame(reporter: Reporter, table: LogTable) -> bytes:
-    for source, failures in take_failures().items():
-        reporter.count(key("storage_errors", kind=source), failures)
-    return frames.pack(Kind.STATS, 0, reporter.report(table).encode())
+def decode_trace(payload: bytes) -> list[tuple[float, float, bytes, bytes]]:
+    """A TRACE frame's entries: ``(arrival time, latency s, datagram, reply)``."""
+    entries, offset = [], 0
+    while offset + TRACE_ENTRY.size <= len(payload):
+        arrived, latency, request_size, reply_size = TRACE_ENTRY.unpack_from(payload, offset)
+        offset += TRACE_ENTRY.size
+        datagram = payload[offset:offset + request_size]
+        reply = payload[offset + request_size:offset + request_size + reply_size]
+        offset += request_size + reply_size
+        entries.append((arrived, latency, datagram, reply))
+    return entries
 
 
 def answer(table: LogTable, datagram: bytes, count: Count = count_nothing) -> bytes | None:
-    """The reply to one datagram, or None for a FLUSH whose commit is deferred; what it
-    did is counted with ``count`` (workercounters.py)."""
+    """The reply to one datagram, or None for a FLUSH whose commit is deferred (empty:
+    a datagram that gets no reply); what it did is counted with ``count``."""
     try:
         request = protocol.decode_datagram(datagram)
     except ProtocolError as exc:
         log.warning("malformed request: %s", exc.reason)
-        return exc.reply or b""  # no reply possible: an empty frame settles the tag
+        return exc.reply or b""
+    return answer_request(table, request, count)
+
+
+def answer_request(table: LogTable, request: protocol.Request,
+                   count: Count = count_nothing) -> bytes | None:
+    """The reply to a decoded request, or None for a FLUSH whose commit is deferred; what
+    it did is counted with ``count`` (workercounters.py)."""
     reply = table.answer(request, defer_commit=True)
     if request.request_type in _COUNTED and (
             reply is None or not _reply_error(reply, REPLY_ERROR_OFFSET)[0]):

@@ -3,7 +3,7 @@
 Only a worker knows its logs (their state, how many regions are in sync or dirty, where
 recovery stands) and what its requests cost below the front (commits, marks, errors).  The
 front serves the metrics and the operator tools, so each worker sends it a
-:class:`WorkerReport` as a ``Kind.STATS`` frame on the pipe that carries its replies:
+:class:`WorkerReport` as a ``Kind.STATS`` frame on its events pipe:
 
 - at most once per :data:`REPORT_INTERVAL` while it has done anything since its last
   report, including once more within that interval after it goes idle, so that a
@@ -12,8 +12,9 @@ front serves the metrics and the operator tools, so each worker sends it a
   figures that are current, not a second old).
 
 A report carries every log the worker serves (a full snapshot: the front keeps the last
-one per worker and has nothing to merge) and the counters' increments since the previous
-report (deltas: a respawned worker starts from zero and the front's totals never go back).
+one per worker and has nothing to merge), and the counters' and the requests' increments
+since the previous report (deltas: a respawned worker starts from zero and the front's
+totals never go back).
 It is JSON: at one report a second, a few thousand logs cost a few milliseconds, and a
 format any tool can read is worth more than the bytes.
 """
@@ -26,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from typing import TYPE_CHECKING
+
+from .requeststats import RequestStats
 
 if TYPE_CHECKING:
     from .logtable import LogTable
@@ -66,11 +69,14 @@ class WorkerReport:
 
     logs: list[LogStatus] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
+    # Requests received and answered since the previous report (RequestStats.take_deltas).
+    requests: dict = field(default_factory=dict)
 
     def encode(self) -> bytes:
         # Logs as rows, not objects: thousands of them repeat no field names.
         return json.dumps({"logs": [log_row(status) for status in self.logs],
-                           "counters": self.counters}, separators=(",", ":")).encode()
+                           "counters": self.counters, "requests": self.requests},
+                          separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, payload: bytes) -> WorkerReport:
@@ -81,9 +87,12 @@ class WorkerReport:
                     if len(row) == len(LOG_FIELDS)]
             counters = {str(name): float(value)
                         for name, value in document["counters"].items()}
+            requests = document.get("requests", {})
+            if not isinstance(requests, dict):
+                raise TypeError("requests is not an object")
         except (TypeError, KeyError, AttributeError, ValueError) as exc:
             raise ValueError(f"not a worker report: {exc}") from exc
-        return cls(logs, counters)
+        return cls(logs, counters, requests)
 
 
 def log_statuses(table: LogTable) -> list[LogStatus]:
@@ -117,6 +126,7 @@ class Reporter:
                  clock=time.monotonic) -> None:
         self.interval = interval
         self.counters: Counter[str] = Counter()  # increments since the last report
+        self.requests = RequestStats()  # the requests it answered, since the last report
         self.active = False  # something happened since the last report
         self._clock = clock
         self._last = clock()
@@ -136,7 +146,8 @@ class Reporter:
 
     def report(self, table: LogTable) -> WorkerReport:
         """The report to send now; the counters start again from zero."""
-        report = WorkerReport(log_statuses(table), dict(self.counters))
+        report = WorkerReport(log_statuses(table), dict(self.counters),
+                              self.requests.take_deltas())
         self.counters.clear()
         self.active = False
         self._last = self._clock()

@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from shardlog import protocol
-from shardlog.front import worker_index
+from shardlog.routing import shard_of_uuid
 from shardlog.kernelsim.serveprocess import ServeProcess
 from shardlog.metrics import free_local_port, parse_samples
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
@@ -118,7 +118,7 @@ def uuids_for_worker(worker: int, workers: int, count: int, prefix: str = "log")
     found, n = [], 0
     while len(found) < count:
         uuid = f"{prefix}-{n}"
-        if worker_index(uuid.encode(), workers) == worker:
+        if shard_of_uuid(uuid, workers) == worker:
             found.append(uuid)
         n += 1
     return found

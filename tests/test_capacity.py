@@ -18,7 +18,7 @@ from shardlog.capacity import workloads
 from shardlog.capacity.results import knee
 from shardlog.capacity.runner import Point, balance
 from shardlog.capacity.spec import WORKLOADS, LoadSpec, SpecError, parse_sweep
-from shardlog.front import worker_index
+from shardlog.routing import shard_of_uuid
 from shardlog.protocol import RequestType as T
 
 from .conftest import requires_root
@@ -103,7 +103,7 @@ def test_balance_is_predicted_with_the_fronts_routing_function():
     for worker in range(3):
         assert shares.predicted[worker] == sum(
             c for u, c in zip(uuids, completed, strict=True)
-            if worker_index(u.encode(), 3) == worker)
+            if shard_of_uuid(u, 3) == worker)
     assert shares.max_over_mean == max(shares.predicted) / (sum(completed) / 3)
 
 

@@ -240,7 +240,7 @@ def test_fuzzed_datagrams_never_stop_the_server(server, peer):
 # -- supervision -------------------------------------------------------------------------------
 
 
-def test_a_killed_worker_answers_its_requests_eagain_and_comes_back(server, peer):
+def test_requests_queued_for_a_killed_worker_are_answered_by_its_successor(server, peer):
     victim_logs = uuids_for_worker(0, 2, 2)
     other_log = uuids_for_worker(1, 2, 1)[0]
     for uuid in [*victim_logs, other_log]:
@@ -248,21 +248,56 @@ def test_a_killed_worker_answers_its_requests_eagain_and_comes_back(server, peer
         peer.ok(T.FLUSH, protocol.pack_regions([7]), uuid=uuid)  # acknowledged marks
     victim = server.worker_pids()[0]
     os.kill(victim, signal.SIGSTOP)
-    held = [peer.request(T.FLUSH, protocol.pack_regions([8]), uuid=uuid)
-            for uuid in victim_logs]
+    queued = [peer.request(T.FLUSH, protocol.pack_regions([8]), uuid=uuid)
+              for uuid in victim_logs]  # wait in its shard socket: it reads nothing now
     assert peer.ok(T.GET_SYNC_COUNT, uuid=other_log)  # the other worker serves on
     os.kill(victim, signal.SIGKILL)
-    replies = {reply.seq: (reply.ack, reply.error) for reply in (peer.receive() for _ in held)}
-    # Connector ACKs: a full -EAGAIN reply would zero the kernel's reply buffer size.
-    assert replies == {seq: (True, -errno.EAGAIN) for seq in held}
-    # The kernel re-sends at once, with a new seq: a new worker restores the logs.
-    for uuid in victim_logs:
-        peer.ok(T.FLUSH, protocol.pack_regions([8]), uuid=uuid)
+    replies = {reply.seq: (reply.ack, reply.error)
+               for reply in (peer.receive() for _ in queued)}
+    # The successor inherited the socket and answered them: nothing waits for a re-send.
+    assert replies == {seq: (False, 0) for seq in queued}
+    for uuid in victim_logs:  # restored from its files, with every acknowledged mark
         assert peer.is_clean(7, uuid=uuid) == 0 and peer.is_clean(8, uuid=uuid) == 0
         assert peer.in_sync(7, uuid=uuid) == 1
     metrics = server.metrics()
     assert metrics["shardlog_worker_restarts_total"] == 1
-    assert metrics["shardlog_eagain_replies_total"] == 2
+    assert metrics["shardlog_eagain_replies_total"] == 0
+    assert metrics["shardlog_workers_up"] == 2
+    assert f"worker 0 (pid {victim}) died (killed by SIGKILL)" in server.log
+
+
+# CTR + RESUME of a core log of 2**25 regions takes tens of milliseconds (its 8 MiB file):
+# a batch of them keeps a worker busy long enough to be killed in the middle of it.
+SLOW_CTR = b"268435456 core 8 nosync"
+
+
+def test_a_killed_worker_answers_what_it_held_eagain_and_comes_back(server, peer):
+    victim_logs = uuids_for_worker(0, 2, 16, prefix="big")
+    other_log = uuids_for_worker(1, 2, 1)[0]
+    peer.open_log(other_log)
+    victim = server.worker_pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    sent = {peer.request(T.CTR, SLOW_CTR, uuid=uuid): uuid for uuid in victim_logs}
+    os.kill(victim, signal.SIGCONT)  # it reads all 16 in one batch, then answers them
+    time.sleep(0.3)
+    os.kill(victim, signal.SIGKILL)
+    first: dict[int, tuple[bool, int]] = {}
+    while set(first) != set(sent):
+        reply = peer.receive(5.0)
+        assert reply is not None, f"unanswered: {sorted(set(sent) - set(first))}"
+        first.setdefault(reply.seq, (reply.ack, reply.error))
+    eagain = [seq for seq, answer in first.items() if answer == (True, -errno.EAGAIN)]
+    # Connector ACKs: a full -EAGAIN reply would zero the kernel's reply buffer size.
+    assert eagain, "the worker was killed holding nothing: the batch was too fast"
+    assert all(answer in {(False, 0), (True, -errno.EAGAIN)} for answer in first.values())
+    assert peer.ok(T.GET_SYNC_COUNT, uuid=other_log)  # the other worker served throughout
+    # The kernel re-sends at once, with a new seq: the new worker answers.
+    for seq in eagain:
+        peer.ok(T.CTR, SLOW_CTR, uuid=sent[seq])
+    metrics = server.metrics()
+    assert metrics["shardlog_worker_restarts_total"] == 1
+    assert metrics["shardlog_eagain_replies_total"] == len(eagain)
+    assert metrics["shardlog_resent_requests_total"] == len(eagain)
     assert metrics["shardlog_workers_up"] == 2
     assert f"worker 0 (pid {victim}) died (killed by SIGKILL)" in server.log
 
@@ -274,14 +309,15 @@ def test_a_hung_worker_is_replaced_before_the_kernel_would_time_out(tmp_path, pe
         peer.open_log(uuid)
         peer.ok(T.FLUSH, protocol.pack_regions([4]), uuid=uuid)
         hung = server.worker_pids()[0]
-        os.kill(hung, signal.SIGSTOP)  # alive, holding what it is sent, answering nothing
-        seq = peer.request(T.IN_SYNC, protocol.pack_u64(4), uuid=uuid)
+        os.kill(hung, signal.SIGSTOP)  # alive, answering nothing
+        seq = peer.request(T.IS_CLEAN, protocol.pack_u64(4), uuid=uuid)
         started = time.monotonic()
         reply = peer.receive(10.0)
-        assert (reply.seq, reply.ack, reply.error) == (seq, True, -errno.EAGAIN)
+        # Its successor answered from the same socket, from the restored files.
+        assert (reply.seq, reply.ack, reply.error) == (seq, False, 0)
+        assert protocol.S64.unpack(reply.data)[0] == 0  # region 4 is still marked
         assert time.monotonic() - started < 5  # well inside the kernel's 15 s
         assert f"worker 0 (pid {hung}) answered nothing for" in server.log
-        assert peer.is_clean(4, uuid=uuid) == 0  # the re-sent request: restored, answered
         assert server.metrics()["shardlog_worker_restarts_total"] == 1
     finally:
         server.close()

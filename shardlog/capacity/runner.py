@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..front import worker_index
+from ..routing import shard_of_uuid
 from ..kernelsim.echo import running_echo_peer
 from ..kernelsim.load import LoadResult, Stream, percentile_us, run_load
 from ..netns import enter_private_netns
@@ -96,7 +96,7 @@ def balance(uuids: Sequence[str], completed: Sequence[int], workers: int,
             reported: list[int] | None) -> Balance:
     predicted = [0] * workers
     for uuid, count in zip(uuids, completed, strict=True):
-        predicted[worker_index(uuid.encode(), workers)] += count
+        predicted[shard_of_uuid(uuid, workers)] += count
     basis = reported if reported is not None else predicted
     mean = sum(basis) / workers
     return Balance(predicted, reported, max(basis) / mean if mean else float("nan"))
