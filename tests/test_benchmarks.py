@@ -52,3 +52,15 @@ def test_the_metrics_benchmark_runs_both_modes_and_gives_a_verdict(tmp_path):
     assert "round 1/1 metrics on" in result.stdout
     assert "(c) read path, 64 in flight" in result.stdout
     assert "of the request path (target <= +5%)" in result.stdout
+
+
+def test_the_routing_balance_script_compares_the_hash_with_an_ideal_one():
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "routing_balance.py", "--logs", "200", "--samples", "2",
+         "--shards", "2,8"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()[1:]
+    assert [row.split()[:2] for row in rows] == [
+        ["lvm_uuids", "route_hash"], ["lvm_uuids", "blake2b"],
+        ["random_uuids", "route_hash"], ["random_uuids", "blake2b"]]
+    assert all("8: " in row and "/2" in row for row in rows)

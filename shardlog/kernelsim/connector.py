@@ -128,6 +128,14 @@ def group7_listeners(exclude_port: int | None = None) -> list[int]:
     return ports
 
 
+def multicast_to_group_7(sock: socket.socket, datagram: bytes) -> None:
+    """Send ``datagram`` as ``cn_netlink_send`` does: to every member of group 7 (each
+    member's socket filter deciding whether it takes it).  Raises OSError."""
+    # ECONNREFUSED: the multicast went out; only the unicast to the absent kernel failed.
+    with contextlib.suppress(ConnectionRefusedError):
+        sock.sendto(datagram, (0, GROUP_7_MASK))
+
+
 class Connector:
     """dm-log-userspace-transfer.c: requests out to group 7, replies matched by seq.
 
@@ -220,9 +228,7 @@ class Connector:
         datagram = protocol.encode_request(request_type, seq=seq, uuid=uuid, luid=luid,
                                            data=data)
         try:
-            self._sock.sendto(datagram, (0, GROUP_7_MASK))
-        except ConnectionRefusedError:
-            pass  # the multicast went out; only the unicast to the absent kernel failed
+            multicast_to_group_7(self._sock, datagram)
         except OSError as exc:
             return -exc.errno
         self.history.append(SentRequest(seq, request_type, uuid, luid, data))
