@@ -72,7 +72,7 @@ from shardlog.hostinfo import describe, filesystem_of, machine
 from shardlog.kernelsim import LoadResult, Stream, log_streams, run_load
 from shardlog.kernelsim.echo import (
     PeerError,
-    expect_one_listener,
+    expect_listeners,
     running_echo_peer,
     wait_for_no_listener,
 )
@@ -178,15 +178,17 @@ def run_one(sock: socket.socket, load: Load, streams: list[Stream], settings: Se
 
 
 class Server(ServeProcess):
-    """``shardlog serve`` for one round: the only member of group 7 while it runs."""
+    """``shardlog serve`` for one round: the only server in group 7 while it runs (one
+    socket per worker)."""
 
     def __init__(self, run_dir: Path, workers: int, peer: int):
         super().__init__(run_dir / "state", workers=workers, test_peer=peer,
                          log_level="warning", run_dir=run_dir)
+        self.workers = workers
 
     def start(self, timeout: float = 30.0) -> Server:
         super().start(timeout)
-        expect_one_listener("shardlog", LOAD_PORT)
+        expect_listeners("shardlog", LOAD_PORT, self.workers)
         return self
 
     def pids(self) -> dict[str, list[int]]:

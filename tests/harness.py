@@ -12,11 +12,11 @@ import urllib.request
 from pathlib import Path
 
 from shardlog import protocol
-from shardlog.routing import shard_of_uuid
 from shardlog.kernelsim.serveprocess import ServeProcess
 from shardlog.metrics import free_local_port, parse_samples
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import Reply, RequestType
+from shardlog.routing import shard_of_uuid
 
 PEER_PORT = 0x7E57
 

@@ -18,8 +18,8 @@ from shardlog.capacity import workloads
 from shardlog.capacity.results import knee
 from shardlog.capacity.runner import Point, balance
 from shardlog.capacity.spec import WORKLOADS, LoadSpec, SpecError, parse_sweep
-from shardlog.routing import shard_of_uuid
 from shardlog.protocol import RequestType as T
+from shardlog.routing import shard_of_uuid
 
 from .conftest import requires_root
 from .harness import PEER_PORT, ServerProcess

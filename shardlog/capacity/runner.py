@@ -17,13 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..routing import shard_of_uuid
 from ..kernelsim.echo import running_echo_peer
 from ..kernelsim.load import LoadResult, Stream, percentile_us, run_load
 from ..netns import enter_private_netns
 from ..nlsocket import open_connector_socket
 from ..procstat import cpu_seconds, memory
 from ..protocol import RequestType
+from ..routing import shard_of_uuid
 from . import workloads
 from .progress import Progress
 from .servers import CapacityError, Server, check_reachable, scrape
@@ -248,7 +248,7 @@ class _Driven:
 
 def _drive(server: Server, spec: LoadSpec, label: str, uuids: list[str], restart: bool,
            notes: list[str], progress: Progress) -> _Driven:
-    check_reachable(server.peer_port)
+    check_reachable(server)
     empty = memory_of(server.processes())
     sock = open_connector_socket(server.peer_port, receive_buffer=LOAD_RCVBUF)
     try:
@@ -323,7 +323,7 @@ def _restart(server: Server, sock: socket.socket, spec: LoadSpec, uuids: Sequenc
     progress.phase(f"restart: SIGKILL, then every one of {len(uuids)} logs asked once")
     started = time.monotonic()
     to_serving = server.restart()
-    check_reachable(server.peer_port)
+    check_reachable(server)
     streams = [Stream.build(uuid, workloads.LUIDS[0], [(RequestType.GET_SYNC_COUNT, b"")])
                for uuid in uuids]
     result = run_load(sock, streams, in_flight=SETUP_IN_FLIGHT, cycles=1,

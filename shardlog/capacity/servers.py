@@ -4,8 +4,8 @@
 convenient default: nothing carries over between points, and the tool may SIGKILL it to
 measure a restart).  :class:`AttachedServer` was started by the operator with
 ``--test-peer PORT`` in this network namespace; the tool only adds and removes its own
-logs.  Either way it must be the one member of connector group 7 besides the load's
-socket (:func:`check_reachable`), or nothing is measured.
+logs.  Either way it must be the one server in connector group 7 besides the load's
+socket (:func:`check_reachable`: one socket per shard), or nothing is measured.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class Server:
 
     peer_port: int
     metrics_url: str | None = None
+    shard_sockets: int | None = None  # its sockets in group 7, where the tool knows it
     can_restart = False  # the tool may SIGKILL it
     disposable = False  # its state goes with the point: no need to remove the logs
 
@@ -77,6 +78,7 @@ class SpawnedServer(Server):
         run_dir.mkdir(parents=True)
         port = free_local_port()
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        self.shard_sockets = spec.workers
         self.process = ServeProcess(run_dir / "state", workers=spec.workers,
                                     test_peer=self.peer_port,
                                     metrics_addr=f"127.0.0.1:{port}",
@@ -144,15 +146,16 @@ class AttachedServer(Server):
         return pid
 
 
-def check_reachable(peer_port: int) -> None:
-    """CapacityError unless exactly one socket but the load's is in connector group 7."""
-    members = group7_listeners(exclude_port=peer_port)
-    if len(members) != 1:
+def check_reachable(server: Server) -> None:
+    """CapacityError unless the server's shard sockets, and no other socket but the
+    load's, are in connector group 7 (a server the tool did not start: any sockets)."""
+    members = group7_listeners(exclude_port=server.peer_port)
+    if not members or server.shard_sockets not in (None, len(members)):
         raise CapacityError(
             f"expected one server in connector group 7 in this network namespace, found "
-            f"{len(members)} (netlink ports {members}): start it here with "
-            f"`shardlog serve --test-peer {peer_port}` (unshare -n), or let the tool start "
-            "one")
+            f"{len(members)} sockets (netlink ports {members}): start it here with "
+            f"`shardlog serve --test-peer {server.peer_port}` (unshare -n), or let the tool "
+            "start one")
 
 
 def scrape(url: str | None) -> dict[str, float] | None:

@@ -101,7 +101,7 @@ def running_echo_peer(reply_port: int) -> Iterator[int]:
     try:
         if os.read(ready_r, 1) != b"r":
             raise PeerError("the echo peer did not start")
-        expect_one_listener("echo peer", reply_port)
+        expect_listeners("echo peer", reply_port)
         yield pid
     finally:
         os.close(ready_r)
@@ -111,12 +111,13 @@ def running_echo_peer(reply_port: int) -> Iterator[int]:
         wait_for_no_listener(reply_port)
 
 
-def expect_one_listener(what: str, load_port: int) -> None:
-    """PeerError unless exactly one socket but the load's is in group 7."""
+def expect_listeners(what: str, load_port: int, count: int = 1) -> None:
+    """PeerError unless exactly ``count`` sockets but the load's are in group 7 (the echo
+    peer has one; shardlog one per shard)."""
     members = group7_listeners(exclude_port=load_port)
-    if len(members) != 1:
-        raise PeerError(f"{what}: expected one member of connector group 7, found "
-                             f"{len(members)} (ports {members})")
+    if len(members) != count:
+        raise PeerError(f"{what}: expected {count} members of connector group 7, found "
+                        f"{len(members)} (ports {members})")
 
 
 def wait_for_no_listener(load_port: int, timeout: float = 10.0) -> None:
