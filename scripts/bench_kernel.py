@@ -8,8 +8,17 @@ directly on a host whose kernel has dm-log-userspace, as root).  Every mirror ha
 64 MiB legs on loop devices over the guest's tmpfs, 512 KiB regions, ``nosync``;
 shardlog runs with ``--workers 2`` and its state directory on tmpfs, its ``disk`` log on
 a loop device.  Each workload runs on every log type in turn, round after round
-(``--rounds``), so a noisy neighbour hits all of them alike; a ratio is taken within a
-round against the in-kernel ``disk`` log and the median over rounds is printed.
+(``--rounds``), so a noisy neighbour hits all of them alike; ratios are taken within a
+round against two baselines, and the median over rounds is printed:
+
+- the in-kernel ``disk`` log, the bar shardlog's users compare with;
+- the *lean responder* (shardlog.kernelvm.lean): one process answering the kernel from
+  memory with ``struct`` alone, the least any userspace log can cost per request.  What
+  shardlog costs beyond it is its own code and process shape.
+
+Each round first runs the logs that need no shardlog server (the kernel's, the lean
+responder, ``--one-process``), then starts ``shardlog serve`` for its own logs and stops
+it: only one userspace server is ever in group 7.
 
 Workloads (fio, libaio, O_DIRECT): 4 KiB random writes at iodepth 1 and 16, 64 KiB
 sequential writes at iodepth 4.
@@ -17,20 +26,17 @@ sequential writes at iodepth 4.
 Where a write's time goes: the server runs with its metrics on (as by default), and for
 each shardlog run the benchmark reads ``shardlog_request_duration_seconds`` before and
 after fio.  It prints the requests the kernel sent per write and their mean time inside
-shardlog (from the datagram's arrival at the front to its reply leaving), beside fio's
+shardlog (from the datagram's arrival in a worker to its reply leaving), beside fio's
 mean write latency: the rest is the kernel, its wakeups of shardlog and the I/O itself.
-Not with ``--one-process``: the server, stopped while the one-process responder runs,
-stays in group 7, and what it finds queued on its socket when it continues skews its
-figures (a mean of 0.58 s a request was measured so).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,6 +45,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from shardlog.kernelsim.connector import group7_listeners
 from shardlog.kernelvm import guest
 from shardlog.metrics import parse_samples
 from shardlog.netns import loopback_up
@@ -50,19 +57,25 @@ WORKLOADS = {
     "randwrite-4k-qd16": ["--rw=randwrite", "--bs=4k", "--iodepth=16"],
     "write-64k-qd4": ["--rw=write", "--bs=64k", "--iodepth=4"],
 }
-# name -> (log type, shardlog?, integrated_flush)
+LEAN = "lean responder"
+# name -> (log type, a userspace log?, integrated_flush)
 LOGS = {
     "kernel core": ("core", False, False),
     "kernel disk": ("disk", False, False),
     "shardlog core": ("core", True, False),
     "shardlog core+iflush": ("core", True, True),
     "shardlog disk+iflush": ("disk", True, True),
+    LEAN: ("core", True, False),
 }
 # Diagnostic (--one-process): shardlog's own log table answering on the connector socket
-# in one process, no front and no workers: what the three-process path costs.
+# in one process, no front and no workers: what the process shape costs.
 ONE_PROCESS = {"1-process core": ("core", True, False),
                "1-process core+iflush": ("core", True, True)}
+# Responders run by the benchmark itself, each in a process of its own while it is
+# measured: the command line after this script's path.
+RESPONDERS = {LEAN: ["--lean"], **{name: ["--respond"] for name in ONE_PROCESS}}
 BASELINE = "kernel disk"
+BASELINES = (BASELINE, LEAN)
 METRICS_ADDR = "127.0.0.1:9783"  # the guest's loopback
 RAMP_SECONDS = 1
 
@@ -93,6 +106,11 @@ def main() -> int:
     if sys.argv[1:2] == ["--respond"]:
         respond(Path(sys.argv[2]))
         return 0
+    if sys.argv[1:2] == ["--lean"]:
+        from shardlog.kernelvm import lean
+
+        lean.serve()
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--here", action="store_true",
                         help="run on this kernel (inside the guest, or a host with "
@@ -111,13 +129,13 @@ def main() -> int:
     parser.add_argument("--vm-cpus", type=int, default=2, help="the guest's vCPUs")
     parser.add_argument("--logs", default=",".join(LOGS),
                         help="comma-separated subset of: " + ", ".join(LOGS) +
-                             f" ({BASELINE!r} is always measured)")
+                             f" ({' and '.join(map(repr, BASELINES))} are always measured)")
     args = parser.parse_args()
     workloads = args.workloads.split(",")
     unknown = set(workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
-    logs = [BASELINE] + [name for name in args.logs.split(",") if name != BASELINE]
+    logs = [*BASELINES, *(name for name in args.logs.split(",") if name not in BASELINES)]
     if args.one_process:
         LOGS.update(ONE_PROCESS)
         logs += list(ONE_PROCESS)
@@ -159,40 +177,27 @@ def measure(workloads: list[str], logs: list[str], args: argparse.Namespace) -> 
     with tempfile.TemporaryDirectory(prefix="shardlog-bench-") as root_name:
         root = Path(root_name)
         loopback_up()  # the guest's, for the metrics endpoint
-        server = guest.start_server(root / "state", workers=args.workers,
-                                    extra=("--metrics-addr", METRICS_ADDR))
-        if args.server_cpu is not None:
-            for pid in [server.process.pid, *server.worker_pids()]:
-                os.sched_setaffinity(pid, {args.server_cpu})
         loops: list[guest.Loop] = []
+        without_server = [name for name in logs if not LOGS[name][1] or name in RESPONDERS]
+        with_server = [name for name in logs if name not in without_server]
         try:
             for round_number in range(rounds):
-                for workload in workloads:
-                    for name in logs:
-                        log, userspace, iflush = LOGS[name]
-                        if name in ONE_PROCESS:
-                            server.process.send_signal(signal.SIGSTOP)  # out of group 7's way
-                            responder = subprocess.Popen(
-                                [sys.executable, __file__, "--respond", str(root / "one")])
-                            if args.server_cpu is not None:
-                                os.sched_setaffinity(responder.pid, {args.server_cpu})
-                            time.sleep(3)  # it joins group 7 (slowly, under emulation)
-                        try:
-                            run = one_run(root, loops, name, log, userspace, iflush,
-                                          workload, runtime,
-                                          timed=userspace and not args.one_process)
-                        finally:
-                            if name in ONE_PROCESS:
-                                responder.kill()
-                                responder.wait()
-                                server.process.send_signal(signal.SIGCONT)
-                        run["round"] = round_number
-                        runs.append(run)
-                        print(f"round {round_number} {workload:<18} {name:<22} "
-                              f"{run['iops']:>8.0f} IOPS  p50 {run['p50_us']:>7.0f} µs  "
-                              f"p99 {run['p99_us']:>7.0f} µs", file=sys.stderr, flush=True)
+                for name in without_server:
+                    with responding(name, root, args.server_cpu):
+                        runs += measure_log(root, loops, name, workloads, round_number, args)
+                if not with_server:
+                    continue
+                server = guest.start_server(root / "state", workers=args.workers,
+                                            extra=("--metrics-addr", METRICS_ADDR))
+                try:
+                    if args.server_cpu is not None:
+                        for pid in [server.process.pid, *server.worker_pids()]:
+                            os.sched_setaffinity(pid, {args.server_cpu})
+                    for name in with_server:
+                        runs += measure_log(root, loops, name, workloads, round_number, args)
+                finally:
+                    server.close()
         finally:
-            server.close()
             for loop in loops:
                 loop.detach()
     return {"runtime": runtime, "rounds": rounds, "runs": runs, "workers": args.workers,
@@ -200,6 +205,44 @@ def measure(workloads: list[str], logs: list[str], args: argparse.Namespace) -> 
             "server_cpu": args.server_cpu,
             "kernel": subprocess.run(["uname", "-r"], capture_output=True,
                                      text=True).stdout.strip()}
+
+
+@contextlib.contextmanager
+def responding(name: str, root: Path, cpu: int | None):
+    """The benchmark's own responder for ``name`` in group 7 meanwhile, if it has one."""
+    if name not in RESPONDERS:
+        yield
+        return
+    extra = [str(root / "one")] if RESPONDERS[name] == ["--respond"] else []
+    responder = subprocess.Popen([sys.executable, __file__, *RESPONDERS[name], *extra])
+    try:
+        if cpu is not None:
+            os.sched_setaffinity(responder.pid, {cpu})
+        deadline = time.monotonic() + 60  # it joins group 7 (slowly, under emulation)
+        while not group7_listeners():
+            if responder.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{name} did not join connector group 7")
+            time.sleep(0.1)
+        yield
+    finally:
+        responder.kill()
+        responder.wait()
+
+
+def measure_log(root: Path, loops: list[guest.Loop], name: str, workloads: list[str],
+                round_number: int, args: argparse.Namespace) -> list[dict]:
+    """One round of every workload on one log."""
+    log, userspace, iflush = LOGS[name]
+    runs = []
+    for workload in workloads:
+        run = one_run(root, loops, name, log, userspace, iflush, workload, args.runtime,
+                      timed=userspace and name not in RESPONDERS)
+        run["round"] = round_number
+        runs.append(run)
+        print(f"round {round_number} {workload:<18} {name:<22} "
+              f"{run['iops']:>8.0f} IOPS  p50 {run['p50_us']:>7.0f} µs  "
+              f"p99 {run['p99_us']:>7.0f} µs", file=sys.stderr, flush=True)
+    return runs
 
 
 def one_run(root: Path, loops: list[guest.Loop], name: str, log: str, userspace: bool,
@@ -258,26 +301,22 @@ def report(results: dict) -> None:
     pinned = "" if results["server_cpu"] is None else f", pinned to CPU {results['server_cpu']}"
     print(f"fio on dm-mirror, kernel {results['kernel']}, {results['rounds']} round(s) of "
           f"{results['runtime']:.0f} s per run, {results['cpus']} CPUs, shardlog --workers "
-          f"{results['workers']}{pinned};"
-          " ratio = IOPS / IOPS of the in-kernel disk log in the same round, median over "
+          f"{results['workers']}{pinned}; ratios = IOPS / IOPS of the in-kernel disk log "
+          "(vs disk) and of the lean responder (vs lean) in the same round, median over "
           "rounds\n")
     print(f"{'workload':<18} {'log':<22} {'IOPS':>8} {'p50 µs':>8} {'p99 µs':>8} "
-          f"{'ratio':>6}")
+          f"{'vs disk':>8} {'vs lean':>8}")
     for workload, name, mine in by_workload_and_log(runs):
-        ratios = []
-        for run in mine:
-            base = next(r for r in runs if r["workload"] == workload and
-                        r["log"] == BASELINE and r["round"] == run["round"])
-            ratios.append(run["iops"] / base["iops"] if base["iops"] else 0.0)
+        ratios = [ratio(runs, mine, workload, baseline) for baseline in BASELINES]
         print(f"{workload:<18} {name:<22} "
               f"{statistics.median(r['iops'] for r in mine):>8.0f} "
               f"{statistics.median(r['p50_us'] for r in mine):>8.0f} "
               f"{statistics.median(r['p99_us'] for r in mine):>8.0f} "
-              f"{statistics.median(ratios):>5.2f}x")
+              + " ".join(f"{value:>7.2f}x" for value in ratios))
     timed = [run for run in runs if "server_us" in run]
     if timed:
         print("\nwhere a shardlog write's time goes (medians over rounds): the kernel's "
-              "requests per write, their mean time inside shardlog (arrival at the front "
+              "requests per write, their mean time inside shardlog (arrival in a worker "
               "to reply leaving), and fio's mean write latency\n")
         print(f"{'workload':<18} {'log':<22} {'req/write':>9} {'in shardlog':>12} "
               f"{'x req/write':>12} {'write mean':>11}")
@@ -287,6 +326,17 @@ def report(results: dict) -> None:
             print(f"{workload:<18} {name:<22} {per_write:>9.1f} {inside:>9.0f} µs "
                   f"{per_write * inside:>9.0f} µs "
                   f"{statistics.median(r['mean_us'] for r in mine):>8.0f} µs")
+
+
+def ratio(runs: list[dict], mine: list[dict], workload: str, baseline: str) -> float:
+    """The median over rounds of a log's IOPS over the baseline's in the same round."""
+    ratios = []
+    for run in mine:
+        base = next((r for r in runs if r["workload"] == workload and
+                     r["log"] == baseline and r["round"] == run["round"]), None)
+        if base is not None and base["iops"]:
+            ratios.append(run["iops"] / base["iops"])
+    return statistics.median(ratios) if ratios else float("nan")
 
 
 def by_workload_and_log(runs: list[dict]):

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.kernelvm import guest, image, runner
+from shardlog import protocol
+from shardlog.kernelvm import guest, image, lean, runner
 from shardlog.kernelvm.guest import LogImage, MirrorStatus
+from shardlog.protocol import RequestType as T
 from shardlog.regionmap import BITMAP_OFFSET
 
 
@@ -146,3 +148,37 @@ def test_a_guest_junit_report_gives_each_case_its_failure_text(tmp_path):
     report = GuestReport(_fake_run(tmp_path), junit, tmp_path / "none.jsonl")
     assert report.cases == {"test_faults::test_x": [("test_x", None)],
                             "test_faults::test_y": [("test_y", "failure: boom\ntrace")]}
+
+
+def test_the_lean_responder_answers_a_mirrors_requests_with_exact_replies():
+    logs: dict = {}
+    seq = 0
+
+    def ask(request_type: T, data: bytes = b"") -> protocol.Reply:
+        nonlocal seq
+        seq += 1
+        datagram = protocol.encode_request(request_type, seq=seq, uuid="lean-a", luid=3,
+                                           data=data)
+        reply = protocol.decode_reply(lean.answer(logs, datagram))
+        assert (reply.seq, reply.error, reply.ack) == (seq, 0, False)
+        want = protocol.REPLY_SIZES[request_type]
+        assert want is None or len(reply.data) == want, request_type
+        return reply
+
+    def u64(reply: protocol.Reply) -> int:
+        return protocol.U64.unpack(reply.data)[0]
+
+    assert ask(T.CTR, b"131072 core 1024 nosync").data == b""
+    assert u64(ask(T.GET_REGION_SIZE)) == 1024
+    assert u64(ask(T.GET_SYNC_COUNT)) == 128
+    ask(T.RESUME)
+    ask(T.MARK_REGION, protocol.pack_regions([5]))
+    ask(T.FLUSH, protocol.pack_regions([6]))  # integrated flush: marks ride in it
+    assert [u64(ask(T.IS_CLEAN, protocol.pack_u64(r))) for r in (4, 5, 6)] == [1, 0, 0]
+    ask(T.CLEAR_REGION, protocol.pack_regions([5, 6]))
+    assert u64(ask(T.IS_CLEAN, protocol.pack_u64(5))) == 1
+    assert u64(ask(T.IN_SYNC, protocol.pack_u64(7))) == 1
+    assert ask(T.GET_RESYNC_WORK).data == bytes(16)
+    assert ask(T.STATUS_INFO).data.endswith(b"\0")
+    ask(T.DTR)
+    assert logs == {}

@@ -20,9 +20,11 @@ def test_the_kernel_benchmark_measures_every_log_it_is_asked_for(shared_server, 
          "--json", str(report)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     runs = json.loads(report.read_text())["runs"]
-    assert {run["log"] for run in runs} == {"kernel disk", "shardlog core+iflush"}
+    assert {run["log"] for run in runs} == {"kernel disk", "lean responder",
+                                            "shardlog core+iflush"}
     assert all(run["iops"] > 0 and run["p50_us"] > 0 for run in runs)
-    assert "shardlog core+iflush" in result.stdout and "ratio" in result.stdout
+    assert "shardlog core+iflush" in result.stdout
+    assert "vs disk" in result.stdout and "vs lean" in result.stdout
     # The time inside shardlog, from its own metrics: a write of an integrated-flush
     # mirror costs the kernel's IN_SYNCs, a FLUSH and a CLEAR.
     (timed,) = [run for run in runs if run["log"] == "shardlog core+iflush"]

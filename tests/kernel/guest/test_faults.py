@@ -16,6 +16,7 @@ from shardlog.kernelvm import guest
 from shardlog.kernelvm.guest import LogImage, WriteLoop, direct_read, direct_write
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import RequestType as T
+from shardlog.routing import shard_of_uuid
 
 from .conftest import LEG_SIZE, REGION_SECTORS, SECTORS, Rig, recording
 
@@ -172,6 +173,55 @@ def test_many_mirrors_at_once_spread_over_the_workers(rig):
     for mirror in mirrors:
         mirror.remove()
     assert guest.instance_files(rig.state_dir) == []
+    assert guest.differing_chunks(backing[0].path, backing[1].path) == []
+
+
+def test_a_worker_killed_while_every_shard_writes_costs_no_io_error_and_no_resync(rig):
+    """Each worker reads its own shard socket: killing one under writes costs the kernel
+    an -EAGAIN for what it held (re-sent at once) and nothing for what waited in its
+    socket (its successor answers it); the other shard never stops."""
+    workers = 2
+    server = rig.start_server(workers=workers)
+    before = guest.kernel_log()
+    per_shard, leg_sectors = 2, 4096  # 2 MiB legs of 32 regions of 64 KiB
+    uuids = [uuid for shard in range(workers)
+             for uuid in [f"uuid-wk-{n}" for n in range(64)
+                          if shard_of_uuid(f"uuid-wk-{n}", workers) == shard][:per_shard]]
+    count = len(uuids)
+    backing = rig.legs(size=count * leg_sectors * guest.SECTOR)
+    legs = {f"wk{i}-leg{side}": f"0 {leg_sectors} linear {loop.path} {i * leg_sectors}"
+            for i in range(count) for side, loop in enumerate(backing)}
+    guest.create_devices(legs)
+    rig.cleanup.append(lambda: guest.dmsetup("remove", "--force", *legs, check=False))
+    mirrors = [rig.mirror(f"m-wk{i}", guest.mirror_table(
+        leg_sectors, [f"/dev/mapper/wk{i}-leg{side}" for side in (0, 1)],
+        region_sectors=128, nosync=True, uuid=uuid, integrated_flush=i % 2 == 1))
+        for i, uuid in enumerate(uuids)]
+    writers = [WriteLoop(m.path, leg_sectors * guest.SECTOR, stride=37).start()
+               for m in mirrors]
+    deadline = time.monotonic() + 60
+    while min(w.written for w in writers) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim = server.worker_pids()[0]
+    os.kill(victim, 9)
+    killed_at = time.monotonic()
+    done_before_kill = [w.written for w in writers]
+    while min(w.written - n for w, n in zip(writers, done_before_kill, strict=True)) < 10:
+        assert time.monotonic() - killed_at < 60, "writes stalled after the worker died"
+        time.sleep(0.05)
+    for writer in writers:
+        assert writer.stop(60).errors == []
+    assert f"worker 0 (pid {victim}) died" in server.log
+    assert server.process.poll() is None
+    assert len(server.worker_pids()) == workers and server.worker_pids()[0] != victim
+    for mirror in mirrors:  # no resync
+        status = mirror.status()
+        assert (status.in_sync, status.regions) == (32, 32), mirror.name
+    # Nothing waited for the kernel's 15 s timeout, and no server was missed.
+    kernel = guest.kernel_log()[len(before):]
+    assert "retrying" not in kernel and "not found" not in kernel, kernel
+    for mirror in mirrors:
+        mirror.remove()
     assert guest.differing_chunks(backing[0].path, backing[1].path) == []
 
 
