@@ -23,8 +23,9 @@ import pytest
 from shardlog import protocol, worker
 from shardlog.kernelsim import Connector, Mirror
 from shardlog.logtable import LogTable
-from shardlog.metrics import LATENCY_BOUNDS, FrontCollector, FrontStats, result_name
+from shardlog.metrics import FrontCollector, FrontStats, result_name
 from shardlog.protocol import RequestType as T
+from shardlog.requeststats import LATENCY_BOUNDS, RequestStats
 from shardlog.workercounters import WORKER_METRICS, key, observe, parse_key
 
 from .harness import PEER_PORT, RawPeer, ServerProcess
@@ -206,13 +207,16 @@ def reply_to(request_type: T, error: int) -> bytes:
 
 
 def test_replies_are_counted_by_type_result_and_latency_bucket():
-    stats = FrontStats()
+    worker_stats = RequestStats()  # a worker counts what it answers...
     flush, in_sync = T.FLUSH.value, T.IN_SYNC.value
-    sent = [((1, flush, 1_000, b""), reply_to(T.FLUSH, 0)),  # 30 µs
-            ((2, flush, 0, b""), reply_to(T.FLUSH, -errno.EIO)),  # 31 µs
-            ((3, in_sync, 0, b""), reply_to(T.IN_SYNC, 0))]
-    stats.answered(sent, now_ns=31_000)
-    stats.lost([(4, flush, 0, b"")], -errno.EAGAIN, now_ns=2_000_000_000)  # 2 s
+    sent = [(flush, 1_000, reply_to(T.FLUSH, 0)),  # 30 µs
+            (flush, 0, reply_to(T.FLUSH, -errno.EIO)),  # 31 µs
+            (in_sync, 0, reply_to(T.IN_SYNC, 0))]
+    worker_stats.answered(sent, now_ns=31_000)
+    stats = FrontStats(2)  # ... and the front adds what its reports carry
+    assert stats.add_deltas(worker_stats.take_deltas()) == 0  # answered, not received
+    assert worker_stats.take_deltas() == {}  # shipped once
+    stats.lost([(flush, 0)], -errno.EAGAIN, now_ns=2_000_000_000)  # 2 s
     got = samples(FrontCollector(stats, lambda: {}))
     requests = "shardlog_requests_total"
     assert got[(requests, (("result", "ok"), ("type", "flush")))] == 1
@@ -232,7 +236,7 @@ def test_replies_are_counted_by_type_result_and_latency_bucket():
 
 def test_an_observation_past_every_bound_counts_in_inf_only():
     stats = FrontStats()
-    stats.lost([(1, T.FLUSH.value, 0, b"")], -errno.EAGAIN, now_ns=3600 * 10**9)
+    stats.lost([(T.FLUSH.value, 0)], -errno.EAGAIN, now_ns=3600 * 10**9)
     got = samples(FrontCollector(stats, lambda: {}))
     bucket = "shardlog_request_duration_seconds_bucket"
     assert got[(bucket, (("le", repr(LATENCY_BOUNDS[-1])), ("type", "flush")))] == 0
@@ -259,6 +263,22 @@ def test_a_re_send_of_a_request_answered_eagain_is_counted_once():
     stats.expect_resend(first, now_ns=0)
     stats.check_resend(again, now_ns=10**10)  # long after: not a re-send of it
     assert stats.resent_requests == 1
+
+
+def test_request_deltas_of_workers_add_up_in_the_front():
+    stats = FrontStats(2)
+    for _ in range(2):
+        worker_stats = RequestStats()
+        worker_stats.requests[T.IN_SYNC.value] += 3
+        worker_stats.dropped["malformed"] += 1
+        worker_stats.enobufs += 2
+        stats.add_deltas(worker_stats.take_deltas())
+    got = samples(FrontCollector(stats, lambda: {}))
+    assert got[("shardlog_requests_received_total", (("type", "in_sync"),))] == 6
+    assert got[("shardlog_datagrams_dropped_total", (("reason", "malformed"),))] == 2
+    assert got[("shardlog_enobufs_total", ())] == 4
+    with pytest.raises((ValueError, TypeError)):
+        stats.add_deltas({"received": [["x", 1]]})
 
 
 def test_worker_deltas_add_up_and_unknown_names_are_ignored():

@@ -17,7 +17,7 @@ from shardlog import control, protocol
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.protocol import RequestType as T
 
-from .harness import ServerProcess, uuids_for_worker
+from .harness import SLOW_CTR, ServerProcess, uuids_for_worker
 from .test_cli import shardlog
 
 pytestmark = pytest.mark.usefixtures("private_netns")
@@ -240,6 +240,9 @@ def test_a_tracer_that_does_not_read_loses_lines_counted_and_never_stalls_the_se
     for n in range(sent):
         assert peer.in_sync(n % 1024, uuid="log-a") == 1  # every request answered
     elapsed = time.monotonic() - started
+    # The workers send their trace lines after their replies: a status, whose fresh
+    # reports come down the same pipes after them, is a barrier.
+    status_json(server)
     sock.shutdown(socket.SHUT_WR)
     events = dropped = 0
     sock.settimeout(10)
@@ -257,19 +260,20 @@ def test_a_tracer_that_does_not_read_loses_lines_counted_and_never_stalls_the_se
 
 
 def test_a_worker_death_shows_in_the_trace_as_eagain(server, peer):
-    (uuid,) = uuids_for_worker(0, 2, 1)
-    peer.open_log(uuid)
+    uuids = uuids_for_worker(0, 2, 16, prefix="big")
     worker = server.worker_pids()[0]
+    trace = start_trace(server, "--json", "--type", "CTR", "--count", "1")
     os.kill(worker, signal.SIGSTOP)
-    trace = start_trace(server, "--json", "--count", "1")
-    seq = peer.request(T.IN_SYNC, protocol.pack_u64(1), uuid=uuid)
+    sent = {peer.request(T.CTR, SLOW_CTR, uuid=uuid) for uuid in uuids}
+    os.kill(worker, signal.SIGCONT)  # one batch of 16 slow CTRs
     time.sleep(0.3)
-    os.kill(worker, signal.SIGKILL)
+    os.kill(worker, signal.SIGKILL)  # in the middle of it
     out, err = trace.communicate(timeout=30)
     assert trace.returncode == 0, err
     event = json.loads(out)
-    assert (event["seq"], event["type"], event["errno"], event["result"]) == (
-        seq, "IN_SYNC", -11, "ack, error -11")
+    assert event["seq"] in sent
+    assert (event["type"], event["errno"], event["result"]) == (
+        "CTR", -11, "ack, error -11")
     assert event["note"] == "worker died: answered -EAGAIN"
 
 

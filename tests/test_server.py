@@ -26,7 +26,7 @@ from shardlog.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socke
 from shardlog.protocol import RequestType as T
 from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
 
-from .harness import PEER_PORT, RawPeer, ServerProcess, uuids_for_worker
+from .harness import PEER_PORT, SLOW_CTR, RawPeer, ServerProcess, uuids_for_worker
 
 pytestmark = pytest.mark.usefixtures("private_netns")
 
@@ -264,11 +264,6 @@ def test_requests_queued_for_a_killed_worker_are_answered_by_its_successor(serve
     assert metrics["shardlog_eagain_replies_total"] == 0
     assert metrics["shardlog_workers_up"] == 2
     assert f"worker 0 (pid {victim}) died (killed by SIGKILL)" in server.log
-
-
-# CTR + RESUME of a core log of 2**25 regions takes tens of milliseconds (its 8 MiB file):
-# a batch of them keeps a worker busy long enough to be killed in the middle of it.
-SLOW_CTR = b"268435456 core 8 nosync"
 
 
 def test_a_killed_worker_answers_what_it_held_eagain_and_comes_back(server, peer):

@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -310,13 +311,50 @@ class WriteLoop:
         return self
 
 
+# Under emulation a server starts in 5-10 s; on a host busy with another VM it has taken
+# over 30 s.  A slow host may make a scenario slow, never make it fail.
+SERVER_START_TIMEOUT = 180.0
+SLOW_START = 30.0
+
+
 def start_server(state_dir: Path, workers: int = 2,
                  extra: tuple[str, ...] = ()) -> ServeProcess:
     """``shardlog serve`` for the real kernel: the front and workers in a session of
     their own (for one SIGKILL of everything), state, pid file and log under
-    ``state_dir``'s parent, no metrics endpoint."""
+    ``state_dir``'s parent, no metrics endpoint.  A slow start is said on stderr."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    return ServeProcess(state_dir, workers=workers, metrics_addr="", extra=extra).start()
+    started = time.monotonic()
+    server = ServeProcess(state_dir, workers=workers, metrics_addr="", extra=extra)
+    server.start(timeout=SERVER_START_TIMEOUT)
+    took = time.monotonic() - started
+    if took > SLOW_START:
+        print(f"shardlog serve took {took:.0f} s to start (a busy host?)", file=sys.stderr)
+    return server
+
+
+def device_names() -> list[str]:
+    """Every device-mapper device in the guest (all of them a scenario's)."""
+    names = []
+    for line in dmsetup("ls").splitlines():
+        if line.strip() and line.strip() != "No devices found":
+            names.append(line.split()[0])
+    return names
+
+
+def remove_every_device() -> None:
+    """Every device-mapper device gone, stacked or suspended: resumed first (a suspended
+    device holds its I/O), then removed, a device still open replaced by one that fails
+    its I/O.  A mirror with a userspace log needs a server for it."""
+    for name in device_names():
+        dmsetup("resume", name, check=False)
+    dmsetup("remove_all", "--force", check=False)
+
+
+def loop_devices() -> list[str]:
+    """Every attached loop device."""
+    return [line.split()[0] for line in
+            run("losetup", "--list", "--noheadings", "--output", "NAME").splitlines()
+            if line.strip()]
 
 
 # -- state on disk ------------------------------------------------------------------------------

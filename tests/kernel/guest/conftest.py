@@ -8,6 +8,8 @@ import contextlib
 import faulthandler
 import json
 import os
+import shutil
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -64,6 +66,31 @@ class Rig:
         self.server: ServeProcess | None = None
         # Undone after the mirrors, before the loops: devices stacked between them.
         self.cleanup: list[Callable[[], object]] = []
+
+    def clean_slate(self) -> None:
+        """Remove whatever an earlier scenario left behind — a failed one may not have
+        undone everything — so that each scenario starts with no device, no loop device
+        and no instance file, and its outcome is its own.  What was found is said."""
+        found = []
+        devices = guest.device_names()
+        if devices:
+            found.append(f"devices {devices}")
+            with contextlib.suppress(Exception):
+                self.start_server(self.shared.workers or 2)  # userspace logs' DTRs
+            guest.remove_every_device()
+        loops = guest.loop_devices()
+        if loops:
+            found.append(f"loop devices {loops}")
+            guest.run("losetup", "--detach-all", check=False)
+        if self.state_dir.exists() and any(self.state_dir.rglob("*")):
+            leftovers = [path.name for path in self.state_dir.rglob("*") if path.is_file()]
+            if leftovers:
+                found.append(f"state files {leftovers}")
+                self.shared.close()
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+        if found:
+            print(f"clean slate: removed what an earlier scenario left: {'; '.join(found)}",
+                  file=sys.stderr)
 
     def start_server(self, workers: int = 2) -> ServeProcess:
         """The shared server, alive (a new one if it was killed)."""
@@ -151,6 +178,7 @@ def shared_server(tmp_path_factory) -> Iterator[SharedServer]:
 @pytest.fixture
 def rig(tmp_path: Path, shared_server: SharedServer) -> Iterator[Rig]:
     rig = Rig(tmp_path, shared_server)
+    rig.clean_slate()
     try:
         yield rig
     finally:
