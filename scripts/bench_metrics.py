@@ -48,6 +48,7 @@ from pathlib import Path
 from bench_server import (
     LOAD_PORT,
     LOADS,
+    LOG_DEVICE,
     UUID_PREFIX,
     BenchError,
     Measured,
@@ -130,7 +131,7 @@ def measure(base_dir: Path, settings: Settings) -> dict[str, dict[str, list[Meas
                 server = MeteredServer(run_dir, settings.workers, mode == "on")
                 try:
                     server.start()
-                    open_logs(sock, logs)
+                    open_logs(sock, logs, server.state_dir / LOG_DEVICE)
                     processes = server.pids()
                     with Scraper(server.metrics_url) as scraper:
                         for load in COMPARED:
@@ -182,7 +183,7 @@ def report(results: dict[str, dict[str, list[Measured]]]) -> list[tuple[str, flo
 
 
 # The request types of each compared load, for the in-process timing (the write path's
-# FLUSHes are left out: their msync would drown what is timed).
+# FLUSHes are left out: a commit would drown what is timed).
 LOAD_TYPES = {"read64": (T.IN_SYNC,), "write64": (T.IN_SYNC, T.MARK_REGION, T.CLEAR_REGION)}
 
 
