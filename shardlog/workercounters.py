@@ -22,6 +22,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,20 @@ def count_nothing(_key: str, _amount: float = 1) -> None:
 
 def observe(count: Count, name: str, value: float, **labels: str) -> None:
     """One observation of the histogram ``name``: its bucket and its sum."""
+    bounds, bucket_keys, sum_key = _histogram_keys(name, tuple(labels.items()))
+    count(bucket_keys[bisect_left(bounds, value)], 1)
+    count(sum_key, value)
+
+
+@cache
+def _histogram_keys(name: str, labels: tuple[tuple[str, str], ...],
+                    ) -> tuple[tuple[float, ...], list[str], str]:
+    """A histogram's bounds, its buckets' keys and its sum's key, made once: observe()
+    runs on the request path (a worker's every batch)."""
     bounds = WORKER_METRICS[name].bounds
-    count(key(name, **labels, bucket=str(bisect_left(bounds, value))), 1)
-    count(key(name, **labels, bucket="sum"), value)
+    buckets = [key(name, **dict(labels), bucket=str(index))
+               for index in range(len(bounds) + 1)]
+    return bounds, buckets, key(name, **dict(labels), bucket="sum")
 
 
 # Keys counted on a worker's request path, made once.
