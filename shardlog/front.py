@@ -160,6 +160,7 @@ class Front:
         # A scrape (in the metrics thread) wakes the loop here to have the workers report.
         self._scrape_r, self._scrape_w = socket.socketpair()
         self._scrapes: deque[threading.Event] = deque()
+        self._shard_sockets: list[socket.socket] = []
         self._stop_deadline = 0.0
         self._next_hang_check = 0.0
         self.status = status.StatusCommand(self)  # the control socket's and SIGUSR1's
@@ -212,7 +213,7 @@ class Front:
             self.on_tick.append(self.control.flush_streams)
         # Every socket is filtered and in group 7 before any worker reads: from the first
         # request on, each is accepted by exactly one socket.
-        sockets = self._open_shard_sockets()
+        sockets = self._shard_sockets = self._open_shard_sockets()
         for index, sock in enumerate(sockets):
             self.slots.append(self._spawn(index, sock, InFlight()))
         peer = f", test peer {config.test_peer}" if config.test_peer is not None else ""
@@ -244,9 +245,11 @@ class Front:
                      self._scrape_r, self._scrape_w]
         if self.metrics_server is not None:
             inherited.append(self.metrics_server.socket)
+        # Every other shard's socket, those of workers not spawned yet included.
+        inherited += [other for other in self._shard_sockets if other is not sock]
         for slot in self.slots:
             if slot.index != index:
-                inherited += [slot.sock, slot.control_fd, slot.events_fd]
+                inherited += [slot.control_fd, slot.events_fd]
         if self.control is not None:
             inherited += self.control.descriptors()
         process = multiprocess.get_context("fork").Process(

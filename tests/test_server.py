@@ -388,3 +388,34 @@ def test_a_restarted_server_restores_every_log_at_its_first_request(tmp_path, pe
         assert "restored from its CTR record" in restarted.log
     finally:
         restarted.close()
+
+
+def connector_sockets_of(pid: int) -> set[int]:
+    """Inodes of the group-7 connector sockets that process ``pid`` holds open."""
+    in_group_7 = set()
+    with open("/proc/net/netlink") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if int(fields[1]) == 11 and int(fields[3], 16) & GROUP_7_MASK:
+                in_group_7.add(int(fields[-1]))  # the socket's inode
+    held = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            held.add(int(target[len("socket:["):-1]))
+    return held & in_group_7
+
+
+def test_each_worker_holds_its_own_shard_socket_only(tmp_path, peer):
+    server = ServerProcess(tmp_path / "state", workers=3).start()
+    try:
+        front = connector_sockets_of(server.process.pid)
+        workers = [connector_sockets_of(pid) for pid in server.worker_pids()]
+        # The front keeps all three (for the workers' successors); each worker one, its own:
+        # a worker that outlived its front must not keep another shard's socket in group 7.
+        assert len(front) == 3
+        assert all(len(held) == 1 for held in workers), workers
+        assert set().union(*workers) == front
+    finally:
+        server.close()
