@@ -163,7 +163,8 @@ class ShardWorker:
                     self._stop(events_fd)
                     return
                 if asked or reporter.due():
-                    _write(events_fd, self._stats_frame())
+                    # A busy worker's periodic report leaves its logs out (workerstats.py).
+                    _write(events_fd, self._stats_frame(with_logs=asked))
         finally:
             poller.close()
 
@@ -312,10 +313,11 @@ class ShardWorker:
         self._traced += datagram
         self._traced += reply
 
-    def _stats_frame(self) -> bytes:
+    def _stats_frame(self, with_logs: bool = True) -> bytes:
         for source, failures in take_failures().items():
             self.reporter.count(key("storage_errors", kind=source), failures)
-        return frames.pack(Kind.STATS, 0, self.reporter.report(self.table).encode())
+        report = self.reporter.report(self.table, with_logs)
+        return frames.pack(Kind.STATS, 0, report.encode())
 
     def _warn(self, kind: str, message: str, *args) -> None:
         """A warning at most once a second per kind: a flood must not flood the log."""
