@@ -38,6 +38,7 @@ from pathlib import Path
 from . import protocol
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .logtable import LogKey, LogTable
+from .nlsocket import GROUP_7_MASK
 from .protocol import ProtocolError, Request, RequestType
 
 T = RequestType
@@ -229,7 +230,7 @@ def errno_name(error: int) -> str:
     return "-" + errno.errorcode.get(-error, str(-error))
 
 
-class _Tracebacks(logging.Handler):
+class Tracebacks(logging.Handler):
     """Counts log records that carry an exception: an answer made from a swallowed one."""
 
     def __init__(self) -> None:
@@ -273,7 +274,7 @@ class TableFuzzer:
         self.tally = Tally()
 
     def run(self, count: int, batch: int = 8) -> Tally:
-        tracebacks = _Tracebacks()
+        tracebacks = Tracebacks()
         root = logging.getLogger("shardlog")
         root.addHandler(tracebacks)
         started = time.perf_counter()
@@ -299,7 +300,7 @@ class TableFuzzer:
                 self.table.handle(protocol.decode_datagram(protocol.encode_request(
                     T.DTR, seq=self.inputs.seq, uuid=uuid, luid=luid)))
 
-    def batch(self, datagrams: list[bytes], tracebacks: _Tracebacks) -> None:
+    def batch(self, datagrams: list[bytes], tracebacks: Tracebacks) -> None:
         tally = self.tally
         staged: list[tuple[bytes, Request]] = []
         for datagram in datagrams:
@@ -361,7 +362,7 @@ class TableFuzzer:
             tally.defect(f"CTR {request.ctr_string!r} accepted, yet unparsable", datagram)
         return decoded.error
 
-    def _check_tracebacks(self, datagram: bytes, tracebacks: _Tracebacks, seen: int) -> None:
+    def _check_tracebacks(self, datagram: bytes, tracebacks: Tracebacks, seen: int) -> None:
         for record in tracebacks.records[seen:]:
             self.tally.defect(f"answered from a swallowed exception: {record.getMessage()}"
                               f" ({record.exc_info[1]!r})", datagram)
@@ -426,7 +427,7 @@ class LiveFuzzer:
                 # Seqs are unique among well-formed requests; a mutated one may reuse one.
                 expected.setdefault(request.seq, (datagram, request))
             try:
-                self.sock.sendto(datagram, (0, 1 << 6))  # connector group 7's mask
+                self.sock.sendto(datagram, (0, GROUP_7_MASK))
             except ConnectionRefusedError:
                 pass  # delivered to the group; no kernel at port 0 here
             except OSError as exc:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from shardlog import dirtylog, protocol
 from shardlog.dirtylog import LogError
-from shardlog.fuzzing import UUIDS, Inputs, TableFuzzer, _Tracebacks, format_tally
+from shardlog.fuzzing import UUIDS, Inputs, TableFuzzer, Tracebacks, format_tally
 from shardlog.protocol import RequestType as T
 
 from .conftest import requires_root
@@ -97,7 +97,7 @@ def _apply(base: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
 def test_mutated_requests_are_refused_without_a_trace(tmp_path_factory, batches):
     """Hypothesis's own datagrams (it shrinks a failure to the smallest batch)."""
     fuzzer = fuzzer_in(tmp_path_factory.mktemp("mutated"), random.Random(0))
-    tracebacks = _Tracebacks()
+    tracebacks = Tracebacks()
     logging.getLogger("shardlog").addHandler(tracebacks)
     try:
         for uuid in UUIDS[:2]:  # two live logs, one marked and flushed

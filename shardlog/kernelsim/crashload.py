@@ -58,8 +58,7 @@ class LogUnderLoad:
     flushing: set[int] = field(default_factory=set)  # marked before the FLUSH in flight
     queue: list[tuple[RequestType, bytes]] = field(default_factory=list)
     in_flight: tuple[int, RequestType] | None = None  # (seq, type)
-
-    luid = 1
+    luid: int = 1  # one instance per log: no reloads here
 
 
 @dataclass
