@@ -189,19 +189,18 @@ class CrashCampaign:
         by_seq[seq] = log
 
     def _operation(self, log: LogUnderLoad) -> list[tuple[RequestType, bytes]]:
-        """What dm-raid1 does for a batch of writes: marks made durable, and later clears
-        of regions whose writes completed."""
+        """What dm-raid1 does for a batch of writes: marks made durable, and clears of
+        regions whose writes completed — often enough that few regions stay dirty, so
+        that most marks land on clean regions, where a lost one would show."""
         rng = self.rng
         regions = rng.sample(range(log.region_count), rng.choice((1, 3, 8, 32)))
         roll = rng.random()
-        if roll < 0.45:
+        if roll < 0.35:
             return [(T.FLUSH, protocol.pack_regions(regions))]  # integrated flush
-        if roll < 0.85:
+        if roll < 0.7 or not log.promised:
             return [(T.MARK_REGION, protocol.pack_regions(regions)), (T.FLUSH, b"")]
-        if log.promised:
-            cleared = rng.sample(sorted(log.promised), min(len(log.promised), 4))
-            return [(T.CLEAR_REGION, protocol.pack_regions(cleared)), (T.FLUSH, b"")]
-        return [(T.FLUSH, b"")]
+        cleared = rng.sample(sorted(log.promised), min(len(log.promised), 32))
+        return [(T.CLEAR_REGION, protocol.pack_regions(cleared)), (T.FLUSH, b"")]
 
     # -- checks -----------------------------------------------------------------------------
 
