@@ -237,6 +237,7 @@ class ShardWorker:
             for (index, request), reply in zip(deferred, self.table.commit_deferred(),
                                                strict=True):
                 send(reply)
+                in_flight.answered(index)
                 sent.append((request.request_type, arrived, reply))
                 if self.tracing:
                     self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
