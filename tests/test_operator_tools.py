@@ -17,7 +17,7 @@ from shardlog import control, protocol
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.protocol import RequestType as T
 
-from .harness import SLOW_CTR, ServerProcess, uuids_for_worker
+from .harness import SLOW_OPENING, ServerProcess, uuids_for_worker
 from .test_cli import shardlog
 
 pytestmark = pytest.mark.usefixtures("private_netns")
@@ -262,10 +262,11 @@ def test_a_tracer_that_does_not_read_loses_lines_counted_and_never_stalls_the_se
 def test_a_worker_death_shows_in_the_trace_as_eagain(server, peer):
     uuids = uuids_for_worker(0, 2, 16, prefix="big")
     worker = server.worker_pids()[0]
-    trace = start_trace(server, "--json", "--type", "CTR", "--count", "1")
+    trace = start_trace(server, "--json", "--type", "RESUME", "--count", "1")
     os.kill(worker, signal.SIGSTOP)
-    sent = {peer.request(T.CTR, SLOW_CTR, uuid=uuid) for uuid in uuids}
-    os.kill(worker, signal.SIGCONT)  # one batch of 16 slow CTRs
+    sent = {peer.request(request_type, data, uuid=uuid)
+            for uuid in uuids for request_type, data in SLOW_OPENING}
+    os.kill(worker, signal.SIGCONT)  # one batch of 16 slow CTRs and RESUMEs
     time.sleep(0.3)
     os.kill(worker, signal.SIGKILL)  # in the middle of it
     out, err = trace.communicate(timeout=30)
@@ -273,7 +274,7 @@ def test_a_worker_death_shows_in_the_trace_as_eagain(server, peer):
     event = json.loads(out)
     assert event["seq"] in sent
     assert (event["type"], event["errno"], event["result"]) == (
-        "CTR", -11, "ack, error -11")
+        "RESUME", -11, "ack, error -11")
     assert event["note"] == "worker died: answered -EAGAIN"
 
 
