@@ -47,6 +47,7 @@ import signal
 import socket
 import struct
 import time
+from collections import Counter
 from pathlib import Path
 
 from . import frames, protocol
@@ -131,6 +132,7 @@ class ShardWorker:
         self.reporter = reporter
         self.tracing = False
         self._traced = bytearray()  # this batch's TRACE entries, while tracing
+        self._batch_sizes: Counter[int] = Counter()  # since the last report
         self._last_warning: dict[str, float] = {}
         table.count = reporter.count
         sock.setblocking(False)
@@ -243,7 +245,7 @@ class ShardWorker:
                     self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
             stats.answered(sent, time.monotonic_ns())
         in_flight.batch_done()
-        observe(count, "worker_batch_size", len(held))
+        self._batch_sizes[len(held)] += 1  # a histogram of them at the next report
         return len(held)
 
     def _receive(self, readable: bool) -> list[int]:
@@ -316,8 +318,12 @@ class ShardWorker:
         self._traced += reply
 
     def _stats_frame(self, with_logs: bool = True) -> bytes:
+        count = self.reporter.count
         for source, failures in take_failures().items():
-            self.reporter.count(key("storage_errors", kind=source), failures)
+            count(key("storage_errors", kind=source), failures)
+        for size, batches in self._batch_sizes.items():
+            observe(count, "worker_batch_size", size, batches)
+        self._batch_sizes.clear()
         report = self.reporter.report(self.table, with_logs)
         return frames.pack(Kind.STATS, 0, report.encode())
 
