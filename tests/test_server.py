@@ -208,6 +208,7 @@ def test_bad_datagrams_are_answered_einval_or_dropped_and_serving_goes_on(
     reply = peer.receive(0.5)
     if reply is not None:  # answered: then as the kernel expects a refusal
         assert reply.error == -errno.EINVAL  # a full reply or a connector ACK
+        assert peer.quiet(), "answered twice: two shard sockets accepted it"
     assert peer.in_sync(1, uuid="log-a") == 1
     assert server.process.poll() is None
     assert server.metrics()["shardlog_worker_restarts_total"] == 0
