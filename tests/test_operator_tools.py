@@ -17,7 +17,8 @@ from shardlog import control, protocol
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.protocol import RequestType as T
 
-from .harness import SLOW_OPENING, ServerProcess, uuids_for_worker
+from .conftest import wait_until_blocked
+from .harness import ServerProcess, uuids_for_worker
 from .test_cli import shardlog
 
 pytestmark = pytest.mark.usefixtures("private_netns")
@@ -259,23 +260,27 @@ def test_a_tracer_that_does_not_read_loses_lines_counted_and_never_stalls_the_se
           f"{dropped} dropped")
 
 
-def test_a_worker_death_shows_in_the_trace_as_eagain(server, peer):
-    uuids = uuids_for_worker(0, 2, 16, prefix="big")
-    worker = server.worker_pids()[0]
-    trace = start_trace(server, "--json", "--type", "RESUME", "--count", "1")
-    os.kill(worker, signal.SIGSTOP)
-    sent = {peer.request(request_type, data, uuid=uuid)
-            for uuid in uuids for request_type, data in SLOW_OPENING}
-    os.kill(worker, signal.SIGCONT)  # one batch of 16 slow CTRs and RESUMEs
-    time.sleep(0.3)
-    os.kill(worker, signal.SIGKILL)  # in the middle of it
-    out, err = trace.communicate(timeout=30)
-    assert trace.returncode == 0, err
-    event = json.loads(out)
-    assert event["seq"] in sent
-    assert (event["type"], event["errno"], event["result"]) == (
-        "RESUME", -11, "ack, error -11")
-    assert event["note"] == "worker died: answered -EAGAIN"
+def test_a_worker_death_shows_in_the_trace_as_eagain(tmp_path, peer, freezable):
+    # The worker blocks on its frozen state directory holding the CTR it read.
+    server = ServerProcess(freezable.path / "state", run_dir=tmp_path).start()
+    try:
+        (uuid,) = uuids_for_worker(0, 2, 1)
+        worker = server.worker_pids()[0]
+        trace = start_trace(server, "--json", "--count", "1")
+        freezable.freeze()
+        seq = peer.request(T.CTR, b"8192 core 8 nosync", uuid=uuid)
+        wait_until_blocked(worker)
+        os.kill(worker, signal.SIGKILL)
+        freezable.thaw()
+        out, err = trace.communicate(timeout=30)
+        assert trace.returncode == 0, err
+        event = json.loads(out)
+        assert (event["seq"], event["type"], event["errno"], event["result"]) == (
+            seq, "CTR", -11, "ack, error -11")
+        assert event["note"] == "worker died: answered -EAGAIN"
+    finally:
+        freezable.thaw()
+        server.close()
 
 
 def test_trace_without_a_server_exits_1_and_a_bad_type_exits_2(tmp_path):
