@@ -310,13 +310,18 @@ class WriteLoop:
         return self
 
 
+START_TIMEOUT = 120.0
+
+
 def start_server(state_dir: Path, workers: int = 2,
                  extra: tuple[str, ...] = ()) -> ServeProcess:
     """``shardlog serve`` for the real kernel: the front and workers in a session of
     their own (for one SIGKILL of everything), state, pid file and log under
     ``state_dir``'s parent, no metrics endpoint."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    return ServeProcess(state_dir, workers=workers, metrics_addr="", extra=extra).start()
+    # Under emulation on a busy host a start has taken over 30 s.
+    return ServeProcess(state_dir, workers=workers, metrics_addr="",
+                        extra=extra).start(timeout=START_TIMEOUT)
 
 
 # -- state on disk ------------------------------------------------------------------------------

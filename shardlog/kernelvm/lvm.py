@@ -16,13 +16,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Loop devices by default; the regular expression of the devices LVM may use.
+LOOP_DEVICES = "^/dev/loop[0-9]+$"
+
 LVM_CONF = """\
 devices {
     dir = "/dev"
     scan = [ "/dev" ]
     obtain_device_list_from_udev = 0
     external_device_info_source = "none"
-    filter = [ "a|^/dev/loop[0-9]+$|", "r|.*|" ]
+    filter = [ "a|{accept}|", "r|.*|" ]
     use_devicesfile = 0
 }
 global {
@@ -43,10 +46,11 @@ backup {
 """
 
 
-def write_config(directory: Path) -> dict[str, str]:
-    """``lvm.conf`` in ``directory`` and the lock directory; the environment LVM needs."""
+def write_config(directory: Path, accept: str = LOOP_DEVICES) -> dict[str, str]:
+    """``lvm.conf`` in ``directory`` and the lock directory; the environment LVM needs.
+    LVM scans only the devices whose path matches ``accept`` (no ``|``)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "lvm.conf").write_text(LVM_CONF)
+    (directory / "lvm.conf").write_text(LVM_CONF.replace("{accept}", accept))
     Path("/run/lock/lvm").mkdir(parents=True, exist_ok=True)
     return {"LVM_SYSTEM_DIR": str(directory), "LVM_SUPPRESS_FD_WARNINGS": "1",
             "DM_DISABLE_UDEV": "1"}
@@ -59,8 +63,8 @@ class LvmError(Exception):
 class Lvm:
     """LVM commands with the scratch configuration."""
 
-    def __init__(self, config_dir: Path):
-        self.env = dict(os.environ, **write_config(config_dir))
+    def __init__(self, config_dir: Path, accept: str = LOOP_DEVICES):
+        self.env = dict(os.environ, **write_config(config_dir, accept))
 
     def __call__(self, *command: str, check: bool = True) -> str:
         result = subprocess.run(command, capture_output=True, text=True, env=self.env,
