@@ -1,0 +1,93 @@
+"""``shardlog adopt`` / ``release`` on this host (no device-mapper in its kernel: the
+real moves are tested in the VM, tests/kernel/guest/test_lvm.py), and the device names
+that ``status`` and ``top`` show beside each log's uuid."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardlog import dmdevices, status, top
+
+UUID = "LVM-8zqvGFtPR6y2rtgfMftXdOLIt1mfoCDtM40X8RJxLN1sFfq87nP3frY4f8kMu3BK"
+
+
+def shardlog(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shardlog.cli", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [["adopt"], ["release"], ["adopt", "vg/lv", "--all"],
+                                  ["adopt", "--bogus", "vg/lv"]])
+def test_usage_errors_exit_2(args):
+    result = shardlog(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+
+
+def test_a_device_that_cannot_be_found_exits_1_saying_why(tmp_path):
+    result = shardlog("adopt", "--socket", str(tmp_path / "none.sock"), "vg/lv",
+                      f"{tmp_path}/no-such-device", "/dev/null")
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 3, result.stderr
+    assert lines[0].startswith("shardlog adopt: vg/lv: failed: ")
+    assert "no-such-device: No such file or directory" in lines[1]
+    assert lines[2] == "shardlog adopt: /dev/null: failed: /dev/null is not a block device"
+    assert shardlog("release", "--all").returncode in (0, 1)  # 0 on a host with no mirror
+
+
+def test_help_says_what_it_refuses_and_the_exit_codes():
+    result = shardlog("adopt", "--help")
+    assert result.returncode == 0
+    for words in ("core-log mirror", "no shardlog server", "exit codes: 0 ok, 1",
+                  "VG/LV", "--integrated-flush", "--dry-run"):
+        assert words in result.stdout, words
+
+
+def fake_sysfs(root: Path, devices: dict[str, str]) -> Path:
+    for index, (name, uuid) in enumerate(devices.items()):
+        dm = root / f"dm-{index}" / "dm"
+        dm.mkdir(parents=True)
+        (dm / "name").write_text(name + "\n")
+        (dm / "uuid").write_text(uuid + "\n")
+    return root
+
+
+def log_row(uuid: str) -> dict:
+    return {"uuid": uuid, "luid": 0xff00, "type": "disk", "state": "resumed",
+            "region_size": 256, "region_count": 128, "in_sync": 128, "dirty": 0,
+            "recovering": None, "sync_search": 128, "worker": 0, "requests_per_s": 0.0,
+            "health": "A"}
+
+
+def test_status_and_top_name_each_logs_device(tmp_path, monkeypatch):
+    monkeypatch.setattr(dmdevices, "SYS_BLOCK", fake_sysfs(tmp_path, {
+        "my--vg-data": UUID, "m-plain": "uuid-plain", "nouuid": ""}))
+    logs = [log_row(UUID), log_row("uuid-plain"), log_row("uuid-elsewhere")]
+    dmdevices.label_logs(logs)
+    assert [log["device"] for log in logs] == ["my-vg/data", "m-plain", None]
+    answer = {"server": {"pid": 1, "uptime_s": 5, "workers": 1, "requests_total": 0,
+                         "state_dir": "/s", "serving": True, "stopping": False,
+                         "requests": {}, "eagain_replies": 0, "worker_restarts": 0},
+              "workers": [], "logs": logs}
+    text = status.format_text(answer)
+    header, *rows = text.splitlines()[-4:]
+    assert header.split()[:3] == ["UUID", "Device", "LUID"]
+    assert [row.split()[1] for row in rows] == ["my-vg/data", "-", "m-plain"]  # by uuid
+    frame = top.render(answer, answer, 1.0, {}, 10, 0)
+    assert "Device" in frame and "my-vg/data" in frame
+
+
+def test_without_device_mapper_there_is_no_device_column(tmp_path, monkeypatch):
+    monkeypatch.setattr(dmdevices, "SYS_BLOCK", tmp_path / "absent")
+    logs = [log_row("uuid-a")]
+    dmdevices.label_logs(logs)
+    assert logs[0]["device"] is None
+    answer = {"server": {"pid": 1, "uptime_s": 5, "workers": 1, "requests_total": 0,
+                         "state_dir": "/s", "serving": True, "stopping": False},
+              "workers": [], "logs": logs}
+    assert "Device" not in status.format_text(answer)
