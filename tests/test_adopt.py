@@ -91,3 +91,21 @@ def test_without_device_mapper_there_is_no_device_column(tmp_path, monkeypatch):
                          "state_dir": "/s", "serving": True, "stopping": False},
               "workers": [], "logs": logs}
     assert "Device" not in status.format_text(answer)
+
+
+def test_the_boot_unit_adopts_after_lvm_and_releases_before_shardlog_stops():
+    unit = (Path(__file__).parents[1] / "scripts" / "shardlog-adopt.service").read_text()
+    lines = unit.splitlines()
+    from shardlog.cli import _parser
+
+    commands = {}
+    for key in ("ExecStart", "ExecStop"):
+        line = next(line for line in lines if line.startswith(f"{key}="))
+        binary, *args = line.removeprefix(f"{key}=").split()
+        assert binary.endswith("/shardlog")
+        commands[key] = _parser().parse_args(args)  # SystemExit on an unknown option
+    assert commands["ExecStart"].all and commands["ExecStart"].wait > 0
+    assert commands["ExecStop"].all
+    after = " ".join(line for line in lines if line.startswith("After="))
+    assert "shardlog.service" in after and "lvm2-activation.service" in after
+    assert "Requires=shardlog.service" in lines and "RemainAfterExit=yes" in lines

@@ -104,10 +104,11 @@ def adopt(rig: Rig, *args: str) -> str:
 
 
 def fio_writes(device: str, size: str = "512k") -> dict:
-    """fio: random 4 KiB O_DIRECT writes over the whole device, 2 in flight; its
-    report (exit 0 and no error, asserted)."""
+    """fio: random 4 KiB O_DIRECT writes from 1 MiB on (the witnesses' regions are
+    below), 2 in flight; its report (exit 0 and no error, asserted)."""
     result = subprocess.run(
-        ["fio", "--name=adopted", f"--filename={device}", "--rw=randwrite", "--bs=4k",
+        ["fio", "--name=adopted", f"--filename={device}", "--offset=1M", "--rw=randwrite",
+         "--bs=4k",
          "--direct=1", "--ioengine=psync", "--numjobs=2", f"--io_size={size}",
          "--output-format=json"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -118,8 +119,9 @@ def fio_writes(device: str, size: str = "512k") -> dict:
 
 
 def plant_witness(lvm: LvmRig, lv: str, region: int) -> tuple[int, bytes]:
-    """A block written to the last leg only, behind the mirror's back, in a clean region:
-    only a resync of that region would erase it."""
+    """A block written to the last leg only, behind the mirror's back, in a clean region
+    below 1 MiB (no other write goes there): only a resync of that region would erase
+    it."""
     witness = (f"only-on-the-last-leg:{lv};".encode() * 200)[:4096]
     offset = region * REGION_BYTES
     legs = len(lvm.table(lv).legs)
