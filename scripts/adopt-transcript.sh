@@ -5,7 +5,9 @@
 # PVs are loop devices over the guest's tmpfs.  Lines starting with "# " are the commands.
 export $(python -m shardlog.kernelvm.lvm /tmp/lvm)
 for i in 0 1 2; do truncate -s 128M /tmp/pv$i; losetup /dev/loop$i /tmp/pv$i; done
-show() { echo "# $*"; "$@" 2>&1 | grep -v 'NOT backed up'; }
+show() {  # the command, its output (without LVM's backup warning), its exit code kept
+    echo "# $*"; "$@" >/tmp/out 2>&1; rc=$?; grep -v 'NOT backed up' /tmp/out; return $rc
+}
 quiet_until_synced() { while ! lvs --noheadings -o copy_percent "$1" | grep -q 100.00; do sleep 0.5; done; }
 echo "--- transcript ---"
 show vgcreate vg /dev/loop0 /dev/loop1 /dev/loop2
@@ -22,8 +24,8 @@ echo "(exit $?)"
 show dmsetup table vg-data
 show dmsetup status vg-data
 show lvs -o lv_name,lv_attr,mirror_log,copy_percent,lv_health_status vg
-echo "# fio --name=w --filename=/dev/vg/data --rw=randwrite --bs=4k --direct=1 --io_size=4M | grep -E 'err=|IOPS'"
-fio --name=w --filename=/dev/vg/data --rw=randwrite --bs=4k --direct=1 --io_size=4M | grep -E 'err=|IOPS' 
+echo "# fio --name=w --filename=/dev/vg/data --rw=randwrite --bs=4k --direct=1 --io_size=1M | grep -E 'err=|IOPS'"
+fio --name=w --filename=/dev/vg/data --rw=randwrite --bs=4k --direct=1 --io_size=1M | grep -E 'err=|IOPS' 
 show shardlog status
 show shardlog adopt vg/scratch
 echo "(exit $?)"
