@@ -85,8 +85,8 @@ class ServerCheck:
         return self._problem  # type: ignore[return-value]
 
     def _ask(self) -> str | None:
-        why = ("a userspace log with no server would stall the mirror's I/O: start "
-               "`shardlog serve` first")
+        why = ("a userspace log with no server stalls the mirror's I/O (and a suspend): "
+               "start `shardlog serve` first")
         try:
             answer = control.ask(self.socket_path, {"cmd": "status"}, timeout=10.0)
         except control.ControlError as exc:
@@ -177,12 +177,15 @@ class Mover:
             before = dmtable.parse_mirror_status(dmdevices.status(name))
             outcome.regions = before.regions
             outcome.in_sync = [before.in_sync]
+            # Both ways: the userspace log of the live or the new table needs a server
+            # (the old one's POSTSUSPEND, the new one's CTR and RESUME), or the suspend
+            # or the mirror's I/O waits for one for ever.
+            problem = self.server.problem()
             if self.dry_run:
                 outcome.result = WOULD
-                if self.adopting and (problem := self.server.problem()) is not None:
-                    outcome.reason = problem
+                outcome.reason = problem
                 return outcome
-            if self.adopting and (problem := self.server.problem()) is not None:
+            if problem is not None:
                 return self._refuse(outcome, problem)
             dmdevices.swap_table(name, outcome.new_table)
             after = dmtable.parse_mirror_status(dmdevices.status(name))
@@ -233,7 +236,9 @@ exit codes: 0 ok, 1 a device was refused or failed, 2 usage
 RELEASE_HELP = """\
 Give devices adopted by shardlog back the kernel's own disk log on the same log device,
 with no resync (the reverse of adopt). --all: every mirror whose log is shardlog's disk
-log. A mirror on shardlog's core log is refused (the kernel's log would resync it).
+log. Refused, and left unchanged: no shardlog server serving (the userspace log must
+write the log device at the suspend), a mirror on shardlog's core log (the kernel's log
+would resync it), a suspended device.
 
 exit codes: 0 ok, 1 a device was refused or failed, 2 usage
 """
@@ -255,13 +260,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
             parser.add_argument("--integrated-flush", action="store_true",
                                 help="the userspace log's integrated_flush (marks carried "
                                      "in FLUSH: fewer round trips per write)")
-            parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                                help="wait this long for the server to serve (boot)")
-            parser.add_argument("--socket", type=Path, default=control.DEFAULT_PATH,
-                                help=f"the server's control socket (default "
-                                     f"{control.DEFAULT_PATH})")
-        else:
-            parser.set_defaults(socket=control.DEFAULT_PATH)
+        parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                            help="wait this long for the server to serve (boot)")
+        parser.add_argument("--socket", type=Path, default=control.DEFAULT_PATH,
+                            help=f"the server's control socket (default "
+                                 f"{control.DEFAULT_PATH})")
         parser.set_defaults(run=lambda args, verb=verb: run(args, verb))
 
 

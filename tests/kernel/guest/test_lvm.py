@@ -171,7 +171,7 @@ def test_lvm_mirror_adopted_survives_a_server_kill_released_and_reactivated_no_r
     assert writer.errors == [] and writer.written == 60
     assert lvm.status("m").synced  # no resync
 
-    code, out, err = shardlog("release", lv)
+    code, out, err = shardlog("release", "--socket", str(rig.server.control_socket), lv)
     assert code == 0 and "released, 128/128 in sync" in out, out + err
     assert lvm.table("m").log == kernel_log
     lvm.lvm("lvchange", "-an", lv)
