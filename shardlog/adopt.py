@@ -72,17 +72,17 @@ class ServerCheck:
 
     def __init__(self, socket_path: Path, wait: float):
         self.socket_path, self.wait = socket_path, wait
-        self._problem: str | bool | None = False  # False: not asked yet
+        self._asked = False
+        self._problem: str | None = None
 
     def problem(self) -> str | None:
-        if self._problem is False:
+        """Why no server would answer the kernel here, or None."""
+        if not self._asked:
             deadline = time.monotonic() + self.wait
-            while True:
-                self._problem = self._ask()
-                if self._problem is None or time.monotonic() >= deadline:
-                    break
+            while (problem := self._ask()) is not None and time.monotonic() < deadline:
                 time.sleep(0.5)
-        return self._problem  # type: ignore[return-value]
+            self._asked, self._problem = True, problem
+        return self._problem
 
     def _ask(self) -> str | None:
         why = ("a userspace log with no server stalls the mirror's I/O (and a suspend): "
@@ -152,7 +152,8 @@ class Mover:
             try:
                 table = dmtable.parse_mirror_table(live)
             except TableError as exc:
-                return self._refuse(outcome, f"not a mirror shardlog can take: {exc}")
+                return self._refuse(outcome, f"not a mirror shardlog can take: {exc}",
+                                    skip=from_all)
             try:
                 new = self.plan(table, info.uuid)
             except Refusal as exc:

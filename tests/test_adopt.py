@@ -4,13 +4,14 @@ that ``status`` and ``top`` show beside each log's uuid."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from shardlog import dmdevices, status, top
+from shardlog import adopt, dmdevices, status, top
 
 UUID = "LVM-8zqvGFtPR6y2rtgfMftXdOLIt1mfoCDtM40X8RJxLN1sFfq87nP3frY4f8kMu3BK"
 
@@ -109,3 +110,77 @@ def test_the_boot_unit_adopts_after_lvm_and_releases_before_shardlog_stops():
     after = " ".join(line for line in lines if line.startswith("After="))
     assert "shardlog.service" in after and "lvm2-activation.service" in after
     assert "Requires=shardlog.service" in lines and "RemainAfterExit=yes" in lines
+
+
+# -- the decisions, over a stand-in for dmsetup (the real one: tests/kernel/guest) -------
+
+LVM_TABLE = "0 32768 mirror disk 2 254:0 256 2 254:1 0 254:2 0 1 handle_errors"
+
+
+class FakeDm:
+    """dmdevices' functions over one device, recording what would have been loaded."""
+
+    def __init__(self, monkeypatch, *, attr: str = "L--w", table: str = LVM_TABLE,
+                 in_sync_after: int = 128):
+        self.attr, self.live, self.in_sync = attr, table, 128
+        self.in_sync_after = in_sync_after
+        self.loaded: list[str] = []
+        monkeypatch.setattr(dmdevices, "resolve", lambda spec: "vg-m1")
+        monkeypatch.setattr(dmdevices, "info", lambda name: dmdevices.DeviceInfo(
+            name, UUID, suspended="s" in self.attr, inactive_table="I" in self.attr))
+        monkeypatch.setattr(dmdevices, "table", lambda name: self.live + "\n")
+        monkeypatch.setattr(dmdevices, "status", lambda name: (
+            f"0 32768 mirror 2 254:1 254:2 {self.in_sync}/128 1 AA 3 disk 254:0 A"))
+        monkeypatch.setattr(dmdevices, "swap_table", self.swap)
+        monkeypatch.setattr(adopt, "check_log_device", lambda device: None)
+
+    def swap(self, name: str, table: str) -> None:
+        self.loaded.append(table)
+        self.live, self.in_sync = table, self.in_sync_after
+
+
+def move(monkeypatch, *args: str, server_problem: str | None = None,
+         adopting: bool = True) -> adopt.Outcome:
+    monkeypatch.setattr(adopt.ServerCheck, "problem", lambda self: server_problem)
+    parser = argparse.ArgumentParser()
+    subcommands = parser.add_subparsers()
+    adopt.add_parsers(subcommands)
+    parsed = parser.parse_args(["adopt" if adopting else "release", *args, "vg/m1"])
+    return adopt.Mover(parsed, adopting=adopting).move("vg/m1")
+
+
+def test_adopt_then_release_load_the_planned_tables(monkeypatch):
+    dm = FakeDm(monkeypatch)
+    outcome = move(monkeypatch, "--integrated-flush")
+    assert (outcome.result, outcome.label, outcome.in_sync) == ("adopted", "vg/m1", [128, 128])
+    assert dm.loaded == [f"0 32768 mirror userspace 5 {UUID} integrated_flush disk 254:0 "
+                         "256 2 254:1 0 254:2 0 1 handle_errors"]
+    assert move(monkeypatch).result == "already"
+    assert move(monkeypatch, adopting=False).result == "released"
+    assert dm.live == LVM_TABLE
+
+
+@pytest.mark.parametrize("attr, words", [("L-sw", "suspended"), ("LI-w", "inactive table")])
+def test_a_suspended_device_or_one_being_changed_is_refused(monkeypatch, attr, words):
+    dm = FakeDm(monkeypatch, attr=attr)
+    outcome = move(monkeypatch)
+    assert outcome.result == "refused" and words in outcome.reason
+    assert dm.loaded == []
+
+
+def test_no_server_refuses_both_ways_and_a_dry_run_only_says_so(monkeypatch):
+    dm = FakeDm(monkeypatch)
+    outcome = move(monkeypatch, server_problem="no shardlog server is serving")
+    assert (outcome.result, outcome.reason) == ("refused", "no shardlog server is serving")
+    dry = move(monkeypatch, "--dry-run", server_problem="no shardlog server is serving")
+    assert dry.result == "would" and dry.new_table.startswith("0 32768 mirror userspace 4 ")
+    assert dm.loaded == []
+    dm.live = dry.new_table
+    assert move(monkeypatch, adopting=False, server_problem="none").result == "refused"
+    assert dm.loaded == []
+
+
+def test_a_sync_count_that_drops_is_reported_as_a_failure(monkeypatch):
+    FakeDm(monkeypatch, in_sync_after=0)
+    outcome = move(monkeypatch)
+    assert outcome.result == "failed" and "dropped from 128 to 0" in outcome.reason
