@@ -175,19 +175,20 @@ class Mover:
                 problem = check_log_device(table.log.device)
                 if problem is not None:
                     return self._refuse(outcome, problem)
+            # Both ways: the userspace log of the live or the new table needs a server
+            # (the old one's POSTSUSPEND, the new one's CTR and RESUME), or the suspend
+            # or the mirror's I/O waits for one for ever.  Asked before the status: a
+            # live userspace log's status is the server's answer too.
+            problem = self.server.problem()
+            if problem is not None and (not self.dry_run or table.log.on_shardlog):
+                return self._refuse(outcome, problem)
             before = dmtable.parse_mirror_status(dmdevices.status(name))
             outcome.regions = before.regions
             outcome.in_sync = [before.in_sync]
-            # Both ways: the userspace log of the live or the new table needs a server
-            # (the old one's POSTSUSPEND, the new one's CTR and RESUME), or the suspend
-            # or the mirror's I/O waits for one for ever.
-            problem = self.server.problem()
             if self.dry_run:
                 outcome.result = WOULD
                 outcome.reason = problem
                 return outcome
-            if problem is not None:
-                return self._refuse(outcome, problem)
             dmdevices.swap_table(name, outcome.new_table)
             after = dmtable.parse_mirror_status(dmdevices.status(name))
             outcome.in_sync.append(after.in_sync)

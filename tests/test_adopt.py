@@ -176,7 +176,11 @@ def test_no_server_refuses_both_ways_and_a_dry_run_only_says_so(monkeypatch):
     assert dry.result == "would" and dry.new_table.startswith("0 32768 mirror userspace 4 ")
     assert dm.loaded == []
     dm.live = dry.new_table
+    monkeypatch.setattr(dmdevices, "status", lambda name: pytest.fail(
+        "the status of a userspace log with no server waits for one for ever"))
     assert move(monkeypatch, adopting=False, server_problem="none").result == "refused"
+    assert move(monkeypatch, "--dry-run", adopting=False,
+                server_problem="none").result == "refused"
     assert dm.loaded == []
 
 
