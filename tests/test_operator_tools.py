@@ -14,6 +14,7 @@ import time
 import pytest
 
 from shardlog import control, protocol
+from shardlog.kernelsim.connector import group7_listeners
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.protocol import RequestType as T
 
@@ -67,6 +68,9 @@ def test_status_shows_every_log_and_worker_with_fresh_figures(server, peer):
     assert [(w["index"], w["pid"], w["logs"], w["restarts"], w["ready"])
             for w in answer["workers"]] == [(0, pids[0], 1, 0, True), (1, pids[1], 1, 0, True)]
     assert answer["server"]["pid"] == server.process.pid
+    # Its shard sockets, by netlink port: what `adopt` looks for in group 7.
+    ports = answer["server"]["ports"]
+    assert len(ports) == 2 and set(ports) <= set(group7_listeners())
     assert answer["server"]["requests"]["MARK_REGION"] == 1
     assert answer["server"]["tracing"] is False
 
