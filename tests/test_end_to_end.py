@@ -229,12 +229,15 @@ def test_a_worker_killed_under_load_loses_nothing(server, kernel):
     assert metrics["shardlog_worker_restarts_total"] == 1
     assert metrics["shardlog_workers_up"] == 3
     assert kernel.stats.timeouts == 0  # no request was left unanswered
-    assert kernel.stats.eagain_resends == metrics["shardlog_eagain_replies_total"]
-    # The front recognised each re-send of a request it answered -EAGAIN.
+    # Every -EAGAIN the kernel took was re-sent, and recognised as a re-send.  The front
+    # may have answered one more: a reply that had left as the worker died, not yet noted
+    # in its ring (inflight.py), which the kernel, no longer waiting, ignores.
+    eagain = metrics["shardlog_eagain_replies_total"]
+    assert kernel.stats.eagain_resends <= eagain <= kernel.stats.eagain_resends + 1
     assert metrics["shardlog_resent_requests_total"] == kernel.stats.eagain_resends
     assert sum(value for name, value in metrics.items()
                if name.startswith("shardlog_requests_total{")
-               and 'result="eagain"' in name) == kernel.stats.eagain_resends
+               and 'result="eagain"' in name) == eagain
 
 
 def test_the_server_killed_under_load_and_restarted_loses_nothing(server, kernel, tmp_path):
