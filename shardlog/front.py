@@ -227,7 +227,7 @@ class Front:
             signal.signal(signum, _note_signal)
         self._watch(self._signal_r.fileno(), self._on_signal)
         self._watch(self._scrape_r.fileno(), self._on_scrape)
-        if config.metrics_addr:
+        if config.metrics_addr and self.received is None:
             try:
                 self._open_metrics()
             except (OSError, ValueError) as exc:
@@ -258,6 +258,10 @@ class Front:
             sockets = self._shard_sockets = self._open_shard_sockets()
         for index, sock in enumerate(sockets):
             self.slots.append(self._spawn(index, sock, InFlight()))
+        if config.metrics_addr and self.received is not None:
+            # Once the workers read: off the path of the requests queued meanwhile.  The
+            # old server frees the port as it hands over, perhaps a moment later.
+            self._open_metrics_after_old(time.monotonic() + handover.METRICS_PORT_WAIT)
         peer = f", test peer {config.test_peer}" if config.test_peer is not None else ""
         log.info("starting %d workers, state in %s, netlink ports %s%s", config.workers,
                  config.state_dir, ", ".join(str(s.getsockname()[0]) for s in sockets), peer)
@@ -269,6 +273,20 @@ class Front:
             config.metrics_addr,
             FrontCollector(self.stats, self._gauges, config.per_log_metrics,
                            refresh=self._refresh_for_scrape))
+
+    def _open_metrics_after_old(self, deadline: float) -> None:
+        while True:
+            try:
+                self._open_metrics()
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise ServeError(f"metrics address {self.config.metrics_addr}: "
+                                     f"{exc}") from exc
+            except ValueError as exc:
+                raise ServeError(f"metrics address {self.config.metrics_addr}: "
+                                 f"{exc}") from exc
+            time.sleep(0.01)
 
     def _request_sockets(self) -> handover.Received:
         config = self.config
@@ -618,6 +636,12 @@ class Front:
         for slot in self.slots:
             slot.handing_over = True
             self._order(slot, Kind.HAND_OVER)
+        if self.metrics_server is not None:
+            # Its port is the new server's to bind.  In a thread: shutdown() waits for the
+            # server's poll interval (0.5 s), which must not hold the loop.
+            server, self.metrics_server = self.metrics_server, None
+            threading.Thread(target=_close_metrics, args=(server,), daemon=True,
+                             name="metrics-close").start()
 
     def _worker_handed_over(self, slot: WorkerSlot, code: int | None, lost: int) -> None:
         if code != 0:
@@ -638,10 +662,6 @@ class Front:
         """Every worker has handed over: pass the sockets (handover.py step 3)."""
         giving = self.giving
         assert giving is not None
-        if self.metrics_server is not None:  # its port is the new server's to bind
-            self.metrics_server.shutdown()
-            self.metrics_server.server_close()
-            self.metrics_server = None
         listener = self.control.pause_accepting() if self.control is not None else None
         self.handed.sort(key=lambda slot: slot.index)
         try:
@@ -856,6 +876,11 @@ def _has_work(slot: WorkerSlot) -> bool:
 def _socket_readable(sock: socket.socket) -> bool:
     """Whether a datagram waits in ``sock`` (polled, never read: it is the worker's)."""
     return bool(select.select([sock], [], [], 0)[0])
+
+
+def _close_metrics(server) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 def _probe_writable(directory: Path) -> None:

@@ -29,10 +29,11 @@ server's workers inherit the *same* sockets.
 2. The old front orders HAND_OVER to every worker (frames.Kind): each finishes the batch
    it holds, reads nothing more, commits every log, closes its files and exits, *without*
    leaving group 7.  From here requests wait queued in the sockets.
-3. Once every worker has exited, the old front stops its metrics server and its accept
-   loop and sends one line, ``{"sockets": N, "control": bool, "pid": ...}``, with the
-   N shard sockets (and the control socket's listening socket, so that the control path
-   never goes dark) as SCM_RIGHTS.
+3. Once every worker has exited, the old front stops its accept loop (its metrics
+   server is already closing, for the new one to bind its port) and sends one line,
+   ``{"sockets": N, "control": bool, "pid": ...}``, with the N shard sockets (and the
+   control socket's listening socket, so that the control path never goes dark) as
+   SCM_RIGHTS.
 4. The new front forks its workers on those sockets.  Each restores a log from its
    instance file and CTR record at the log's first request (logtable.py: as after a
    restart, but the kernel sees neither -ESRCH nor a reconnect), and starts reading:
@@ -80,6 +81,8 @@ from .control import ControlError, connect
 #: How long the new server waits for the old one to hand its sockets over: its workers
 #: commit every log first (a disk log's device write and fdatasync each).
 HAND_OVER_TIMEOUT = 60.0
+#: How long the new server retries binding the metrics port the old one is closing.
+METRICS_PORT_WAIT = 5.0
 #: The most descriptors one hand-over carries: the shard sockets and the control socket.
 MAX_FDS = 1024
 _LINE_LIMIT = 1 << 16
