@@ -74,7 +74,7 @@ class ServeProcess:
         base = [word for word in self.command if word != "--take-over"]
         successor.command = [*base, "--take-over", *extra]
         successor.log_path = self.log_path.with_name(
-            f"{self.log_path.stem}.{time.monotonic_ns()}.log")
+            f"{self.state_dir.name}.{time.monotonic_ns()}.log")
         with open(successor.log_path, "ab") as log:
             successor.process = subprocess.Popen(successor.command, stdout=log, stderr=log,
                                                  start_new_session=True)
