@@ -22,10 +22,11 @@ server's workers inherit the *same* sockets.
         "fingerprint": {"version": ..., "routing": ..., "formats": ...}}
 
    The old server refuses — ``{"error": why}``, and nothing has happened — unless the
-   fingerprint (:func:`fingerprint`: the package version, a digest of the routing hash
-   over sample uuids and of the socket filter, the instance-file and record formats),
-   the worker count, the state directory and the test peer are its own, it is serving,
-   and no other take-over or stop is under way.
+   fingerprint (:func:`fingerprint`: a digest of the routing hash over sample uuids and
+   of the socket filters, the instance-file and record formats, this protocol's number;
+   the package version is only logged, an upgrade being the point), the worker count,
+   the state directory and the test peer are its own, it is serving, and no other
+   take-over or stop is under way.
 2. The old front orders HAND_OVER to every worker (frames.Kind): each finishes the batch
    it holds, reads nothing more, commits every log, closes its files and exits, *without*
    leaving group 7.  From here requests wait queued in the sockets.
@@ -81,6 +82,8 @@ from .control import ControlError, connect
 #: How long the new server waits for the old one to hand its sockets over: its workers
 #: commit every log first (a disk log's device write and fdatasync each).
 HAND_OVER_TIMEOUT = 60.0
+#: The take-over's own messages (this docstring's), changed whenever they change.
+PROTOCOL = 1
 #: How long the new server retries binding the metrics port the old one is closing.
 METRICS_PORT_WAIT = 5.0
 #: The most descriptors one hand-over carries: the shard sockets and the control socket.
@@ -96,7 +99,9 @@ class TakeOverError(Exception):
 def fingerprint() -> dict:
     """What must be the same in both servers for one to continue the other's logs: the
     routing hash (the sockets' filters were compiled by the old one), the instance file's
-    and the CTR record's formats, and the version that says so."""
+    and the CTR record's formats, and this hand-over's own protocol.  The package
+    version goes along for the logs, and may differ: an upgrade is what a take-over is
+    for."""
     samples = [f"fingerprint-{n}" for n in range(64)]
     route = hashlib.sha256()
     for shards in (2, 3, 7):
@@ -105,7 +110,8 @@ def fingerprint() -> dict:
     formats = (f"mirror {regionmap.MIRROR_MAGIC:#x}/{regionmap.MIRROR_DISK_VERSION} "
                f"sync {regionmap.SYNC_MAGIC:#x}/{regionmap.SYNC_VERSION} "
                f"record {records.SUFFIX}")
-    return {"version": __version__, "routing": route.hexdigest()[:16], "formats": formats}
+    return {"version": __version__, "protocol": PROTOCOL,
+            "routing": route.hexdigest()[:16], "formats": formats}
 
 
 def refusal(request: dict, *, workers: int, state_dir: Path,
@@ -115,7 +121,7 @@ def refusal(request: dict, *, workers: int, state_dir: Path,
     if not isinstance(theirs, dict):
         return "the request has no fingerprint"
     for key, value in ours.items():
-        if theirs.get(key) != value:
+        if key != "version" and theirs.get(key) != value:
             return (f"the new server's {key} differs ({theirs.get(key)!r}, running "
                     f"{value!r}): stop and start it instead")
     if request.get("workers") != workers:
