@@ -3,7 +3,10 @@ writing, and the kernel never learns that the server changed."""
 
 from __future__ import annotations
 
+import fcntl
 import itertools
+import socket
+import struct
 import sys
 import time
 import urllib.request
@@ -28,6 +31,15 @@ def longest_gap(writer: WriteLoop, start: float, end: float) -> float:
     return max(gaps, default=0.0)
 
 
+def loopback_up() -> None:
+    """The guest's init leaves ``lo`` down; the metrics endpoint listens on it."""
+    siocgifflags, siocsifflags, iff_up = 0x8913, 0x8914, 0x1
+    ifreq = struct.Struct("16sH14x")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        _name, flags = ifreq.unpack(fcntl.ioctl(sock, siocgifflags, ifreq.pack(b"lo", 0)))
+        fcntl.ioctl(sock, siocsifflags, ifreq.pack(b"lo", flags | iff_up))
+
+
 def metric(port: int, name: str) -> float:
     page = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30).read()
     return parse_samples(page.decode()).get(name, 0.0)
@@ -36,6 +48,7 @@ def metric(port: int, name: str) -> float:
 def test_a_take_over_under_writes_costs_no_io_error_no_resync_and_no_reconnect(rig: Rig):
     # A server of its own, with metrics: its reconnect CTR counter is what is asserted.
     rig.shared.close()
+    loopback_up()
     port = free_local_port()
     server = guest.start_server(rig.state_dir, 2,
                                 extra=("--metrics-addr", f"127.0.0.1:{port}"))
