@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, control, inspect, nlmessages, protocol, status, top, tracing
+from . import __version__, control, inspect, protocol, status, top, tracing
 from .capacity import command as capacity_command
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .describe import describe_answer, describe_payload
@@ -295,6 +295,10 @@ class _ScratchDevices:
 
 
 def _decode(args: argparse.Namespace) -> int:
+    # Imported here: pyroute2 takes more than half of the command's start-up, which every
+    # `shardlog serve` would otherwise pay (seconds under the VM's emulation).
+    from . import nlmessages
+
     source = args.file if args.file is not None else Path("/dev/stdin")
     malformed = 0
     for raw in read_datagrams(source):

@@ -207,6 +207,11 @@ class DirtyLog:
         either; everything that matters was committed by the last FLUSH/POSTSUSPEND)."""
         self.region_map.close(remove=True)
 
+    def close(self) -> None:
+        """Forget the log without writing, as DTR does, but keep its instance file: a new
+        instance at the same address (a CTR whose DTR never came) has taken its name."""
+        self.region_map.close()
+
     def restore(self) -> None:
         """Bring a log re-created from its CTR record (the server restarted under a live
         kernel) to where the kernel believes it is, as the kernel's own reconnect would

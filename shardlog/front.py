@@ -78,7 +78,7 @@ from .metrics import FrontCollector, FrontStats, serve_metrics
 from .netns import kernel_connector_reachable
 from .nlsocket import NETLINK_ADD_MEMBERSHIP, SOL_NETLINK, leave_group_7, open_connector_socket
 from .worker import Peer, decode_trace
-from .workerstats import WorkerReport
+from .workerstats import LogStatus, WorkerReport
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +148,7 @@ class WorkerSlot:
     killed_as_hung: bool = False
     report: WorkerReport | None = None  # its latest (workerstats.py); None until the first
     report_time: float = 0.0  # when it came (monotonic)
+    logs: list[LogStatus] = field(default_factory=list)  # from the latest report with logs
     restarts: int = 0  # workers that took this slot after one died
     handing_over: bool = False  # ordered to HAND_OVER: it exits for another server
 
@@ -490,6 +491,8 @@ class Front:
             log.error("worker %d sent a bad report: %s", slot.index, exc)
             return
         slot.report = report
+        if report.logs is not None:  # else a busy worker's periodic report: as they were
+            slot.logs = report.logs
         slot.report_time = time.monotonic()
         for listener in self.report_listeners:
             listener(slot, report)
@@ -864,8 +867,7 @@ class Front:
         return {
             "workers": [(slot.index, slot.ready, slot.in_flight.held)
                         for slot in list(self.slots)],
-            "logs": [status for slot in list(self.slots) if slot.report is not None
-                     for status in slot.report.logs],
+            "logs": [status for slot in list(self.slots) for status in slot.logs],
         }
 
 

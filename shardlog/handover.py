@@ -76,7 +76,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__, records, regionmap, routing
+from . import __version__, protocol, records, regionmap, routing
 from .control import ControlError, connect
 
 #: How long the new server waits for the old one to hand its sockets over: its workers
@@ -107,9 +107,14 @@ def fingerprint() -> dict:
     for shards in (2, 3, 7):
         route.update(bytes(routing.shard_of_uuid(uuid, shards) for uuid in samples))
         route.update(routing.compile_filter(shards - 1, shards))
-    formats = (f"mirror {regionmap.MIRROR_MAGIC:#x}/{regionmap.MIRROR_DISK_VERSION} "
-               f"sync {regionmap.SYNC_MAGIC:#x}/{regionmap.SYNC_VERSION} "
-               f"record {records.SUFFIX}")
+    # The formats, as what they produce: the image headers' magics and versions, the
+    # instance files' names (a long uuid's is hashed) and a CTR record's first line.
+    names = [regionmap.instance_file_path(Path("/"), uuid, 1).name
+             for uuid in ("fingerprint", "x" * protocol.DM_UUID_LEN)]
+    formats = hashlib.sha256(
+        f"mirror {regionmap.MIRROR_MAGIC:#x}/{regionmap.MIRROR_DISK_VERSION} "
+        f"sync {regionmap.SYNC_MAGIC:#x}/{regionmap.SYNC_VERSION} {names} "
+        f"{records.SUFFIX} {records._FIRST_LINE!r}".encode()).hexdigest()[:16]
     return {"version": __version__, "protocol": PROTOCOL,
             "routing": route.hexdigest()[:16], "formats": formats}
 

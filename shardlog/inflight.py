@@ -16,6 +16,11 @@ worker killed at any instant leaves behind exactly what it held.  Once a reply h
 its entry's length goes back to 0; once the batch is done, the count does, and the
 batch counter (``progress``) moves on: the front's hang check watches it.
 
+A worker killed after a reply left but before it noted so (the wakeup of whoever reads
+the reply can preempt it right there) has that request answered -EAGAIN as well: the
+kernel, no longer waiting for that seq, ignores the second answer.  The reverse order
+would be worse: a request noted as answered whose reply never left waits 15 s.
+
 Writes are single aligned stores of 4 or 8 bytes.  The front reads the entries only once
 the worker is dead, so nothing is ever read half-written; a hang check that reads the
 counters mid-update is at worst one check late.

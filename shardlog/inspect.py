@@ -19,12 +19,14 @@ from pathlib import Path
 
 from bitarray import bitarray
 
+from . import records
 from .regionmap import (
     SYNC_MAGIC,
     StoredImage,
     StoreError,
     parse_instance_file_name,
     read_stored_image,
+    uuid_of_key,
 )
 
 EXIT_OK, EXIT_ERROR = 0, 1
@@ -94,12 +96,17 @@ def summarize(image: StoredImage) -> dict:
 
 
 def instance_name(path: Path) -> tuple[str | None, str | None]:
-    """The uuid and luid an instance file's name carries, or None for a file named
-    otherwise."""
+    """The uuid and luid of an instance file, or None for a file named otherwise.  The
+    luid is in its name, and so is the uuid unless it was too long to be (a hashed name):
+    then the CTR record beside the file holds it (None without one)."""
     parsed = parse_instance_file_name(path.name)
     if parsed is None:
         return None, None
-    uuid, luid = parsed
+    key, luid = parsed
+    uuid = uuid_of_key(key)
+    if uuid is None:
+        record = records.read(records.beside(path))
+        uuid = record.uuid if record is not None else None
     return uuid, f"{luid:#018x}"
 
 

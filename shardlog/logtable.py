@@ -7,12 +7,16 @@ owns what is not one log's business:
   that timed out (15 s, new seq) and, after a server restart, sends a *reconnect* CTR
   (NUL counted in ``data_size``, no room for reply data) every 2 s until one succeeds
   (protocol.md §1.6).  A first CTR for a ``(uuid, luid)`` that was already resumed is a new
-  activation at the same kernel address whose DTR we never saw: it replaces the old one.
+  activation at the same kernel address whose DTR we never saw: it replaces the old one —
+  once it is known to be good (parsed, checked, its storage made), so that a refused CTR
+  leaves the live log, its files and its record as they were.
 - DTR forgets a log.
 - A request for a log it does not know, but whose CTR it recorded before a restart
   (records.py), re-creates that log as the kernel's reconnect would, and is answered.
 - With ``defer_commit``, FLUSHes only stage their marks, and :meth:`LogTable.commit_deferred`
-  commits every staged log before any of their replies goes out (group commit).
+  commits every staged log before any of their replies goes out (group commit).  A staged
+  log that a DTR or a replacing CTR is about to close is committed first, then and there:
+  its FLUSH came first, and a commit must never outlive the mapping it writes from.
 - A request for a log it does not know is answered -ESRCH, never -EINVAL: -ESRCH makes the
   kernel re-send CTR + RESUME and retry (§1.6b), while -EINVAL would fail a FLUSH (the
   mirror's log is marked failed) or an IN_SYNC (writes then go to one leg only).
@@ -39,8 +43,9 @@ from .dirtylog import DirtyLog, LogError, LogState
 from .protocol import Request, RequestType
 from .regionmap import (
     StoreError,
+    instance_file_key,
     instance_file_path,
-    instance_files_by_uuid,
+    instance_files_by_key,
     remove_state_file,
 )
 from .workercounters import LOGS_RESTORED, Count, count_nothing, observe
@@ -59,7 +64,10 @@ class LogTable:
         self.state_dir = Path(state_dir)
         self.logs: dict[LogKey, DirtyLog] = {}
         self._deferred: list[tuple[Request, DirtyLog]] = []
-        # The instance files on disk before any new instance here was resumed, by uuid
+        # Outcomes of staged logs committed early (before a DTR or a replacing CTR closed
+        # them), by id of the log, which stays in _deferred until its reply is made.
+        self._settled: dict[int, tuple[int, bytes]] = {}
+        # The instance files on disk before any new instance here was resumed, by uuid key
         # (listed once, when the first one is): the only files that can be stale.
         self._files_found: dict[str, dict[int, Path]] | None = None
         # Where the metrics' counts go (a worker sets its reporter's count here).
@@ -82,7 +90,7 @@ class LogTable:
         """Commit every log with a staged FLUSH, then return the replies of those FLUSHes
         (a log staged twice is committed once)."""
         deferred, self._deferred = self._deferred, []
-        outcomes: dict[int, tuple[int, bytes]] = {}
+        outcomes, self._settled = self._settled, {}
         replies = []
         for request, dirty_log in deferred:
             outcome = outcomes.get(id(dirty_log))
@@ -92,6 +100,17 @@ class LogTable:
                 outcomes[id(dirty_log)] = outcome
             replies.append(self._encode(request, *outcome))
         return replies
+
+    def _settle(self, dirty_log: DirtyLog) -> None:
+        """Commit a log whose FLUSH is staged in this batch now, before it is closed: its
+        FLUSH's reply is this commit's outcome."""
+        if id(dirty_log) in self._settled:
+            return
+        for request, staged in self._deferred:
+            if staged is dirty_log:
+                self._settled[id(dirty_log)] = self._guarded(
+                    request, lambda _request: self._commit_staged(dirty_log))
+                return
 
     def _commit_staged(self, dirty_log: DirtyLog) -> tuple[int, bytes]:
         syncs = dirty_log.region_map.needs_commit  # else nothing is written: not a commit
@@ -169,6 +188,7 @@ class LogTable:
         uuid, luid = key
         record = records.record_path(self.state_dir, uuid, luid)
         if dirty_log is not None:
+            self._settle(dirty_log)
             del self.logs[key]
             dirty_log.destroy()
         elif not record.exists():
@@ -209,10 +229,8 @@ class LogTable:
             if (existing.state is LogState.PENDING
                     and existing.config.ctr_string == request.ctr_string):
                 return existing.ctr_reply(request.version)  # a re-sent CTR
-            log.warning("%s: new CTR %r replaces a live instance (its DTR never came)",
-                        existing.name, request.ctr_string)
-            del self.logs[key]
-            existing.destroy()
+        # Everything that can refuse the CTR comes before anything changes: a refused CTR
+        # for a live instance must leave it serving, with its bits, files and record.
         try:
             config = parse_ctr_string(request.ctr_string)
         except CtrArgsError as exc:
@@ -222,12 +240,21 @@ class LogTable:
             # server restart the kernel would retry it for ever.  Fail the load now.
             raise LogError(errno.EINVAL, f"constructor string of {len(request.ctr_string)} "
                            f"bytes leaves no room for its NUL in a reconnect")
+        if existing is not None:
+            # Its FLUSH staged in this batch came first: committed before it is replaced.
+            self._settle(existing)
         try:
+            # A new instance file takes the old one's name atomically, only once complete;
+            # the old instance keeps its own mapping until it is closed below.
             dirty_log = DirtyLog.construct(request.uuid, request.luid, config, self.state_dir,
                                            reconnect=request.reconnect)
         except StoreError as exc:
             log.error("CTR %s (luid %#x): %s", request.uuid, request.luid, exc)
             raise LogError(exc.errno, str(exc)) from exc
+        if existing is not None:
+            log.warning("%s: new CTR %r replaces a live instance (its DTR never came)",
+                        existing.name, request.ctr_string)
+            existing.close()  # its file is the new instance's now: not removed
         self.logs[key] = dirty_log
         try:
             records.save(self.state_dir, request.uuid, request.luid, request.ctr_string)
@@ -251,8 +278,8 @@ class LogTable:
         removes both, so only the files it found on disk can be stale: they are listed
         once, not at every resume (a directory of 10,000 logs takes milliseconds to list)."""
         if self._files_found is None:
-            self._files_found = instance_files_by_uuid(self.state_dir)
-        for luid, path in self._files_found.pop(uuid, {}).items():
+            self._files_found = instance_files_by_key(self.state_dir)
+        for luid, path in self._files_found.pop(instance_file_key(uuid), {}).items():
             if (uuid, luid) in self.logs:
                 continue
             log.info("removing stale instance file %s", path)

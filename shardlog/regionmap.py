@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import logging
 import mmap
 import os
@@ -688,6 +689,21 @@ def _bits(data: bytes, nbytes: int, nr_regions: int) -> bitarray:
 # -- names and devices ---------------------------------------------------------------------------
 
 
+#: The longest name a state-directory file may have (NAME_MAX).
+NAME_MAX = 255
+#: What any file of an instance adds to its key: "@", the luid in 16 hex digits, and the
+#: longest suffix (".map.new", ".ctr.tmp").
+_NAME_TAIL = len("@") + 16 + len(".map.new")
+#: The longest key that is the escaped uuid itself.
+_PLAIN_KEY_MAX = NAME_MAX - _NAME_TAIL
+#: A hashed key keeps this much of the escaped uuid in front, for people listing the
+#: directory; the hash after it names the uuid.
+_HASHED_PREFIX = 120
+#: Separates a hashed key's prefix from its hash.  quote() escapes "+", so no plain key
+#: contains one.
+_HASH_MARK = "+"
+
+
 def instance_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     """Where a log instance keeps its instance file: one per (uuid, luid).
 
@@ -695,9 +711,34 @@ def instance_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     once, and the new one must start over (design.md, safety rule) without touching the
     bits the old one still serves.  The luid is the kernel's address of the log, stable
     while the table is live, so a restarted server finds the file again from the
-    reconnect CTR.  The uuid is percent-escaped to stay one path component.
+    reconnect CTR.  The name starts with the uuid's key (:func:`instance_file_key`).
     """
-    return state_dir / "logs" / f"{quote(uuid, safe='')}@{luid:016x}.map"
+    return state_dir / "logs" / f"{instance_file_key(uuid)}@{luid:016x}.map"
+
+
+def instance_file_key(uuid: str) -> str:
+    """The part of an instance's file names that stands for its uuid: one path component
+    whatever the uuid, short enough that every file of the instance fits NAME_MAX.
+
+    The uuid percent-escaped (every name made before long uuids were handled), or, when
+    that is too long (a dm uuid may have 128 characters, and escaping can triple them),
+    the first characters of it, "+", and the SHA-256 of the uuid.  A hashed key does not
+    give the uuid back: the instance's CTR record (records.py) holds it.
+    """
+    quoted = quote(uuid, safe="")
+    if len(quoted) <= _PLAIN_KEY_MAX:
+        return quoted
+    prefix = quoted[:_HASHED_PREFIX]
+    # Never cut an escape in two: "%4" would read as a broken escape.
+    cut = prefix.rfind("%", len(prefix) - 2)
+    if cut >= 0:
+        prefix = prefix[:cut]
+    return f"{prefix}{_HASH_MARK}{hashlib.sha256(uuid.encode()).hexdigest()}"
+
+
+def uuid_of_key(key: str) -> str | None:
+    """The uuid a file-name key names, or None for a hashed key (see the CTR record)."""
+    return None if _HASH_MARK in key else unquote(key)
 
 
 def remove_state_file(path: Path) -> None:
@@ -709,8 +750,9 @@ def remove_state_file(path: Path) -> None:
         log.warning("cannot remove %s: %s", path, exc)
 
 
-def instance_files_by_uuid(state_dir: Path) -> dict[str, dict[int, Path]]:
-    """Every instance file in ``state_dir``, as ``{uuid: {luid: path}}``.
+def instance_files_by_key(state_dir: Path) -> dict[str, dict[int, Path]]:
+    """Every instance file in ``state_dir``, as ``{key: {luid: path}}``, the key being
+    :func:`instance_file_key` of its uuid.
 
     One listing of the directory, names compared as strings: with 10,000 logs it holds
     20,000 files.  Finding them is housekeeping: a directory that cannot be listed yields
@@ -725,18 +767,18 @@ def instance_files_by_uuid(state_dir: Path) -> dict[str, dict[int, Path]]:
     for name in entries:
         parsed = parse_instance_file_name(name)
         if parsed is not None:
-            uuid, luid = parsed
-            found.setdefault(uuid, {})[luid] = directory / name
+            key, luid = parsed
+            found.setdefault(key, {})[luid] = directory / name
     return found
 
 
 def parse_instance_file_name(name: str) -> tuple[str, int] | None:
-    """``(uuid, luid)`` from an instance file's name (:func:`instance_file_path`), or
-    None for a file named otherwise."""
-    quoted, at, rest = name.rpartition("@")
-    if not (at and rest.endswith(".map")):
+    """``(key, luid)`` from an instance file's name (:func:`instance_file_path`), or
+    None for a file named otherwise; :func:`uuid_of_key` makes the key a uuid."""
+    key, at, rest = name.rpartition("@")
+    if not (at and key and rest.endswith(".map")):
         return None
     try:
-        return unquote(quoted), int(rest[: -len(".map")], 16)
+        return key, int(rest[: -len(".map")], 16)
     except ValueError:
         return None

@@ -79,9 +79,16 @@ class StatusCommand:
         self.front.request_reports()
 
     def _on_report(self, slot: WorkerSlot, report: WorkerReport) -> None:
+        if report.logs is not None:
+            self._rate_logs(slot, report.logs)
+        for _callback, _deadline, owed in self._waiting:
+            owed.discard(slot)
+        self._call_ready(lambda deadline, owed: not owed)
+
+    def _rate_logs(self, slot: WorkerSlot, logs: list[LogStatus]) -> None:
         now = time.monotonic()
         keys = set()
-        for status in report.logs:
+        for status in logs:
             key = (status.uuid, status.luid)
             keys.add(key)
             before = self._previous.get(key)
@@ -95,9 +102,6 @@ class StatusCommand:
             self._previous.pop(gone, None)  # destroyed, or its worker was replaced
             self._rates.pop(gone, None)
         self._keys_of_slot[slot.index] = keys
-        for _callback, _deadline, owed in self._waiting:
-            owed.discard(slot)
-        self._call_ready(lambda deadline, owed: not owed)
 
     def _expire(self) -> None:
         if self._waiting:
@@ -116,7 +120,7 @@ class StatusCommand:
         workers, logs = [], []
         for slot in front.slots:
             report = slot.report
-            statuses = report.logs if report is not None else []
+            statuses = slot.logs
             rates = [self._rates.get((s.uuid, s.luid), 0.0) for s in statuses]
             workers.append({
                 "index": slot.index, "pid": slot.process.pid, "ready": slot.ready,

@@ -189,7 +189,8 @@ class ShardWorker:
                     self._stop(events_fd, leave=ending == STOP)
                     return
                 if asked or reporter.due():
-                    _write(events_fd, self._stats_frame())
+                    # A busy worker's periodic report leaves its logs out (workerstats.py).
+                    _write(events_fd, self._stats_frame(with_logs=asked))
         finally:
             poller.close()
 
@@ -273,6 +274,7 @@ class ShardWorker:
             for (index, request), reply in zip(deferred, self.table.commit_deferred(),
                                                strict=True):
                 send(reply)
+                in_flight.answered(index)
                 sent.append((request.request_type, arrived, reply))
                 if self.tracing:
                     self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
@@ -349,10 +351,11 @@ class ShardWorker:
         self._traced += datagram
         self._traced += reply
 
-    def _stats_frame(self) -> bytes:
+    def _stats_frame(self, with_logs: bool = True) -> bytes:
         for source, failures in take_failures().items():
             self.reporter.count(key("storage_errors", kind=source), failures)
-        return frames.pack(Kind.STATS, 0, self.reporter.report(self.table).encode())
+        report = self.reporter.report(self.table, with_logs)
+        return frames.pack(Kind.STATS, 0, report.encode())
 
     def _warn(self, kind: str, message: str, *args) -> None:
         """A warning at most once a second per kind: a flood must not flood the log."""

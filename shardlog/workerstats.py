@@ -8,8 +8,13 @@ front serves the metrics and the operator tools, so each worker sends it a
 - at most once per :data:`REPORT_INTERVAL` while it has done anything since its last
   report, including once more within that interval after it goes idle, so that a
   counter's last increments always arrive;
-- at once when the front asks with a ``Kind.REPORT`` frame (``shardlog status`` wants
-  figures that are current, not a second old).
+- at once when the front asks with a ``Kind.REPORT`` frame (``shardlog status`` and a
+  Prometheus scrape want figures that are current, not a second old).
+
+Only a report that was asked for, or the one a worker sends as it goes idle, carries its
+logs: listing 10,000 logs takes tens of milliseconds, which a busy worker's requests
+would otherwise wait for every second.  The periodic reports of a busy worker carry its
+counters alone (``logs`` None: the front keeps the last list it had).
 
 A report carries every log the worker serves (a full snapshot: the front keeps the last
 one per worker and has nothing to merge), and the counters' and the requests' increments
@@ -67,14 +72,15 @@ class WorkerReport:
     Counter names are flat strings chosen by the code that counts (metrics.py knows how to
     read them); a value is an increment, never a total."""
 
-    logs: list[LogStatus] = field(default_factory=list)
+    logs: list[LogStatus] | None = field(default_factory=list)  # None: not in this one
     counters: dict[str, float] = field(default_factory=dict)
     # Requests received and answered since the previous report (RequestStats.take_deltas).
     requests: dict = field(default_factory=dict)
 
     def encode(self) -> bytes:
         # Logs as rows, not objects: thousands of them repeat no field names.
-        return json.dumps({"logs": [log_row(status) for status in self.logs],
+        logs = None if self.logs is None else [log_row(status) for status in self.logs]
+        return json.dumps({"logs": logs,
                            "counters": self.counters, "requests": self.requests},
                           separators=(",", ":")).encode()
 
@@ -83,8 +89,9 @@ class WorkerReport:
         """The report in a STATS frame's payload (ValueError if it is not one)."""
         try:
             document = json.loads(payload)
-            logs = [LogStatus(*row) for row in document["logs"]
-                    if len(row) == len(LOG_FIELDS)]
+            rows = document["logs"]
+            logs = None if rows is None else [LogStatus(*row) for row in rows
+                                               if len(row) == len(LOG_FIELDS)]
             counters = {str(name): float(value)
                         for name, value in document["counters"].items()}
             requests = document.get("requests", {})
@@ -144,10 +151,11 @@ class Reporter:
             return None
         return max(0.0, self.interval - (self._clock() - self._last))
 
-    def report(self, table: LogTable) -> WorkerReport:
-        """The report to send now; the counters start again from zero."""
-        report = WorkerReport(log_statuses(table), dict(self.counters),
-                              self.requests.take_deltas())
+    def report(self, table: LogTable, with_logs: bool = True) -> WorkerReport:
+        """The report to send now (its logs listed only ``with_logs``); the counters
+        start again from zero."""
+        report = WorkerReport(log_statuses(table) if with_logs else None,
+                              dict(self.counters), self.requests.take_deltas())
         self.counters.clear()
         self.active = False
         self._last = self._clock()

@@ -9,9 +9,12 @@ Two kinds of proof:
   only) is still set when the FLUSH is answered, and the file already holds the mark;
 - a process killed for real: a child serves one log through the real codec and log table
   and reports each FLUSH it answered; the parent SIGKILLs it while it keeps marking, then
-  reads the instance file or log device as a restarted server would, and a restarted
-  server continues from it.  (A SIGKILL leaves the page cache, so this shows what a
-  restarted server reads; that it reached stable storage is what the spies show.)
+  reads the instance file or log device as a restarted server would
+  (``crashload.dirty_regions``, regionmap's reader), and a restarted server continues
+  from it.  The same check at scale, a whole `shardlog serve` SIGKILLed at random
+  moments under load, is ``scripts/crash_durability.py`` (a short run at the end here).
+  (A SIGKILL leaves the page cache, so this shows what a restarted server reads; that it
+  reached stable storage is what the spies show.)
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from shardlog import protocol, records
+from shardlog.kernelsim.crashload import CrashCampaign, dirty_regions
 from shardlog.logtable import LogTable
 from shardlog.protocol import RequestType as T
 from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
@@ -92,17 +96,12 @@ def serve_and_kill(state_dir: Path, ctr: str, integrated: bool, acks_before_kill
     return acknowledged
 
 
-def dirty_regions(image: bytes) -> set[int]:
-    bitmap = image[BITMAP_OFFSET : BITMAP_OFFSET + REGIONS // 8]
-    return {r for r in range(REGIONS) if not bitmap[r >> 3] >> (r & 7) & 1}
-
-
 @pytest.mark.parametrize("integrated", [False, True], ids=["mark+flush", "integrated"])
 def test_a_killed_core_log_server_loses_no_acknowledged_mark(state_dir, integrated):
     ctr = f"{REGIONS * 8} core 8 nosync"
     acknowledged = serve_and_kill(state_dir, ctr, integrated, acks_before_kill=300)
-    image = instance_file_path(state_dir, "durable", 7).read_bytes()
-    assert acknowledged and acknowledged <= dirty_regions(image)
+    assert acknowledged <= dirty_regions(instance_file_path(state_dir, "durable", 7))
+    assert acknowledged
     # A restarted server continues where the dead one stopped: the marks stand, and the
     # regions are still in sync, as the kernel believes.  It restores the log from its CTR
     # record at the first request ...
@@ -125,14 +124,9 @@ def test_a_killed_core_log_server_loses_no_acknowledged_mark(state_dir, integrat
 def test_a_killed_disk_log_server_loses_no_acknowledged_mark(state_dir, loop_device):
     ctr = f"{REGIONS * 8} disk {loop_device} 8 nosync"
     acknowledged = serve_and_kill(state_dir, ctr, True, acks_before_kill=300)
-    # Read the device itself, bypassing the page cache, as the kernel's disk log would.
-    buffer = mmap.mmap(-1, 8192)
-    fd = os.open(loop_device, os.O_RDONLY | os.O_DIRECT)
-    try:
-        os.preadv(fd, [buffer], 0)
-    finally:
-        os.close(fd)
-    assert acknowledged and acknowledged <= dirty_regions(bytes(buffer))
+    # The device itself, read with O_DIRECT (bypassing the page cache) as the kernel's
+    # disk log would read it.
+    assert acknowledged and acknowledged <= dirty_regions(loop_device)
 
 
 def test_a_flush_that_changed_nothing_does_not_sync(kernel, state_dir):
@@ -230,3 +224,34 @@ def test_a_disk_flush_is_answered_after_the_write_and_flush_of_every_mark(
     events.clear()
     kernel.ok(T.FLUSH)
     assert events == []
+
+
+# -- the whole server, killed at random moments under load --------------------------------------
+
+
+def test_a_short_crash_durability_run_keeps_every_acknowledged_mark(tmp_path):
+    requires_root("the crash durability script (a private network namespace)")
+    result = subprocess.run(
+        [sys.executable, Path(__file__).parents[1] / "scripts" / "crash_durability.py",
+         "--kills", "3", "--logs", "4", "--max-load-seconds", "0.5",
+         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = result.stdout.splitlines()[-1]
+    assert summary.startswith("3 SIGKILLs of the whole server") and "; 0 problems" in summary
+    acknowledged = int(summary.split(" marks acknowledged")[0].split()[-1].replace(",", ""))
+    assert acknowledged > 0
+
+
+def test_the_crash_check_sees_an_acknowledged_mark_that_is_clean(tmp_path):
+    campaign = CrashCampaign(tmp_path, logs=1, regions=64)
+    log = campaign.logs[0]
+    path = instance_file_path(campaign.server.state_dir, log.uuid, log.luid)
+    kernel = Kernel(LogTable(campaign.server.state_dir), uuid=log.uuid, luid=log.luid)
+    assert kernel.ctr(log.ctr) == (0, b"")
+    kernel.ok(T.RESUME)
+    kernel.ok(T.FLUSH, protocol.pack_regions([3]))
+    log.promised = {3, 4}  # 4 was never marked: a lost mark
+    campaign._check_files()
+    assert campaign.result.checked_in_files == 1
+    assert len(campaign.result.problems) == 1 and "[4] are clean" in campaign.result.problems[0]
+    assert dirty_regions(path) == {3}

@@ -56,6 +56,16 @@ def test_an_instance_file_shows_uuid_luid_and_both_maps(table, state_dir):
     assert "dirty         3-5,9,100\n" in text and "out of sync   100" in text
 
 
+def test_the_uuid_of_a_hashed_file_name_comes_from_its_ctr_record(table, state_dir):
+    uuid = "%/" * 64  # 128 characters, 384 escaped: the name is hashed
+    kernel = Kernel(table, uuid=uuid, luid=7)
+    assert kernel.ctr("64 core 8 nosync") == (0, b"")
+    path = instance_file_path(state_dir, uuid, 7)
+    assert uuid not in path.name and path.exists()
+    summary = inspect_json(path)
+    assert summary["uuid"] == uuid and summary["luid"] == "0x0000000000000007"
+
+
 def test_inspect_reads_a_running_servers_files_and_its_log_device(
         tmp_path, private_netns, loop_device):
     server = ServerProcess(tmp_path / "state").start()

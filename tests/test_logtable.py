@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from shardlog import protocol, records
+from shardlog import protocol, records, regionmap
 from shardlog.dirtylog import LogState
 from shardlog.logtable import LogTable
 from shardlog.protocol import RequestType as T
@@ -544,9 +544,26 @@ def test_a_reconnect_whose_state_dir_failed_falls_back_to_the_log_device(tmp_pat
 def test_every_ctr_is_recorded_and_dtr_removes_the_record(kernel, state_dir):
     resumed(kernel, NOSYNC)
     record = records.record_path(state_dir, kernel.uuid, kernel.luid)
-    assert record.read_text() == NOSYNC
+    assert records.read(record) == records.Record(kernel.uuid, NOSYNC)
     kernel.ok(T.DTR)
     assert not record.exists()
+
+
+def test_a_record_of_an_older_shardlog_still_restores_its_log(state_dir):
+    before = resumed(Kernel(LogTable(state_dir)), NOSYNC)
+    before.ok(T.FLUSH, protocol.pack_regions([9]))
+    records.record_path(state_dir, before.uuid, before.luid).write_text(NOSYNC)  # old format
+    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
+    assert after.send(T.IS_CLEAN, protocol.pack_u64(9)) == (0, protocol.pack_bool(False))
+
+
+def test_a_record_of_another_uuid_is_not_used(state_dir, caplog):
+    before = resumed(Kernel(LogTable(state_dir), uuid="a"), NOSYNC)
+    record = records.record_path(state_dir, "a", before.luid)
+    record.write_text(record.read_text().replace("uuid a\n", "uuid b\n"))
+    after = Kernel(LogTable(state_dir), uuid="a", luid=before.luid)
+    assert after.send(T.GET_SYNC_COUNT) == (-errno.ESRCH, b"")
+    assert "is of log b, not a" in caplog.text
 
 
 def test_a_never_resumed_instance_is_restored_pending_for_its_first_resume(state_dir):
@@ -630,3 +647,91 @@ def test_a_deferred_flush_for_an_unknown_log_is_answered_at_once(table):
     kernel = Kernel(table, uuid="nobody")
     reply = table.answer(kernel.request(T.FLUSH), defer_commit=True)
     assert protocol.decode_reply(reply).error == -errno.ESRCH
+
+
+def test_a_flush_then_dtr_in_one_batch_commits_the_flush_first(state_dir, tmp_path):
+    device = tmp_path / "logdev"
+    device.write_bytes(bytes(1 << 20))
+    table = LogTable(state_dir)
+    core = resumed(Kernel(table, uuid="core"), NOSYNC)
+    disk = resumed(Kernel(table, uuid="disk"), f"131072 disk {device} 1024 nosync")
+    commits = [table.logs[(k.uuid, k.luid)].region_map.commits for k in (core, disk)]
+    flushes = [k.request(T.FLUSH, protocol.pack_regions([5])) for k in (core, disk)]
+    for kernel, flush in zip((core, disk), flushes, strict=True):
+        assert table.answer(flush, defer_commit=True) is None
+        maps = table.logs[(kernel.uuid, kernel.luid)].region_map
+        dtr = table.answer(kernel.request(T.DTR), defer_commit=True)
+        assert protocol.decode_reply(dtr).error == 0
+        assert maps.commits == commits.pop(0) + 1  # committed before the DTR closed it
+    replies = [protocol.decode_reply(r) for r in table.commit_deferred()]
+    assert [(r.seq, r.error) for r in replies] == [(f.seq, 0) for f in flushes]
+    assert not device.read_bytes()[BITMAP_OFFSET] & 1 << 5  # the mark reached the device
+
+
+def test_a_flush_then_a_replacing_ctr_in_one_batch_commits_the_flush_first(state_dir, caplog):
+    table = LogTable(state_dir)
+    kernel = resumed(Kernel(table), NOSYNC)
+    old_map = table.logs[(kernel.uuid, kernel.luid)].region_map
+    flush = kernel.request(T.FLUSH, protocol.pack_regions([5]))
+    assert table.answer(flush, defer_commit=True) is None
+    ctr = table.answer(kernel.request(T.CTR, CORE.encode()), defer_commit=True)
+    assert protocol.decode_reply(ctr).error == 0
+    assert old_map.commits == 2  # its creation, then the staged FLUSH
+    (reply,) = table.commit_deferred()
+    assert protocol.decode_reply(reply).error == 0
+    assert "Traceback" not in caplog.text and "failed" not in caplog.text
+
+
+# The reproducer: CTR "8192 core 7 nosync" (7 is not a power of two) for log-a,
+# luid 1, as a live server received it.
+REFUSED_CTR = bytes.fromhex(
+    "d600000003000000050000000000000007000000010000000500000000000000b2000000010000000000"
+    "0000" "6c6f672d61" + "00" * 127 + "0300000000000000050000000100000012000000"
+    "3831393220636f72652037206e6f73796e63")
+
+
+def state_files(state_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((state_dir / "logs").iterdir())}
+
+
+@pytest.mark.parametrize("how", ["bad constructor", "too long", "storage fails"])
+def test_a_refused_ctr_for_a_live_instance_leaves_it_serving(state_dir, monkeypatch, how):
+    table = LogTable(state_dir)
+    kernel = Kernel(table, uuid="log-a", luid=1)
+    resumed(kernel, "8192 core 8 nosync")
+    kernel.ok(T.FLUSH, protocol.pack_regions([5]))
+    before = state_files(state_dir)
+    if how == "bad constructor":
+        request = protocol.decode_datagram(REFUSED_CTR)
+        assert request.ctr_string == "8192 core 7 nosync" and request.uuid == "log-a"
+    elif how == "too long":
+        request = kernel.request(T.CTR, b"8192 core 8 nosync".ljust(protocol.MAX_PAYLOAD))
+    else:
+        def no_space(*args, **kw):
+            raise StoreError(errno.ENOSPC, "no space")
+        monkeypatch.setattr(regionmap, "_create_instance_file", no_space)
+        request = kernel.request(T.CTR, b"8192 core 8")
+    reply = protocol.decode_reply(table.answer(request))
+    assert reply.error in (-errno.EINVAL, -errno.ENOSPC)
+    assert state_files(state_dir) == before  # instance file and CTR record untouched
+    assert kernel.send(T.IS_CLEAN, protocol.pack_u64(5)) == (0, protocol.pack_bool(False))
+    assert kernel.in_sync(5) == 1 and kernel.sync_count() == 1024
+
+
+LONG_UUID = "%" * 128  # legal; 384 characters escaped
+
+
+def test_a_log_with_a_long_uuid_is_created_restored_and_destroyed(state_dir):
+    before = Kernel(LogTable(state_dir), uuid=LONG_UUID, luid=9)
+    assert before.send(T.DTR) == (-errno.ESRCH, b"")  # unknown: the kernel ignores it
+    resumed(before, NOSYNC)
+    before.ok(T.FLUSH, protocol.pack_regions([3]))
+    after = Kernel(LogTable(state_dir), uuid=LONG_UUID, luid=9)  # a restarted server
+    assert after.send(T.IS_CLEAN, protocol.pack_u64(3)) == (0, protocol.pack_bool(False))
+    # A new activation (new luid) removes the old one's files at its first RESUME.
+    fresh = resumed(Kernel(after.table, uuid=LONG_UUID, luid=10), NOSYNC)
+    assert not instance_file_path(state_dir, LONG_UUID, 9).exists() or (LONG_UUID, 9) in (
+        after.table.logs)
+    assert fresh.send(T.DTR) == (0, b"")
+    assert after.send(T.DTR) == (0, b"")
+    assert not list((state_dir / "logs").iterdir())

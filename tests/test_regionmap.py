@@ -17,8 +17,10 @@ from shardlog.regionmap import (
     MIRROR_MAGIC,
     RegionMap,
     StoreError,
+    instance_file_key,
     instance_file_path,
-    instance_files_by_uuid,
+    instance_files_by_key,
+    uuid_of_key,
 )
 
 from .conftest import DISKLOG_IMAGES
@@ -260,6 +262,28 @@ def test_instance_files_are_per_uuid_and_luid_and_escaped(tmp_path):
     assert len(instance_file_path(tmp_path, long_uuid, 2**64 - 1).name) < 255
 
 
+# Legal dm uuids (printable ASCII, up to 128 characters) whose escaped form is long.
+LONG_UUIDS = ["%" * 128, "/" * 52 + "x" * 76, " %" * 64, "a" * 127 + "%", "%" * 76 + "b"]
+
+
+@pytest.mark.parametrize("uuid", LONG_UUIDS)
+def test_every_file_of_a_long_uuid_fits_a_name_and_is_found_again(tmp_path, uuid):
+    path = instance_file_path(tmp_path, uuid, 2**64 - 1)
+    longest = max(path.name + ".new", path.with_suffix(".ctr").name + ".tmp", key=len)
+    assert len(longest.encode()) <= 255 and "/" not in path.name
+    RegionMap.create(path, 8, clean=True).close()  # .map.new, then the name itself
+    assert instance_files_by_key(tmp_path) == {instance_file_key(uuid): {2**64 - 1: path}}
+    # Distinct uuids with the same long prefix get distinct names.
+    assert instance_file_path(tmp_path, uuid[:-1] + "!", 1) != instance_file_path(
+        tmp_path, uuid, 1)
+
+
+def test_a_short_uuid_keeps_the_name_older_servers_gave_it(tmp_path):
+    assert instance_file_path(tmp_path, "LVM-a/b", 0x10).name == "LVM-a%2Fb@0000000000000010.map"
+    assert uuid_of_key(instance_file_key("LVM-a/b c")) == "LVM-a/b c"
+    assert uuid_of_key(instance_file_key("%" * 128)) is None  # hashed: see its CTR record
+
+
 def test_instance_files_are_listed_by_uuid_and_luid(tmp_path):
     odd = "LVM-a@b/c d"  # quoted in the name; an @ of its own
     paths = {(uuid, luid): instance_file_path(tmp_path, uuid, luid)
@@ -268,9 +292,10 @@ def test_instance_files_are_listed_by_uuid_and_luid(tmp_path):
         RegionMap.create(path, 8, clean=True).close()
     (tmp_path / "logs" / "u@zz.map").touch()  # not an instance file's name
     (tmp_path / "logs" / "u@1.ctr").touch()
-    assert instance_files_by_uuid(tmp_path) == {
-        "u": {1: paths["u", 1], 2: paths["u", 2]}, odd: {2**64 - 1: paths[odd, 2**64 - 1]}}
-    assert instance_files_by_uuid(tmp_path / "nowhere") == {}
+    assert instance_files_by_key(tmp_path) == {
+        "u": {1: paths["u", 1], 2: paths["u", 2]},
+        instance_file_key(odd): {2**64 - 1: paths[odd, 2**64 - 1]}}
+    assert instance_files_by_key(tmp_path / "nowhere") == {}
 
 
 def test_replacing_an_instance_file_leaves_no_temporary_behind(tmp_path):

@@ -123,7 +123,8 @@ def test_counters_are_increments_since_the_previous_report():
     assert not reporter.due() and reporter.wait() == 1.0
     clock[0] = 1.0
     assert reporter.due()
-    assert reporter.report(table).counters == {"flushes": 2}
+    periodic = reporter.report(table, with_logs=False)
+    assert periodic.counters == {"flushes": 2} and periodic.logs is None
     assert reporter.wait() is None  # nothing new: the worker may sleep for ever
     reporter.count("flushes", 3)
     assert reporter.report(table).counters == {"flushes": 3}
@@ -134,6 +135,9 @@ def test_a_report_survives_its_encoding():
                        None, 16384, 99, "D")
     report = WorkerReport([status], {"marks": 12.0})
     assert WorkerReport.decode(report.encode()) == report
+    # A busy worker's periodic report: counters only, its logs left out.
+    counters_only = WorkerReport(None, {"marks": 1.0}, {"received": [[8, 3]]})
+    assert WorkerReport.decode(counters_only.encode()) == counters_only
 
 
 @pytest.mark.parametrize("payload", [b"", b"[]", b'{"logs": 1}', b'{"logs": []}', b"\xff"])

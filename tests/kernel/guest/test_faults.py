@@ -8,6 +8,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -144,18 +145,30 @@ def test_a_mirror_moves_between_the_kernels_disk_log_and_shardlogs_without_resyn
     mirror.remove()
 
 
-def test_many_mirrors_at_once_spread_over_the_workers(rig):
-    server = rig.start_server(workers=3)
-    count, leg_sectors = 32, 2048  # 1 MiB legs of 16 regions of 64 KiB
+def small_mirrors(rig: Rig, prefix: str, uuids: list[str],
+                  leg_sectors: int) -> tuple[list[guest.Mirror], list[guest.Loop]]:
+    """A mirror per uuid (``nosync``, 64 KiB regions, every other one with
+    integrated_flush), its legs linear slices of two shared backing loop devices, which
+    are returned too: after the mirrors are gone, identical backings mean identical
+    legs."""
+    count = len(uuids)
     backing = rig.legs(size=count * leg_sectors * guest.SECTOR)
-    legs = {f"many{i}-leg{side}": f"0 {leg_sectors} linear {loop.path} {i * leg_sectors}"
+    legs = {f"{prefix}{i}-leg{side}": f"0 {leg_sectors} linear {loop.path} {i * leg_sectors}"
             for i in range(count) for side, loop in enumerate(backing)}
     guest.create_devices(legs)
     rig.cleanup.append(lambda: guest.dmsetup("remove", "--force", *legs, check=False))
-    mirrors = [rig.mirror(f"m-many{i}", guest.mirror_table(
-        leg_sectors, [f"/dev/mapper/many{i}-leg{side}" for side in (0, 1)],
-        region_sectors=128, nosync=True, uuid=f"uuid-many-{i}",
-        integrated_flush=i % 2 == 0)) for i in range(count)]
+    mirrors = [rig.mirror(f"m-{prefix}{i}", guest.mirror_table(
+        leg_sectors, [f"/dev/mapper/{prefix}{i}-leg{side}" for side in (0, 1)],
+        region_sectors=128, nosync=True, uuid=uuid, integrated_flush=i % 2 == 0))
+        for i, uuid in enumerate(uuids)]
+    return mirrors, backing
+
+
+def test_many_mirrors_at_once_spread_over_the_workers(rig):
+    server = rig.start_server(workers=3)
+    count, leg_sectors = 32, 2048  # 1 MiB legs of 16 regions of 64 KiB
+    mirrors, backing = small_mirrors(rig, "many", [f"uuid-many-{i}" for i in range(count)],
+                                     leg_sectors)
     # Every worker holds some of the logs: their instance files are mapped in it.
     holders = [Path(f"/proc/{pid}/maps").read_text().count("/logs/")
                for pid in server.worker_pids()]
@@ -187,23 +200,14 @@ def test_a_worker_killed_while_every_shard_writes_costs_no_io_error_and_no_resyn
     uuids = [uuid for shard in range(workers)
              for uuid in [f"uuid-wk-{n}" for n in range(64)
                           if shard_of_uuid(f"uuid-wk-{n}", workers) == shard][:per_shard]]
-    count = len(uuids)
-    backing = rig.legs(size=count * leg_sectors * guest.SECTOR)
-    legs = {f"wk{i}-leg{side}": f"0 {leg_sectors} linear {loop.path} {i * leg_sectors}"
-            for i in range(count) for side, loop in enumerate(backing)}
-    guest.create_devices(legs)
-    rig.cleanup.append(lambda: guest.dmsetup("remove", "--force", *legs, check=False))
-    mirrors = [rig.mirror(f"m-wk{i}", guest.mirror_table(
-        leg_sectors, [f"/dev/mapper/wk{i}-leg{side}" for side in (0, 1)],
-        region_sectors=128, nosync=True, uuid=uuid, integrated_flush=i % 2 == 1))
-        for i, uuid in enumerate(uuids)]
+    mirrors, backing = small_mirrors(rig, "wk", uuids, leg_sectors)
     writers = [WriteLoop(m.path, leg_sectors * guest.SECTOR, stride=37).start()
                for m in mirrors]
     deadline = time.monotonic() + 60
     while min(w.written for w in writers) < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
     victim = server.worker_pids()[0]
-    os.kill(victim, 9)
+    os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     done_before_kill = [w.written for w in writers]
     while min(w.written - n for w, n in zip(writers, done_before_kill, strict=True)) < 10:
