@@ -255,17 +255,20 @@ def test_a_new_server_killed_during_the_take_over_leaves_the_old_one_serving(
     mirrors = [core_mirror(kernel, f"core-{n}", "nosync") for n in range(4)]
     writers = Writers(mirrors)
     writers.wait_for_rounds(5)
-    command = [*running.command, "--take-over"]
+    # Its pid file's temporary name is a FIFO: writing it blocks the new front for good
+    # once its workers are up and serving, the moment to kill it.
+    os.mkfifo(tmp_path / "new.pid.tmp")
+    command = [*running.command, "--take-over", "--pid-file", str(tmp_path / "new.pid")]
     new_log = tmp_path / "killed.log"
     with open(new_log, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
     try:
-        # Killed, front and workers at once, as soon as it has the sockets.
         deadline = time.monotonic() + 60
-        while "shard sockets over" not in new_log.read_text():
+        while "worker 1 started" not in new_log.read_text():
             assert process.poll() is None and time.monotonic() < deadline, new_log.read_text()
-            time.sleep(0.001)
-        os.killpg(process.pid, signal.SIGKILL)
+            time.sleep(0.01)
+        writers.wait_for_rounds(2)  # served by the new workers meanwhile
+        os.killpg(process.pid, signal.SIGKILL)  # the front and its workers at once
         process.wait(10)
     finally:
         if process.poll() is None:
