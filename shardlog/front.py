@@ -541,16 +541,16 @@ class Front:
     def _order(self, slot: WorkerSlot, kind: Kind, tag: int = 0, *,
                force: bool = False) -> None:
         """Queue an order for the worker; while stopping, only the stop itself
-        (``force``), which is then written out at once, blocking if it must: its pipe is
-        about to close."""
+        (``force``), written at once as far as the pipe takes it: the pipe closes next,
+        and a worker that misses the order for a full pipe stops at its EOF the same
+        way."""
         if slot.control_fd < 0 or (self.stopping and not force):
             return
         slot.out += frames.pack(kind, tag)
         if force:
             with contextlib.suppress(OSError):
-                os.set_blocking(slot.control_fd, True)
-                worker._write(slot.control_fd, slot.out)
-                slot.out.clear()
+                os.write(slot.control_fd, slot.out)
+            slot.out.clear()
             return
         self._write_orders(slot)
 
@@ -778,9 +778,7 @@ class Front:
         # this server is gone, so they stay in group 7 and the workers just end (EOF:
         # they answer what is queued).  Else the server stops for good.
         for_good = self.received is None or self.took_over
-        for slot in self.slots:
-            if not for_good:
-                break
+        for slot in self.slots if for_good else ():
             try:
                 leave_group_7(slot.sock)
             except OSError as exc:
