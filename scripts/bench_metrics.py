@@ -54,7 +54,6 @@ from bench_server import (
     Measured,
     Server,
     Settings,
-    enter_namespace,
     open_load_socket,
     open_logs,
     run_one,
@@ -66,6 +65,7 @@ from shardlog.hostinfo import describe, machine
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.logtable import LogTable
 from shardlog.metrics import free_local_port
+from shardlog.netns import enter_or_say_why
 from shardlog.procstat import cpu_seconds
 from shardlog.protocol import RequestType as T
 from shardlog.requeststats import RequestStats
@@ -263,7 +263,7 @@ def main() -> int:
                         workers=args.workers)
     if settings.logs < 64 or settings.rounds < 1:
         parser.error("need --logs >= 64 (64 in flight) and --rounds >= 1")
-    if not enter_namespace("bench_metrics"):
+    if not enter_or_say_why("bench_metrics"):
         return 2
     host = machine()
     print(f"machine: {describe(host)}")

@@ -79,7 +79,7 @@ from shardlog.kernelsim.echo import (
     wait_for_no_listener,
 )
 from shardlog.kernelsim.serveprocess import ServeFailed, ServeProcess
-from shardlog.netns import enter_private_netns
+from shardlog.netns import enter_or_say_why
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.procstat import cpu_seconds, server_processes
 from shardlog.protocol import RequestType as T
@@ -487,18 +487,6 @@ def cpu_text(cpu: dict[str, float]) -> str:
 # --- main --------------------------------------------------------------------------------
 
 
-def enter_namespace(script: str) -> bool:
-    """Enter a private network namespace (the servers and peers must not meet a real
-    kernel's connector), or say why not."""
-    try:
-        enter_private_netns()
-    except OSError as exc:
-        print(f"{script}: cannot enter a private network namespace ({exc.strerror}): "
-              "run as root (CAP_SYS_ADMIN)", file=sys.stderr)
-        return False
-    return True
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -528,7 +516,7 @@ def main() -> int:
     if settings.logs < 64 or settings.rounds < 1 or settings.flushes < 2:
         parser.error("need --logs >= 64 (64 in flight), --rounds >= 1, --flushes >= 2")
 
-    if not enter_namespace("bench_server"):
+    if not enter_or_say_why("bench_server"):
         return 2
     host = machine()
     filesystem = filesystem_of(args.state_dir)

@@ -44,7 +44,7 @@ from pathlib import Path
 from shardlog import protocol
 from shardlog.kernelsim import LoadResult, log_streams, run_load
 from shardlog.kernelsim.serveprocess import ServeProcess
-from shardlog.netns import enter_private_netns
+from shardlog.netns import enter_or_say_why
 from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
 from shardlog.protocol import RequestType as T
 
@@ -193,11 +193,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="take-overs per log count")
     parser.add_argument("--state-dir", type=Path, help="where the runs' directories go")
     args = parser.parse_args()
-    try:
-        enter_private_netns()
-    except OSError as exc:
-        print(f"bench_takeover: cannot enter a private network namespace ({exc.strerror}): "
-              "run as root", file=sys.stderr)
+    if not enter_or_say_why("bench_takeover"):
         return 1
     base = Path(tempfile.mkdtemp(prefix="bench-takeover-", dir=args.state_dir or Path.cwd()))
     rows = []

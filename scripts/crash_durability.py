@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from shardlog.kernelsim.crashload import CrashCampaign
-from shardlog.netns import enter_private_netns
+from shardlog.netns import enter_or_say_why
 
 
 def main() -> int:
@@ -40,11 +40,7 @@ def main() -> int:
                         help="where the temporary state directory goes (default: the "
                              "current directory)")
     args = parser.parse_args()
-    try:
-        enter_private_netns()
-    except OSError as exc:
-        print(f"crash_durability.py: cannot enter a private network namespace "
-              f"({exc.strerror}): run as root", file=sys.stderr)
+    if not enter_or_say_why("crash_durability.py"):
         return 1
     run_dir = Path(tempfile.mkdtemp(prefix="shardlog-crash-", dir=args.state_dir))
     started = time.monotonic()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from shardlog.fuzzing import Inputs, LiveFuzzer, TableFuzzer, format_tally
 from shardlog.kernelsim.serveprocess import ServeProcess
-from shardlog.netns import enter_private_netns
+from shardlog.netns import enter_or_say_why
 from shardlog.nlsocket import open_connector_socket
 
 PEER_PORT = 0x7E57
@@ -68,11 +68,7 @@ def main() -> int:
 
 
 def run_live(args: argparse.Namespace, scratch: Path, device: Path):
-    try:
-        enter_private_netns()
-    except OSError as exc:
-        print(f"fuzz.py: cannot enter a private network namespace ({exc.strerror}): run "
-              "as root for the live part, or --live 0", file=sys.stderr)
+    if not enter_or_say_why("fuzz.py (the live part; --live 0 skips it)"):
         return None
     server = ServeProcess(scratch / "served", workers=args.workers, test_peer=PEER_PORT,
                           log_level="warning").start()

@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, control, inspect, protocol, status, top, tracing
+from . import __version__, adopt, control, inspect, protocol, status, top, tracing
 from .capacity import command as capacity_command
 from .ctrargs import CtrArgsError, parse_ctr_string
 from .describe import describe_answer, describe_payload
@@ -135,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     decode.set_defaults(run=_decode)
     for tool in (status, inspect, tracing, top):
         tool.add_parser(commands)
+    adopt.add_parsers(commands)
     return parser
 
 

@@ -263,6 +263,22 @@ def table_state(table: LogTable) -> tuple:
     return logs, files
 
 
+def check_answer(tally: Tally, inputs: Inputs, request: Request, error: int, data: bytes,
+                 datagram: bytes) -> None:
+    """What the contract says of any answer to a well-formed request, in process or over
+    the wire: never -EIO (the storage is healthy), the exact size when it succeeds; and
+    what it tells the inputs of the logs now live."""
+    if error == -errno.EIO:
+        tally.defect(f"{request.name} answered -EIO with healthy storage", datagram)
+    size = protocol.REPLY_SIZES[request.request_type]
+    if error == 0 and size is not None and len(data) != size:
+        tally.defect(f"{request.name} answered {len(data)} bytes, not {size}", datagram)
+    try:
+        inputs.note(request, error)
+    except CtrArgsError:
+        tally.defect(f"CTR {request.ctr_string!r} accepted, yet unparsable", datagram)
+
+
 class TableFuzzer:
     """Datagrams through the codec and a LogTable, in batches as a worker answers them,
     each checked against the contract (module docstring)."""
@@ -350,16 +366,7 @@ class TableFuzzer:
             return decoded.error
         if decoded.seq != request.seq:
             tally.defect(f"{request.name} answered with seq {decoded.seq}", datagram)
-        if decoded.error == -errno.EIO:
-            tally.defect(f"{request.name} answered -EIO with healthy storage", datagram)
-        size = protocol.REPLY_SIZES[request.request_type]
-        if decoded.error == 0 and size is not None and len(decoded.data) != size:
-            tally.defect(f"{request.name} answered {len(decoded.data)} bytes, not {size}",
-                         datagram)
-        try:
-            self.inputs.note(request, decoded.error)
-        except CtrArgsError:
-            tally.defect(f"CTR {request.ctr_string!r} accepted, yet unparsable", datagram)
+        check_answer(tally, self.inputs, request, decoded.error, decoded.data, datagram)
         return decoded.error
 
     def _check_tracebacks(self, datagram: bytes, tracebacks: Tracebacks, seen: int) -> None:
@@ -468,18 +475,9 @@ class LiveFuzzer:
         if pending is None:
             return  # a refused mutated datagram's -EINVAL
         datagram, request = pending
-        if reply.error == -errno.EIO:
-            tally.defect(f"{request.name} answered -EIO with healthy storage", datagram)
-        elif reply.error == -errno.EAGAIN:
+        if reply.error == -errno.EAGAIN:
             tally.defect(f"{request.name} answered -EAGAIN (a worker died?)", datagram)
-        size = protocol.REPLY_SIZES[request.request_type]
-        if reply.error == 0 and size is not None and len(reply.data) != size:
-            tally.defect(f"{request.name} answered {len(reply.data)} bytes, not {size}",
-                         datagram)
-        try:
-            self.inputs.note(request, reply.error)
-        except CtrArgsError:
-            tally.defect(f"CTR {request.ctr_string!r} accepted, yet unparsable", datagram)
+        check_answer(tally, self.inputs, request, reply.error, reply.data, datagram)
 
 
 def format_tally(title: str, tally: Tally) -> str:

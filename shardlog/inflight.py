@@ -11,10 +11,10 @@ hangs with requests in hand must be noticed and killed.
 So every worker slot has an :class:`InFlight`: an anonymous ``MAP_SHARED`` mapping made
 by the front before the fork, which the worker writes and the front reads.  It is the
 worker's receive ring itself: the worker receives each datagram straight into the next
-entry (no copy), then publishes the entry's length and the count of entries held, so a
+entry (no copy), then publishes the entry's length (0: the entry holds nothing), so a
 worker killed at any instant leaves behind exactly what it held.  Once a reply has left,
-its entry's length goes back to 0; once the batch is done, the count does, and the
-batch counter (``progress``) moves on: the front's hang check watches it.
+its entry's length goes back to 0; once the batch is done, the batch counter
+(``progress``) moves on: the front's hang check watches it.
 
 A worker killed after a reply left but before it noted so (the wakeup of whoever reads
 the reply can preempt it right there) has that request answered -EAGAIN as well: the
@@ -38,16 +38,17 @@ CAPACITY = 512
 # A request is at most 528 bytes (protocol.MAX_PAYLOAD + headers) plus 3 pad bytes; a
 # longer datagram is cut here and answered as malformed.
 ENTRY_SIZE = 1024
+_LENGTHS = struct.Struct(f"={CAPACITY}I")  # one per entry: 0 when it holds nothing
 _LENGTH = struct.Struct("=I")
-_HEADER = struct.Struct("=QI")  # progress (batches finished), count (entries held)
-_COUNT_AT = 8
+_PROGRESS = struct.Struct("=Q")  # batches finished
+_PROGRESS_AT = 0
 _STARTED = struct.Struct("=Q")  # when the batch held now was read (monotonic ns)
-_STARTED_AT = 16
-_LENGTHS_AT = 64  # one u32 per entry
+_STARTED_AT = 8
+_LENGTHS_AT = 64
+
 
 def _layout() -> tuple[int, int]:
-    lengths_size = CAPACITY * _LENGTH.size
-    entries_at = _LENGTHS_AT + ((lengths_size + 63) // 64) * 64
+    entries_at = _LENGTHS_AT + ((_LENGTHS.size + 63) // 64) * 64
     return entries_at, entries_at + CAPACITY * ENTRY_SIZE
 
 
@@ -55,7 +56,10 @@ _ENTRIES_AT, _SIZE = _layout()
 
 
 class InFlight:
-    """One worker slot's receive ring and counters, shared between front and worker."""
+    """One worker slot's receive ring and counters, shared between front and worker.
+
+    An entry holds a request from the moment its length is written until it is set back
+    to 0 once the reply has left: one store each, on the request path."""
 
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, _SIZE, flags=mmap.MAP_SHARED)
@@ -64,6 +68,7 @@ class InFlight:
         self.entries = [view[_ENTRIES_AT + i * ENTRY_SIZE:_ENTRIES_AT + (i + 1) * ENTRY_SIZE]
                         for i in range(CAPACITY)]
         self._view = view
+        self._progress = self.progress  # the worker's count, continued by a successor
 
     # -- the worker's side -------------------------------------------------------------------
 
@@ -72,25 +77,24 @@ class InFlight:
         _STARTED.pack_into(self._map, _STARTED_AT, now_ns)
 
     def hold(self, index: int, length: int) -> None:
-        """Entry ``index`` holds a request of ``length`` bytes: count it as held."""
+        """Entry ``index`` holds a request of ``length`` bytes."""
         _LENGTH.pack_into(self._map, _LENGTHS_AT + 4 * index, length)
-        _LENGTH.pack_into(self._map, _COUNT_AT, index + 1)
 
     def answered(self, index: int) -> None:
-        """The reply to entry ``index`` has left."""
+        """The reply to entry ``index`` has left (or it needs none)."""
         _LENGTH.pack_into(self._map, _LENGTHS_AT + 4 * index, 0)
 
     def batch_done(self) -> None:
-        """Every entry is answered: nothing held, one more batch finished."""
-        progress = _HEADER.unpack_from(self._map, 0)[0]
-        _HEADER.pack_into(self._map, 0, progress + 1, 0)
+        """Every entry of the batch is answered: one more batch finished."""
+        self._progress += 1
+        _PROGRESS.pack_into(self._map, _PROGRESS_AT, self._progress)
 
     # -- the front's side --------------------------------------------------------------------
 
     @property
     def held(self) -> int:
-        """Requests the worker holds now (read, not yet all answered)."""
-        return _LENGTH.unpack_from(self._map, _COUNT_AT)[0]
+        """Requests the worker holds now (read, not yet answered)."""
+        return CAPACITY - _LENGTHS.unpack_from(self._map, _LENGTHS_AT).count(0)
 
     @property
     def batch_started(self) -> int:
@@ -100,19 +104,20 @@ class InFlight:
     @property
     def progress(self) -> int:
         """Batches the worker has finished: a hung worker's stays put."""
-        return _HEADER.unpack_from(self._map, 0)[0]
+        return _PROGRESS.unpack_from(self._map, _PROGRESS_AT)[0]
 
     def unanswered(self) -> Iterator[bytes]:
         """The datagrams held and not answered (read once the worker is dead)."""
-        for index in range(min(self.held, CAPACITY)):
-            length = _LENGTH.unpack_from(self._map, _LENGTHS_AT + 4 * index)[0]
+        lengths = _LENGTHS.unpack_from(self._map, _LENGTHS_AT)
+        for index, length in enumerate(lengths):
             if length:
                 yield bytes(self.entries[index][:min(length, ENTRY_SIZE)])
 
     def reset(self) -> None:
         """Forget what a dead worker held, for its successor (the progress counter stays
-        monotonic)."""
-        _LENGTH.pack_into(self._map, _COUNT_AT, 0)
+        monotonic: the successor, forked after this, continues it)."""
+        _LENGTHS.pack_into(self._map, _LENGTHS_AT, *([0] * CAPACITY))
+        self._progress = self.progress
 
     def close(self) -> None:
         for entry in self.entries:

@@ -14,6 +14,7 @@ import ctypes
 import errno
 import os
 import socket
+import sys
 
 from .nlsocket import open_connector_socket
 
@@ -30,6 +31,18 @@ def enter_private_netns() -> None:
     loopback_up()
     if kernel_connector_reachable():
         raise RuntimeError("a kernel connector answers in the new network namespace")
+
+
+def enter_or_say_why(script: str) -> bool:
+    """Enter a private network namespace, or say on stderr why not (a script's servers
+    and peers must never meet a real kernel's connector): whether it did."""
+    try:
+        enter_private_netns()
+    except OSError as exc:
+        print(f"{script}: cannot enter a private network namespace ({exc.strerror}): "
+              "run as root (CAP_SYS_ADMIN)", file=sys.stderr)
+        return False
+    return True
 
 
 def kernel_connector_reachable() -> bool:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from . import control
+from . import control, dmdevices
 from .protocol import RequestType
 from .workerstats import LOG_FIELDS, LogStatus, WorkerReport, log_row
 
@@ -138,6 +138,8 @@ class StatusCommand:
             "server": {
                 "pid": os.getpid(), "uptime_s": round(time.time() - front.started, 1),
                 "serving": front.serving, "stopping": front.stopping,
+                # The shard sockets' netlink ports, as /proc/net/netlink lists them.
+                "ports": [slot.sock.getsockname()[0] for slot in front.slots],
                 "state_dir": str(front.config.state_dir), "workers": len(front.slots),
                 "requests": requests, "requests_total": sum(requests.values()),
                 "eagain_replies": stats.eagain_replies,
@@ -188,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     except control.ControlError as exc:
         print(f"shardlog status: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    dmdevices.label_logs(answer["logs"])
     print(json.dumps(answer, indent=2) if args.json else format_text(answer))
     return EXIT_OK
 
@@ -226,12 +229,16 @@ def format_text(answer: dict) -> str:
     if not answer["logs"]:
         lines.append("no logs")
     else:
+        # Where this host has the log's device: its VG/LV or dm name (label_logs).
+        devices = any(log.get("device") for log in answer["logs"])
         lines += table(
-            ["UUID", "LUID", "Type", "State", "RegionSz", "Regions", "InSync", "Dirty",
-             "Recovery", "Worker", "Req/s", "Health"],
-            [[log["uuid"], f"{log['luid']:x}", log["type"], log["state"],
+            ["UUID"] + (["Device"] if devices else []) +
+            ["LUID", "Type", "State", "RegionSz", "Regions", "InSync", "Dirty", "Recovery",
+             "Worker", "Req/s", "Health"],
+            [[log["uuid"]] + ([log.get("device") or "-"] if devices else []) +
+             [f"{log['luid']:x}", log["type"], log["state"],
               log["region_size"], log["region_count"], log["in_sync"], log["dirty"],
               recovery(log), log["worker"], f"{log['requests_per_s']:.1f}", log["health"]]
              for log in sorted(answer["logs"], key=lambda x: (x["uuid"], x["luid"]))],
-            right={4, 5, 6, 7, 9, 10})
+            right={i + devices for i in (4, 5, 6, 7, 9, 10)})
     return "\n".join(lines)

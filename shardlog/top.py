@@ -27,7 +27,7 @@ import threading
 import time
 from collections import defaultdict
 
-from . import control
+from . import control, dmdevices
 from .status import recovery, table
 from .tracing import decode_event
 
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         while True:
             time.sleep(args.interval)
             current = control.ask(args.socket, {"cmd": "status"})
+            dmdevices.label_logs(current["logs"])
             now = time.monotonic()
             frame = render(previous, current, now - previous_time, sampler.take(),
                            args.sample, sampler.dropped, sampler.error)
@@ -166,12 +167,15 @@ def render(previous: dict, current: dict, elapsed: float,
     if not logs:
         lines.append("no logs")
     else:
-        lines += table(["UUID", "LUID", "Type", "State", "Sync", "Dirty", "Recovery",
-                        "Req/s", "Health"],
-                       [[log["uuid"], f"{log['luid']:x}", log["type"], log["state"],
-                         _progress(log), log["dirty"], recovery(log),
-                         f"{log['requests_per_s']:.1f}", log["health"]]
-                        for log in logs[:SHOWN_LOGS]], right={5, 7})
+        devices = any(log.get("device") for log in logs)  # dmdevices.label_logs
+        lines += table(["UUID"] + (["Device"] if devices else []) +
+                       ["LUID", "Type", "State", "Sync", "Dirty", "Recovery", "Req/s",
+                        "Health"],
+                       [[log["uuid"]] + ([log.get("device") or "-"] if devices else []) +
+                        [f"{log['luid']:x}", log["type"], log["state"], _progress(log),
+                         log["dirty"], recovery(log), f"{log['requests_per_s']:.1f}",
+                         log["health"]]
+                        for log in logs[:SHOWN_LOGS]], right={5 + devices, 7 + devices})
         if len(logs) > SHOWN_LOGS:
             lines.append(f"... {len(logs) - SHOWN_LOGS} more logs (shardlog status)")
     return "\n".join(lines)

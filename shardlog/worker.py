@@ -58,6 +58,7 @@ import signal
 import socket
 import struct
 import time
+from collections import Counter
 from pathlib import Path
 
 from . import frames, protocol
@@ -149,6 +150,7 @@ class ShardWorker:
         self.reporter = reporter
         self.tracing = False
         self._traced = bytearray()  # this batch's TRACE entries, while tracing
+        self._batch_sizes: Counter[int] = Counter()  # since the last report
         self._last_warning: dict[str, float] = {}
         table.count = reporter.count
         sock.setblocking(False)
@@ -178,7 +180,7 @@ class ShardWorker:
                 for fd, _mask in events:
                     if fd == control_fd:
                         asked, ending = self._on_control(reader, control_fd)
-                    elif self.answer_batch():
+                    elif self.answer_batch(readable=True):
                         self._after_batch(events_fd)
                 if ending == HAND_OVER:
                     # Read nothing more: what is queued now is the successor's.  The
@@ -233,11 +235,11 @@ class ShardWorker:
             _write(events_fd, frames.pack(Kind.TRACE, 0, bytes(self._traced)))
             self._traced.clear()
 
-    def answer_batch(self) -> int:
+    def answer_batch(self, readable: bool = False) -> int:
         """Read what the socket holds (up to the ring's capacity) and answer it all;
-        the number of datagrams held."""
+        the number of datagrams held.  ``readable``: the socket is known to hold one."""
         in_flight, stats = self.in_flight, self.reporter.requests
-        held = self._receive()
+        held = self._receive(readable)
         if not held:
             return 0
         arrived = time.monotonic_ns()
@@ -280,21 +282,22 @@ class ShardWorker:
                     self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
             stats.answered(sent, time.monotonic_ns())
         in_flight.batch_done()
-        observe(count, "worker_batch_size", len(held))
+        self._batch_sizes[len(held)] += 1  # a histogram of them at the next report
         return len(held)
 
-    def _receive(self) -> list[int]:
+    def _receive(self, readable: bool) -> list[int]:
         """Drain the socket into the ring: the sizes of the datagrams held.
 
-        Each read is preceded by a zero-timeout poll rather than ended by the
-        BlockingIOError of an empty socket: raising and catching that exception costs
-        about as much as a whole round trip with the kernel (measured: 15 µs against
-        under 1 µs for the poll)."""
+        Each read but a first one known to succeed is preceded by a zero-timeout poll
+        rather than ended by the BlockingIOError of an empty socket: raising and catching
+        that exception costs about as much as a whole round trip with the kernel
+        (measured: 15 µs against under 1 µs for the poll)."""
         sock, in_flight, allowed = self.sock, self.in_flight, self.peer.allowed_ports
-        entries, hold, readable = in_flight.entries, in_flight.hold, self._readable.poll
+        entries, hold, poll = in_flight.entries, in_flight.hold, self._readable.poll
         stats = self.reporter.requests
         sizes: list[int] = []
-        while len(sizes) < CAPACITY and readable(0):
+        while len(sizes) < CAPACITY and (readable or poll(0)):
+            readable = False
             try:
                 size, (port, _groups) = sock.recvfrom_into(entries[len(sizes)])
             except BlockingIOError:
@@ -352,8 +355,12 @@ class ShardWorker:
         self._traced += reply
 
     def _stats_frame(self, with_logs: bool = True) -> bytes:
+        count = self.reporter.count
         for source, failures in take_failures().items():
-            self.reporter.count(key("storage_errors", kind=source), failures)
+            count(key("storage_errors", kind=source), failures)
+        for size, batches in self._batch_sizes.items():
+            observe(count, "worker_batch_size", size, batches)
+        self._batch_sizes.clear()
         report = self.reporter.report(self.table, with_logs)
         return frames.pack(Kind.STATS, 0, report.encode())
 

@@ -82,11 +82,12 @@ def count_nothing(_key: str, _amount: float = 1) -> None:
     """A Count for a LogTable outside a worker (replay, tests): nobody reads it."""
 
 
-def observe(count: Count, name: str, value: float, **labels: str) -> None:
-    """One observation of the histogram ``name``: its bucket and its sum."""
+def observe(count: Count, name: str, value: float, times: int = 1, **labels: str) -> None:
+    """``times`` observations of ``value`` in the histogram ``name``: its bucket and its
+    sum."""
     bounds, bucket_keys, sum_key = _histogram_keys(name, tuple(labels.items()))
-    count(bucket_keys[bisect_left(bounds, value)], 1)
-    count(sum_key, value)
+    count(bucket_keys[bisect_left(bounds, value)], times)
+    count(sum_key, value * times)
 
 
 @cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -69,6 +70,49 @@ def loop_device(tmp_path: Path) -> Iterator[Path]:
         yield device
     finally:
         subprocess.run(["losetup", "--detach", str(device)], check=False)
+
+
+class FreezableFilesystem:
+    """A small ext4 filesystem of its own (a loop mount), which a test may freeze
+    (fsfreeze): writes to it then block, uninterruptibly, until it is thawed.  Holds a
+    worker in the middle of a batch as long as a test needs."""
+
+    def __init__(self, root: Path):
+        requires_root("a loop-mounted filesystem")
+        self.image, self.path = root / "freezable.img", root / "freezable"
+        with open(self.image, "wb") as f:
+            f.truncate(128 << 20)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(self.image)], check=True)
+        self.path.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.path)], check=True)
+
+    def freeze(self) -> None:
+        subprocess.run(["fsfreeze", "--freeze", str(self.path)], check=True)
+
+    def thaw(self) -> None:
+        subprocess.run(["fsfreeze", "--unfreeze", str(self.path)], check=False,
+                       capture_output=True)
+
+    def close(self) -> None:
+        self.thaw()
+        subprocess.run(["umount", "--lazy", str(self.path)], check=False)
+
+
+@pytest.fixture
+def freezable(tmp_path: Path) -> Iterator[FreezableFilesystem]:
+    filesystem = FreezableFilesystem(tmp_path)
+    try:
+        yield filesystem
+    finally:
+        filesystem.close()
+
+
+def wait_until_blocked(pid: int, timeout: float = 10.0) -> None:
+    """Until process ``pid`` sleeps uninterruptibly (state D: blocked in the kernel)."""
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "D":
+        assert time.monotonic() < deadline, f"process {pid} never blocked"
+        time.sleep(0.01)
 
 
 class Kernel:

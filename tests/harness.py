@@ -19,9 +19,6 @@ from shardlog.protocol import Reply, RequestType
 from shardlog.routing import shard_of_uuid
 
 PEER_PORT = 0x7E57
-# A CTR of a core log of 2**25 regions takes tens of milliseconds (its 8 MiB file): a
-# batch of them keeps a worker busy long enough to be killed in the middle of it.
-SLOW_CTR = b"268435456 core 8 nosync"
 
 
 class ServerProcess(ServeProcess):

@@ -14,10 +14,12 @@ import time
 import pytest
 
 from shardlog import control, protocol
+from shardlog.kernelsim.connector import group7_listeners
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.protocol import RequestType as T
 
-from .harness import SLOW_CTR, ServerProcess, uuids_for_worker
+from .conftest import wait_until_blocked
+from .harness import ServerProcess, uuids_for_worker
 from .test_cli import shardlog
 
 pytestmark = pytest.mark.usefixtures("private_netns")
@@ -66,6 +68,9 @@ def test_status_shows_every_log_and_worker_with_fresh_figures(server, peer):
     assert [(w["index"], w["pid"], w["logs"], w["restarts"], w["ready"])
             for w in answer["workers"]] == [(0, pids[0], 1, 0, True), (1, pids[1], 1, 0, True)]
     assert answer["server"]["pid"] == server.process.pid
+    # Its shard sockets, by netlink port: what `adopt` looks for in group 7.
+    ports = answer["server"]["ports"]
+    assert len(ports) == 2 and set(ports) <= set(group7_listeners())
     assert answer["server"]["requests"]["MARK_REGION"] == 1
     assert answer["server"]["tracing"] is False
 
@@ -259,22 +264,27 @@ def test_a_tracer_that_does_not_read_loses_lines_counted_and_never_stalls_the_se
           f"{dropped} dropped")
 
 
-def test_a_worker_death_shows_in_the_trace_as_eagain(server, peer):
-    uuids = uuids_for_worker(0, 2, 16, prefix="big")
-    worker = server.worker_pids()[0]
-    trace = start_trace(server, "--json", "--type", "CTR", "--count", "1")
-    os.kill(worker, signal.SIGSTOP)
-    sent = {peer.request(T.CTR, SLOW_CTR, uuid=uuid) for uuid in uuids}
-    os.kill(worker, signal.SIGCONT)  # one batch of 16 slow CTRs
-    time.sleep(0.3)
-    os.kill(worker, signal.SIGKILL)  # in the middle of it
-    out, err = trace.communicate(timeout=30)
-    assert trace.returncode == 0, err
-    event = json.loads(out)
-    assert event["seq"] in sent
-    assert (event["type"], event["errno"], event["result"]) == (
-        "CTR", -11, "ack, error -11")
-    assert event["note"] == "worker died: answered -EAGAIN"
+def test_a_worker_death_shows_in_the_trace_as_eagain(tmp_path, peer, freezable):
+    # The worker blocks on its frozen state directory holding the CTR it read.
+    server = ServerProcess(freezable.path / "state", run_dir=tmp_path).start()
+    try:
+        (uuid,) = uuids_for_worker(0, 2, 1)
+        worker = server.worker_pids()[0]
+        trace = start_trace(server, "--json", "--count", "1")
+        freezable.freeze()
+        seq = peer.request(T.CTR, b"8192 core 8 nosync", uuid=uuid)
+        wait_until_blocked(worker)
+        os.kill(worker, signal.SIGKILL)
+        freezable.thaw()
+        out, err = trace.communicate(timeout=30)
+        assert trace.returncode == 0, err
+        event = json.loads(out)
+        assert (event["seq"], event["type"], event["errno"], event["result"]) == (
+            seq, "CTR", -11, "ack, error -11")
+        assert event["note"] == "worker died: answered -EAGAIN"
+    finally:
+        freezable.thaw()
+        server.close()
 
 
 def test_trace_without_a_server_exits_1_and_a_bad_type_exits_2(tmp_path):

@@ -26,7 +26,8 @@ from shardlog.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socke
 from shardlog.protocol import RequestType as T
 from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
 
-from .harness import PEER_PORT, SLOW_CTR, RawPeer, ServerProcess, uuids_for_worker
+from .conftest import wait_until_blocked
+from .harness import PEER_PORT, RawPeer, ServerProcess, uuids_for_worker
 
 pytestmark = pytest.mark.usefixtures("private_netns")
 
@@ -208,6 +209,7 @@ def test_bad_datagrams_are_answered_einval_or_dropped_and_serving_goes_on(
     reply = peer.receive(0.5)
     if reply is not None:  # answered: then as the kernel expects a refusal
         assert reply.error == -errno.EINVAL  # a full reply or a connector ACK
+        assert peer.quiet(), "answered twice: two shard sockets accepted it"
     assert peer.in_sync(1, uuid="log-a") == 1
     assert server.process.poll() is None
     assert server.metrics()["shardlog_worker_restarts_total"] == 0
@@ -266,35 +268,44 @@ def test_requests_queued_for_a_killed_worker_are_answered_by_its_successor(serve
     assert f"worker 0 (pid {victim}) died (killed by SIGKILL)" in server.log
 
 
-def test_a_killed_worker_answers_what_it_held_eagain_and_comes_back(server, peer):
-    victim_logs = uuids_for_worker(0, 2, 16, prefix="big")
-    other_log = uuids_for_worker(1, 2, 1)[0]
-    peer.open_log(other_log)
-    victim = server.worker_pids()[0]
-    os.kill(victim, signal.SIGSTOP)
-    sent = {peer.request(T.CTR, SLOW_CTR, uuid=uuid): uuid for uuid in victim_logs}
-    os.kill(victim, signal.SIGCONT)  # it reads all 16 in one batch, then answers them
-    time.sleep(0.3)
-    os.kill(victim, signal.SIGKILL)
-    first: dict[int, tuple[bool, int]] = {}
-    while set(first) != set(sent):
-        reply = peer.receive(5.0)
-        assert reply is not None, f"unanswered: {sorted(set(sent) - set(first))}"
-        first.setdefault(reply.seq, (reply.ack, reply.error))
-    eagain = [seq for seq, answer in first.items() if answer == (True, -errno.EAGAIN)]
-    # Connector ACKs: a full -EAGAIN reply would zero the kernel's reply buffer size.
-    assert eagain, "the worker was killed holding nothing: the batch was too fast"
-    assert all(answer in {(False, 0), (True, -errno.EAGAIN)} for answer in first.values())
-    assert peer.ok(T.GET_SYNC_COUNT, uuid=other_log)  # the other worker served throughout
-    # The kernel re-sends at once, with a new seq: the new worker answers.
-    for seq in eagain:
-        peer.ok(T.CTR, SLOW_CTR, uuid=sent[seq])
-    metrics = server.metrics()
-    assert metrics["shardlog_worker_restarts_total"] == 1
-    assert metrics["shardlog_eagain_replies_total"] == len(eagain)
-    assert metrics["shardlog_resent_requests_total"] == len(eagain)
-    assert metrics["shardlog_workers_up"] == 2
-    assert f"worker 0 (pid {victim}) died (killed by SIGKILL)" in server.log
+def test_a_killed_worker_answers_what_it_held_eagain_and_comes_back(tmp_path, peer,
+                                                                    freezable):
+    # Its state directory on a filesystem frozen meanwhile: the worker reads its batch,
+    # then blocks in the kernel on the first CTR's file, holding every request of it.
+    server = ServerProcess(freezable.path / "state", run_dir=tmp_path).start()
+    try:
+        victim_logs = uuids_for_worker(0, 2, 8)
+        other_log = uuids_for_worker(1, 2, 1)[0]
+        peer.open_log(other_log)
+        victim = server.worker_pids()[0]
+        freezable.freeze()
+        os.kill(victim, signal.SIGSTOP)
+        sent = {peer.request(T.CTR, b"8192 core 8 nosync", uuid=uuid): uuid
+                for uuid in victim_logs}
+        os.kill(victim, signal.SIGCONT)  # it reads all 8 in one batch
+        wait_until_blocked(victim)
+        os.kill(victim, signal.SIGKILL)
+        freezable.thaw()  # the kill lands as the blocked write returns
+        answers = {}
+        while set(answers) != set(sent):
+            reply = peer.receive(5.0)
+            assert reply is not None, f"unanswered: {sorted(set(sent) - set(answers))}"
+            answers.setdefault(reply.seq, (reply.ack, reply.error))
+        # Connector ACKs: a full -EAGAIN reply would zero the kernel's reply buffer size.
+        assert answers == {seq: (True, -errno.EAGAIN) for seq in sent}
+        assert peer.ok(T.GET_SYNC_COUNT, uuid=other_log)  # the other worker served on
+        # The kernel re-sends at once, with new seqs: the new worker answers.
+        for uuid in sent.values():
+            peer.ok(T.CTR, b"8192 core 8 nosync", uuid=uuid)
+        metrics = server.metrics()
+        assert metrics["shardlog_worker_restarts_total"] == 1
+        assert metrics["shardlog_eagain_replies_total"] == len(sent)
+        assert metrics["shardlog_resent_requests_total"] == len(sent)
+        assert metrics["shardlog_workers_up"] == 2
+        assert f"worker 0 (pid {victim}) died (killed by SIGKILL)" in server.log
+    finally:
+        freezable.thaw()
+        server.close()
 
 
 def test_a_hung_worker_is_replaced_before_the_kernel_would_time_out(tmp_path, peer):

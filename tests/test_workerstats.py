@@ -14,6 +14,7 @@ from shardlog.inflight import InFlight
 from shardlog.logtable import LogTable
 from shardlog.nlsocket import open_connector_socket
 from shardlog.protocol import RequestType as T
+from shardlog.workercounters import key
 from shardlog.workerstats import LogStatus, Reporter, WorkerReport
 
 UUID = "LVM-stats"
@@ -99,6 +100,8 @@ def test_a_report_asked_for_describes_every_log(served):
                         T.GET_RESYNC_WORK: 1}
     assert dict(report.requests["ok"]) == received
     assert sum(count for _bucket, count in report.requests["latency"]) == 5
+    # And the sizes of the batches they came in (however the socket grouped them).
+    assert report.counters[key("worker_batch_size", bucket="sum")] == 5
 
 
 def test_a_worker_that_goes_idle_reports_its_last_activity_unasked(served):

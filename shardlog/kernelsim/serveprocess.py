@@ -59,6 +59,9 @@ class ServeProcess:
                 raise ServeFailed(f"shardlog serve exited {self.process.returncode}:\n"
                                   f"{self.log}")
             if time.monotonic() > deadline:
+                # Not left running: it would serve (and write the same pid file) later,
+                # beside whatever server the caller starts next.
+                self.close()
                 raise ServeFailed(f"shardlog serve not serving after {timeout:.0f} s:\n"
                                   f"{self.log}")
             time.sleep(0.01)
