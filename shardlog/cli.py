@@ -1,7 +1,9 @@
 """The ``shardlog`` command.
 
 - ``shardlog serve``: the server the kernel talks to (front process and workers, in the
-  foreground; see front.py).  Needs root.
+  foreground; see front.py).  Needs root.  ``--take-over`` takes a running server's
+  sockets over with no stall (handover.py); ``--background`` returns once it serves
+  (systemd's ExecReload).
 - ``shardlog replay [CAPTURE]``: answer the requests of a recorded kernel session with the
   real codec and a real log table (instance files in a temporary or given state
   directory) and show what a correct log answers.  Without an argument it replays the
@@ -93,6 +95,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--control-socket", default=str(control.DEFAULT_PATH), metavar="PATH",
                        help="the operators' socket: status, trace, top (default "
                             f"{control.DEFAULT_PATH}; '' turns it off)")
+    serve.add_argument("--take-over", action="store_true",
+                       help="take over from the server answering at --control-socket: its "
+                            "workers hand their sockets over, the kernel sees no restart "
+                            "(same --workers and --state-dir; refused otherwise, exit 1)")
+    serve.add_argument("--background", action="store_true",
+                       help="run the server in a new session and exit 0 once it serves "
+                            "(after --take-over: once the old server is gone), 1 if it "
+                            "fails")
     serve.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS)
     serve.add_argument("--test-peer", type=int, metavar="PORT",
                        help="also take requests from this netlink port, and reply to it: "
@@ -143,7 +153,19 @@ def _serve(args: argparse.Namespace) -> int:
                          worker_timeout=args.worker_timeout,
                          control_socket=Path(args.control_socket) if args.control_socket
                          else None,
-                         per_log_metrics=args.per_log_metrics == "on")
+                         per_log_metrics=args.per_log_metrics == "on",
+                         take_over=args.take_over)
+    if args.background:
+        ready_r, ready_w = os.pipe()
+        if os.fork():
+            # The parent: 0 once the server says it serves, 1 if it ended first (it
+            # said why on the stderr both share).
+            os.close(ready_w)
+            ready = os.read(ready_r, 1)
+            return 0 if ready else 1
+        os.close(ready_r)
+        os.setsid()
+        config.ready_fd = ready_w
     try:
         return Front(config).run()
     except ServeError as exc:

@@ -242,6 +242,27 @@ class ControlServer:
         self.epoll.register(sock.fileno(), select.EPOLLIN)
         self.handlers[sock.fileno()] = self._accept
 
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve on a listening socket another server handed over (handover.py): the
+        path stays bound throughout, so operators never find it gone."""
+        sock.setblocking(False)
+        self.sock = sock
+        self.resume_accepting()
+
+    def pause_accepting(self) -> socket.socket | None:
+        """Stop accepting (the listener is being handed to another server); the
+        listener, or None.  Connected clients are served on."""
+        if self.sock is not None:
+            self.handlers.pop(self.sock.fileno(), None)
+            with contextlib.suppress(OSError, ValueError):
+                self.epoll.unregister(self.sock.fileno())
+        return self.sock
+
+    def resume_accepting(self) -> None:
+        if self.sock is not None and self.sock.fileno() not in self.handlers:
+            self.epoll.register(self.sock.fileno(), select.EPOLLIN)
+            self.handlers[self.sock.fileno()] = self._accept
+
     def _remove_stale(self) -> None:
         """A socket a dead server left behind is removed; a live one is another server's."""
         try:
@@ -327,17 +348,18 @@ class ControlServer:
         with contextlib.suppress(OSError, ValueError):
             self.epoll.unregister(client.fd)
 
-    def close(self) -> None:
+    def close(self, *, unlink: bool = True) -> None:
+        """Close every connection and the listener; ``unlink=False`` when another server
+        took the listener over and answers at the path now."""
         for client in list(self.clients.values()):
             client.close()
         if self.sock is not None:
-            self.handlers.pop(self.sock.fileno(), None)
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(self.sock.fileno())
+            self.pause_accepting()
             self.sock.close()
             self.sock = None
-            with contextlib.suppress(OSError):
-                self.path.unlink()
+            if unlink:
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
 
 
 # -- the client side -------------------------------------------------------------------------

@@ -4,7 +4,7 @@ Every frame is a 9-byte header (payload length, kind, tag) and its payload.  Req
 and replies never travel here: each worker reads its shard's netlink socket and replies
 to the kernel itself (front.py).  The pipes carry what is off the request path: a
 worker's readiness, its reports (workerstats.py), the requests it traced while someone
-traces, and the front's orders (report now, trace or stop tracing).
+traces, and the front's orders (report now, trace or stop tracing, stop or hand over).
 
 Pickling costs ~38 µs a round trip and multiprocess's Connection framing 11-17 µs against
 ~7 µs for a raw pipe (design.md); a struct header and one ``os.write`` per batch keep a
@@ -30,6 +30,14 @@ class Kind(IntEnum):
     REPORT = 5  # front → worker: send a STATS frame now (tag 0, no payload)
     TRACING = 6  # front → worker: tag 1, send TRACE frames from now on; tag 0, stop
     TRACE = 7  # worker → front: the requests of one batch and their replies (tracing.py)
+    # front → worker, the ways a worker ends (handover.py): STOP, for good — leave group
+    # 7, answer what is queued, commit, exit; HAND_OVER, for a successor — read nothing
+    # more, commit, close the files and exit, the socket left in group 7 for the next
+    # server's worker.  TAKEN_OVER tells a worker of a server that took over that the
+    # old server is gone (it closes its copy of the take-over connection).
+    STOP = 8
+    HAND_OVER = 9
+    TAKEN_OVER = 10
 
 
 class FrameError(Exception):

@@ -37,8 +37,14 @@ self-pipe for signals (gunicorn's Arbiter: signals are queued, never handled inl
   dump did (once the workers have reported: never blocking the loop).
 - **Stop** (SIGTERM, SIGINT): leave group 7 on every shard socket first, so that the
   kernel's next request finds no server (-ESRCH, its reconnect loop) instead of a socket
-  nobody reads; close the workers' control pipes; they answer what is queued in their
+  nobody reads; order every worker to STOP; they answer what is queued in their
   sockets, commit every log and exit; the front exits 0 once they all have.
+- **Take-over** (handover.py): a new server asks on the control socket for the shard
+  sockets; the workers HAND_OVER (commit, close, exit, the sockets left in group 7), the
+  front passes the sockets and the control socket's listener with SCM_RIGHTS and exits 0
+  once the new server says it serves — or, if the new one fails at any step, respawns
+  its workers on the same sockets and serves on.  ``--take-over`` is the other side: a
+  front that starts from the sockets it is handed instead of opening its own.
 
 The sockets are set up with the standard library: pyroute2 0.9's NetlinkSocket drives its
 file descriptor from an asyncio endpoint, while the workers need plain descriptors that
@@ -64,13 +70,13 @@ from pathlib import Path
 
 import multiprocess
 
-from . import frames, protocol, status, tracing, worker
-from .control import ControlServer, ControlSetupError
+from . import frames, handover, protocol, status, tracing, worker
+from .control import Connection, ControlServer, ControlSetupError
 from .frames import FrameError, FrameReader, Kind
 from .inflight import InFlight
 from .metrics import FrontCollector, FrontStats, serve_metrics
 from .netns import kernel_connector_reachable
-from .nlsocket import leave_group_7, open_connector_socket
+from .nlsocket import NETLINK_ADD_MEMBERSHIP, SOL_NETLINK, leave_group_7, open_connector_socket
 from .worker import Peer, decode_trace
 from .workerstats import LogStatus, WorkerReport
 
@@ -105,6 +111,18 @@ class ServeConfig:
     worker_timeout: float = WORKER_TIMEOUT  # a worker silent this long with work is killed
     control_socket: Path | None = None  # the operators' socket (control.py); None: none
     per_log_metrics: bool = True  # two series per log instance (a uuid label)
+    take_over: bool = False  # take the sockets of the server at control_socket over
+    ready_fd: int | None = None  # written (one byte) and closed once serving (--background)
+
+
+@dataclass(eq=False)
+class Giving:
+    """A take-over of this server by another, under way (handover.py)."""
+
+    client: Connection  # the new server's control connection
+    pid: int
+    started: float  # monotonic
+    sent: bool = False  # the sockets are handed over: only "serving" or EOF remain
 
 
 @dataclass(eq=False)
@@ -132,6 +150,7 @@ class WorkerSlot:
     report_time: float = 0.0  # when it came (monotonic)
     logs: list[LogStatus] = field(default_factory=list)  # from the latest report with logs
     restarts: int = 0  # workers that took this slot after one died
+    handing_over: bool = False  # ordered to HAND_OVER: it exits for another server
 
 
 class Front:
@@ -165,6 +184,15 @@ class Front:
         self._stop_deadline = 0.0
         self._next_hang_check = 0.0
         self.status = status.StatusCommand(self)  # the control socket's and SIGUSR1's
+        # Take-over (handover.py), as the old server: the request under way, the slots
+        # whose workers have handed over, whether the new server serves (then we exit).
+        self.giving: Giving | None = None
+        self.handed: list[WorkerSlot] = []
+        self.taken_over = False
+        self._stop_after_giving = False  # a SIGTERM that came while handing over
+        # As the new server: what the old one handed over, and whether it is gone.
+        self.received: handover.Received | None = None
+        self.took_over = False
 
     # -- start -------------------------------------------------------------------------------
 
@@ -185,8 +213,14 @@ class Front:
                              "here the real kernel would wait for replies sent to the peer")
         try:
             (config.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+            if config.take_over:
+                _probe_writable(config.state_dir / "logs")
         except OSError as exc:
             raise ServeError(f"state directory {config.state_dir}: {exc.strerror}") from exc
+        if config.take_over:
+            # Everything this server can check alone is checked: from here on the old
+            # server's workers stop for this one.
+            self.received = self._request_sockets()
         for sock in (self._signal_r, self._signal_w, self._scrape_r, self._scrape_w):
             sock.setblocking(False)
         signal.set_wakeup_fd(self._signal_w.fileno())
@@ -194,32 +228,84 @@ class Front:
             signal.signal(signum, _note_signal)
         self._watch(self._signal_r.fileno(), self._on_signal)
         self._watch(self._scrape_r.fileno(), self._on_scrape)
-        if config.metrics_addr:
+        if config.metrics_addr and self.received is None:
             try:
-                self.metrics_server = serve_metrics(
-                    config.metrics_addr,
-                    FrontCollector(self.stats, self._gauges, config.per_log_metrics,
-                                   refresh=self._refresh_for_scrape))
+                self._open_metrics()
             except (OSError, ValueError) as exc:
                 raise ServeError(f"metrics address {config.metrics_addr}: {exc}") from exc
         if config.control_socket is not None:
             self.control = ControlServer(config.control_socket, self.epoll, self.handlers, {
                 "status": self.status.answer,
                 "trace": tracing.TraceCommand(self).subscribe,
+                "take-over": self._on_take_over_request,
+                "serving": self._on_new_server_serving,
             })
             try:
-                self.control.open()
+                if self.received is not None and self.received.control_listener:
+                    self.control.adopt(self.received.control_listener)
+                else:
+                    self.control.open()
             except ControlSetupError as exc:
                 raise ServeError(str(exc)) from exc
             self.on_tick.append(self.control.flush_streams)
-        # Every socket is filtered and in group 7 before any worker reads: from the first
-        # request on, each is accepted by exactly one socket.
-        sockets = self._shard_sockets = self._open_shard_sockets()
+        if self.received is not None:
+            # The old server's sockets: filtered, in group 7, holding what the kernel
+            # sent since its workers stopped reading.
+            sockets = self._shard_sockets = self.received.sockets
+            self._watch(self.received.conn.fileno(), self._on_old_server_gone)
+        else:
+            # Every socket is filtered and in group 7 before any worker reads: from the
+            # first request on, each is accepted by exactly one socket.
+            sockets = self._shard_sockets = self._open_shard_sockets()
         for index, sock in enumerate(sockets):
             self.slots.append(self._spawn(index, sock, InFlight()))
+        if config.metrics_addr and self.received is not None:
+            # Once the workers read: off the path of the requests queued meanwhile.  The
+            # old server frees the port as it hands over, perhaps a moment later.
+            self._open_metrics_after_old(time.monotonic() + handover.METRICS_PORT_WAIT)
         peer = f", test peer {config.test_peer}" if config.test_peer is not None else ""
         log.info("starting %d workers, state in %s, netlink ports %s%s", config.workers,
                  config.state_dir, ", ".join(str(s.getsockname()[0]) for s in sockets), peer)
+
+    def _open_metrics(self) -> None:
+        config = self.config
+        assert config.metrics_addr
+        self.metrics_server = serve_metrics(
+            config.metrics_addr,
+            FrontCollector(self.stats, self._gauges, config.per_log_metrics,
+                           refresh=self._refresh_for_scrape))
+
+    def _open_metrics_after_old(self, deadline: float) -> None:
+        while True:
+            try:
+                self._open_metrics()
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise ServeError(f"metrics address {self.config.metrics_addr}: "
+                                     f"{exc}") from exc
+            except ValueError as exc:
+                raise ServeError(f"metrics address {self.config.metrics_addr}: "
+                                 f"{exc}") from exc
+            time.sleep(0.01)
+
+    def _request_sockets(self) -> handover.Received:
+        config = self.config
+        if config.control_socket is None:
+            raise ServeError("--take-over asks the running server on its control socket: "
+                             "give --control-socket")
+        log.info("taking over from the server at %s", config.control_socket)
+        try:
+            received = handover.request_sockets(
+                config.control_socket, workers=config.workers, state_dir=config.state_dir,
+                test_peer=config.test_peer)
+        except handover.TakeOverError as exc:
+            raise ServeError(f"take-over refused, the running server serves on: {exc}") \
+                from exc
+        log.info("pid %d handed %d shard sockets over %.1f ms after the request",
+                 received.old_pid, len(received.sockets),
+                 (received.received_at - received.asked_at) * 1e3)
+        return received
 
     def _open_shard_sockets(self) -> list[socket.socket]:
         shards = self.config.workers
@@ -253,10 +339,19 @@ class Front:
                 inherited += [slot.control_fd, slot.events_fd]
         if self.control is not None:
             inherited += self.control.descriptors()
+        if self.config.ready_fd is not None:
+            inherited.append(self.config.ready_fd)
+        # While this server takes over, its workers hold the connection to the old one:
+        # that server serves on only once every process of this one is gone.
+        take_over_conn = None
+        if self.received is not None and not self.took_over:
+            take_over_conn = self.received.conn
+        if self.giving is not None:
+            inherited.append(self.giving.client.sock)
         process = multiprocess.get_context("fork").Process(
             target=worker.run, name=f"shardlog-worker-{index}",
             args=(index, sock, control_r, events_w, self.config.state_dir, in_flight,
-                  self.peer, self.stats.resend_watch, inherited))
+                  self.peer, self.stats.resend_watch, inherited, take_over_conn))
         process.start()
         os.close(control_r)
         os.close(events_w)
@@ -276,7 +371,7 @@ class Front:
         while True:
             if not self.serving and not self.stopping and all(s.ready for s in self.slots):
                 self._now_serving()
-            if self.stopping and not self.slots:
+            if (self.stopping and not self.slots) or self.taken_over:
                 return
             if self.stopping and time.monotonic() > self._stop_deadline:
                 log.error("%d workers did not stop within %.0f s: killed", len(self.slots),
@@ -305,10 +400,13 @@ class Front:
         now = time.monotonic()
         for slot in self.slots:
             progress = slot.in_flight.progress
+            # Handing over, a worker commits every log and reads nothing: its socket
+            # fills while it works, which is no sign of a hang.
+            timeout = (handover.HAND_OVER_TIMEOUT if slot.handing_over
+                       else self.config.worker_timeout)
             if progress != slot.progress_seen or not _has_work(slot):
                 slot.progress_seen, slot.progress_time = progress, now
-            elif (not slot.killed_as_hung
-                  and now - slot.progress_time > self.config.worker_timeout):
+            elif not slot.killed_as_hung and now - slot.progress_time > timeout:
                 log.error("worker %d (pid %d) answered nothing for %.0f s with %d requests "
                           "in hand and its socket %s: killing it", slot.index,
                           slot.process.pid, now - slot.progress_time, slot.in_flight.held,
@@ -327,6 +425,43 @@ class Front:
                                  f"{exc.strerror}") from exc
         log.info("serving: %d shard sockets in connector group 7, %d workers up",
                  len(self.slots), len(self.slots))
+        if self.received is None:
+            self._signal_ready()
+            return
+        try:
+            handover.announce_serving(self.received.conn)
+        except OSError as exc:
+            log.warning("the old server is gone already (%s)", exc.strerror)
+        log.info("took over from pid %d: the kernel's requests waited at most %.1f ms "
+                 "(from the request to all workers up)", self.received.old_pid,
+                 (time.monotonic() - self.received.asked_at) * 1e3)
+        self._signal_ready()
+
+    def _on_old_server_gone(self) -> None:
+        """EOF on the take-over connection: the old server exited (or, before this one
+        serves, died).  Its sockets are this server's alone now."""
+        received = self.received
+        assert received is not None
+        with contextlib.suppress(OSError):
+            if received.conn.recv(4096, socket.MSG_DONTWAIT):
+                return  # nothing is expected from it; EOF is what counts
+        self._unwatch(received.conn.fileno())
+        received.conn.close()
+        self.took_over = True
+        for slot in self.slots:
+            self._order(slot, Kind.TAKEN_OVER)
+        log.info("the old server (pid %d) is gone: take-over complete", received.old_pid)
+        if self.serving:
+            self._signal_ready()
+
+    def _signal_ready(self) -> None:
+        """Tell a waiting ``--background`` parent that the server serves (and, after a
+        take-over, that the old one is gone)."""
+        if self.config.ready_fd is not None and (self.received is None or self.took_over):
+            with contextlib.suppress(OSError):
+                os.write(self.config.ready_fd, b"1")
+            os.close(self.config.ready_fd)
+            self.config.ready_fd = None
 
     def _on_events(self, slot: WorkerSlot) -> None:
         try:
@@ -403,10 +538,21 @@ class Front:
                 self._order(slot, Kind.TRACING, 0 if tracer is None else 1)
         self.tracer = tracer
 
-    def _order(self, slot: WorkerSlot, kind: Kind, tag: int = 0) -> None:
-        if slot.control_fd >= 0 and not self.stopping:
-            slot.out += frames.pack(kind, tag)
-            self._write_orders(slot)
+    def _order(self, slot: WorkerSlot, kind: Kind, tag: int = 0, *,
+               force: bool = False) -> None:
+        """Queue an order for the worker; while stopping, only the stop itself
+        (``force``), written at once as far as the pipe takes it: the pipe closes next,
+        and a worker that misses the order for a full pipe stops at its EOF the same
+        way."""
+        if slot.control_fd < 0 or (self.stopping and not force):
+            return
+        slot.out += frames.pack(kind, tag)
+        if force:
+            with contextlib.suppress(OSError):
+                os.write(slot.control_fd, slot.out)
+            slot.out.clear()
+            return
+        self._write_orders(slot)
 
     def _write_orders(self, slot: WorkerSlot) -> None:
         try:
@@ -436,6 +582,9 @@ class Front:
             slot.process.join()
         code = slot.process.exitcode
         lost = self._answer_eagain(slot)
+        if slot.handing_over:
+            self._worker_handed_over(slot, code, lost)
+            return
         if self.stopping:
             self.slots.remove(slot)
             slot.sock.close()
@@ -458,6 +607,116 @@ class Front:
         self.stats.worker_restarts += 1
         self.slots[self.slots.index(slot)] = self._spawn(
             slot.index, slot.sock, slot.in_flight, quick_deaths, slot.restarts + 1)
+
+    # -- take-over, as the old server (handover.py) --------------------------------------------
+
+    def _on_take_over_request(self, client: Connection, message: dict) -> None:
+        """The control command ``take-over``: refuse (nothing happens) or order every
+        worker to hand over."""
+        pid = message.get("pid")
+        if self.giving is not None:
+            reason = f"a take-over by pid {self.giving.pid} is under way"
+        elif self.stopping:
+            reason = "this server is stopping"
+        elif not self.serving:
+            reason = "this server is still starting"
+        elif self.received is not None and not self.took_over:
+            reason = "this server is itself still taking over"
+        else:
+            reason = handover.refusal(message, workers=self.config.workers,
+                                      state_dir=self.config.state_dir,
+                                      test_peer=self.config.test_peer)
+        if reason is not None:
+            log.warning("take-over by pid %s refused: %s", pid, reason)
+            client.send({"error": reason})
+            client.finish()
+            return
+        log.info("take-over by pid %s: the workers hand over their %d shard sockets", pid,
+                 len(self.slots))
+        self.giving = Giving(client, int(pid) if isinstance(pid, int) else 0,
+                             time.monotonic())
+        client.on_close.append(self._on_giving_connection_closed)
+        for slot in self.slots:
+            slot.handing_over = True
+            self._order(slot, Kind.HAND_OVER)
+        if self.metrics_server is not None:
+            # Its port is the new server's to bind.  In a thread: shutdown() waits for the
+            # server's poll interval (0.5 s), which must not hold the loop.
+            server, self.metrics_server = self.metrics_server, None
+            threading.Thread(target=_close_metrics, args=(server,), daemon=True,
+                             name="metrics-close").start()
+
+    def _worker_handed_over(self, slot: WorkerSlot, code: int | None, lost: int) -> None:
+        if code != 0:
+            log.error("worker %d (pid %d) ended handing over (%s); %d requests in flight "
+                      "answered -EAGAIN", slot.index, slot.process.pid, _exit_reason(code),
+                      lost)
+        self.slots.remove(slot)
+        slot.handing_over = False
+        if self.giving is None:  # the take-over failed meanwhile: serve on
+            self.slots.append(self._spawn(slot.index, slot.sock, slot.in_flight,
+                                          restarts=slot.restarts))
+            return
+        self.handed.append(slot)
+        if not any(other.handing_over for other in self.slots):
+            self._give_sockets()
+
+    def _give_sockets(self) -> None:
+        """Every worker has handed over: pass the sockets (handover.py step 3)."""
+        giving = self.giving
+        assert giving is not None
+        listener = self.control.pause_accepting() if self.control is not None else None
+        self.handed.sort(key=lambda slot: slot.index)
+        try:
+            handover.send_sockets(giving.client.sock, [slot.sock for slot in self.handed],
+                                  listener)
+        except OSError as exc:
+            log.error("take-over by pid %d: cannot pass the sockets (%s)", giving.pid, exc)
+            giving.client.close()  # → _on_giving_connection_closed: serve on
+            return
+        giving.sent = True
+        log.info("take-over by pid %d: %d shard sockets handed over %.1f ms after its "
+                 "request", giving.pid, len(self.handed),
+                 (time.monotonic() - giving.started) * 1e3)
+
+    def _on_new_server_serving(self, client: Connection, message: dict) -> None:
+        """The control command ``serving``, from the server taking over: exit 0."""
+        giving = self.giving
+        if giving is None or client is not giving.client or not giving.sent:
+            client.send({"error": "no take-over by this connection is under way"})
+            return
+        log.info("pid %d serves the kernel now (%.1f ms after its request): exiting",
+                 giving.pid, (time.monotonic() - giving.started) * 1e3)
+        self.taken_over = True
+
+    def _on_giving_connection_closed(self) -> None:
+        """The new server's connection closed — and with it every process of the new
+        server that held it — before it said it serves: the take-over failed, and
+        this server serves on, from its own sockets."""
+        giving = self.giving
+        if giving is None or self.taken_over:
+            return
+        self.giving = None
+        log.error("take-over by pid %d failed (its connection closed %s): serving on",
+                  giving.pid, "after the hand-over" if giving.sent else "before the hand-over")
+        for slot in self.handed:
+            # A worker of the new server that left group 7 left it for this socket too.
+            with contextlib.suppress(OSError):
+                slot.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
+            self.slots.append(self._spawn(slot.index, slot.sock, slot.in_flight,
+                                          restarts=slot.restarts))
+        self.handed.clear()
+        self.slots.sort(key=lambda slot: slot.index)
+        if self.control is not None:
+            self.control.resume_accepting()
+        if self.config.metrics_addr and self.metrics_server is None:
+            try:
+                self._open_metrics()
+            except (OSError, ValueError) as exc:
+                log.error("metrics address %s: %s: serving without metrics",
+                          self.config.metrics_addr, exc)
+        if self._stop_after_giving:
+            self._stop()
 
     def _answer_eagain(self, slot: WorkerSlot) -> int:
         """Answer -EAGAIN every request a dead worker had read and not answered; the
@@ -500,6 +759,13 @@ class Front:
             log.warning("SIGUSR1: dumping every log and worker once they report")
             self.status.when_fresh(_log_dump)
         if any(signum in (signal.SIGTERM, signal.SIGINT) for signum in received):
+            if self.giving is not None:
+                # Leaving group 7 now would take the sockets from the server taking
+                # over: stop only if that fails (else it serves, and this one exits).
+                log.warning("stop (signal) deferred: a take-over by pid %d is under way",
+                            self.giving.pid)
+                self._stop_after_giving = True
+                return
             if not self.stopping:
                 log.info("stopping (signal): committing every log")
             self._stop()
@@ -508,12 +774,18 @@ class Front:
         if self.stopping:
             return
         self.stopping = True
-        for slot in self.slots:
+        # Still taking over: the old server holds these sockets too and serves on once
+        # this server is gone, so they stay in group 7 and the workers just end (EOF:
+        # they answer what is queued).  Else the server stops for good.
+        for_good = self.received is None or self.took_over
+        for slot in self.slots if for_good else ():
             try:
                 leave_group_7(slot.sock)
             except OSError as exc:
                 log.warning("cannot leave connector group 7: %s", exc)
         for slot in self.slots:
+            if for_good:
+                self._order(slot, Kind.STOP, force=True)
             self._close_control(slot)  # the worker answers what is queued, then exits
         self._stop_deadline = time.monotonic() + STOP_TIMEOUT
 
@@ -527,11 +799,18 @@ class Front:
         slot.control_fd = -1
 
     def _close(self) -> None:
+        if self.received is not None and not self.took_over:
+            self._abandon_take_over()
         if self.control is not None:
-            self.control.close()
+            # Another server answers at the path when it took over, or when this one
+            # failed to (the old one serves on): the path is theirs.
+            self.control.close(unlink=not (self.taken_over or (self.received is not None
+                                           and not self.took_over)))
         for slot in self.slots:
             if slot.process.is_alive():
                 slot.process.kill()
+            slot.sock.close()
+        for slot in self.handed:  # handed over: closed here, never left
             slot.sock.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
@@ -541,6 +820,34 @@ class Front:
         self.epoll.close()
         if self.config.pid_file is not None and self.serving:
             _remove_pid_file(self.config.pid_file)
+
+    def _abandon_take_over(self) -> None:
+        """This server failed while taking over: end its workers so that they leave the
+        sockets in group 7 (EOF, no STOP: they answer what is queued), answer -EAGAIN
+        what a dead one held, and close the connection last: the old server serves on
+        once every holder of it is gone."""
+        received = self.received
+        assert received is not None
+        log.error("take-over abandoned: the old server (pid %d) serves on",
+                  received.old_pid)
+        for slot in self.slots:
+            self._close_control(slot)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for slot in self.slots:
+            slot.process.join(max(0.0, deadline - time.monotonic()))
+            if slot.process.is_alive():
+                slot.process.kill()
+                slot.process.join()
+            self._answer_eagain(slot)
+            slot.sock.close()
+        self.slots.clear()
+        for sock in received.sockets:
+            sock.close()
+        if received.control_listener is not None and self.control is None:
+            received.control_listener.close()
+        with contextlib.suppress(OSError):
+            self._unwatch(received.conn.fileno())
+        received.conn.close()
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -569,6 +876,20 @@ def _has_work(slot: WorkerSlot) -> bool:
 def _socket_readable(sock: socket.socket) -> bool:
     """Whether a datagram waits in ``sock`` (polled, never read: it is the worker's)."""
     return bool(select.select([sock], [], [], 0)[0])
+
+
+def _close_metrics(server) -> None:
+    server.shutdown()
+    server.server_close()
+
+
+def _probe_writable(directory: Path) -> None:
+    """OSError unless a file can be made in ``directory``: a server taking over must
+    not find out at its first log's restore that it cannot write its state."""
+    probe = directory / f".take-over-probe-{os.getpid()}"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_privileges() -> None:

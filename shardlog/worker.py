@@ -28,12 +28,23 @@ A malformed datagram gets the -EINVAL reply the codec prepared, or is dropped wh
 was not a request (only the designated shard's filter accepts such datagrams).  Nothing a
 request does can end the loop: LogTable answers every failure with an errno.
 
-The worker ends at EOF on its control pipe — the front closed it to stop the server, or
-the front died: it leaves group 7 (so that the kernel's next request finds no server and
-reconnects, rather than waiting on a socket nobody reads), answers what is still queued,
-commits every log (clears included) and closes its files, which stay for the next
-server.  It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or systemd's stop reaches the
-whole process group, and the front orders the shutdown.
+How a worker ends is an order of the front's (frames.Kind), never a guess:
+
+- **STOP** (the server stops for good): leave group 7 (so that the kernel's next request
+  finds no server and reconnects, rather than waiting on a socket nobody reads), answer
+  what is still queued, commit every log (clears included) and close the files, which
+  stay for the next server.
+- **HAND_OVER** (a new server takes the socket over: handover.py): read nothing more,
+  commit every log, close the files and exit *without* leaving group 7: requests that
+  arrive now wait queued in the socket for the successor, which inherits the same socket.
+- **EOF** on the control pipe with no order: the front died.  Outside a take-over the
+  worker stops as for STOP.  A worker of a server that is still taking over (it holds
+  the take-over connection, ``take_over_conn``) does not leave group 7: the old server,
+  which holds the same sockets, serves on once every holder of that connection is gone.
+  TAKEN_OVER ends that state (the old server is gone; the connection is closed).
+
+It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or systemd's stop reaches the whole
+process group, and the front orders the shutdown.
 """
 
 from __future__ import annotations
@@ -73,6 +84,10 @@ from .workerstats import Reporter
 
 log = logging.getLogger(__name__)
 
+# How a worker ends (module docstring): stopped for good; handed over to a successor; its
+# front died while taking over (answer what is queued, stay in group 7).
+STOP, HAND_OVER, ORPHANED = "stop", "hand over", "orphaned"
+
 # One traced request in a TRACE frame: arrival (wall clock, s), latency (s), the sizes of
 # the request and the reply, then both datagrams.
 TRACE_ENTRY = struct.Struct("=ddHH")
@@ -89,7 +104,7 @@ class Peer:
 
 def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
         state_dir: Path, in_flight: InFlight, peer: Peer, resend_watch: dict[bytes, int],
-        inherited: list) -> None:
+        inherited: list, take_over_conn: socket.socket | None = None) -> None:
     """The worker process's main function (the target of its multiprocess.Process).
 
     ``inherited`` are the front's descriptors (numbers, or objects with ``close()``) that
@@ -98,7 +113,9 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
     died, so that the kernel would wait 15 s on sockets nobody reads instead of
     reconnecting; and the other workers' pipes, whose EOF would never come.
     ``resend_watch`` are the requests a dead predecessor held, answered -EAGAIN by the
-    front: their re-sends are counted (requeststats.py)."""
+    front: their re-sends are counted (requeststats.py).  ``take_over_conn``: the
+    connection to the server this one is taking over, held until TAKEN_OVER (module
+    docstring)."""
     for item in inherited:
         _close_quietly(item)
     signal.set_wakeup_fd(-1)
@@ -111,6 +128,7 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
         reporter.requests.resend_watch = dict(resend_watch)
         reporter.requests.resend_until = max(resend_watch.values())
     worker = ShardWorker(table, shard, in_flight, peer, reporter)
+    worker.take_over_conn = take_over_conn
     try:
         _write(events_fd, frames.pack(Kind.READY))
         worker.serve(control_fd, events_fd)
@@ -138,10 +156,13 @@ class ShardWorker:
         sock.setblocking(False)
         self._readable = select.poll()  # whether the socket holds a datagram now
         self._readable.register(sock, select.POLLIN)
+        # Held while the front is taking over from another server: EOF then must not
+        # take this shard's socket, which the old server still holds, out of group 7.
+        self.take_over_conn: socket.socket | None = None
 
     def serve(self, control_fd: int, events_fd: int) -> None:
-        """Answer the shard's requests until EOF on ``control_fd``, then answer what is
-        still queued; report to the front on ``events_fd``."""
+        """Answer the shard's requests until the front's STOP or HAND_OVER order, or EOF
+        on ``control_fd`` (module docstring); report to the front on ``events_fd``."""
         reporter = self.reporter
         reader = FrameReader(1 << 12)
         poller = select.epoll()
@@ -155,14 +176,19 @@ class ShardWorker:
                 if not events:
                     _write(events_fd, self._stats_frame())  # gone idle: the last deltas
                     continue
-                asked = stopping = False
+                asked, ending = False, None
                 for fd, _mask in events:
                     if fd == control_fd:
-                        asked, stopping = self._on_control(reader, control_fd)
+                        asked, ending = self._on_control(reader, control_fd)
                     elif self.answer_batch(readable=True):
                         self._after_batch(events_fd)
-                if stopping:
-                    self._stop(events_fd)
+                if ending == HAND_OVER:
+                    # Read nothing more: what is queued now is the successor's.  The
+                    # logs are committed and closed by run() on the way out.
+                    _write(events_fd, self._stats_frame())
+                    return
+                if ending is not None:
+                    self._stop(events_fd, leave=ending == STOP)
                     return
                 if asked or reporter.due():
                     # A busy worker's periodic report leaves its logs out (workerstats.py).
@@ -170,25 +196,36 @@ class ShardWorker:
         finally:
             poller.close()
 
-    def _on_control(self, reader: FrameReader, control_fd: int) -> tuple[bool, bool]:
-        """The front's orders: (a report is asked for, stop)."""
+    def _on_control(self, reader: FrameReader, control_fd: int) -> tuple[bool, str | None]:
+        """The front's orders: (a report is asked for, how the worker ends: STOP,
+        HAND_OVER, ORPHANED, or None: not yet)."""
         received = reader.read(control_fd)
-        if received is None:
-            return False, True
+        if received is None:  # the front died
+            return False, STOP if self.take_over_conn is None else ORPHANED
         asked = False
         for kind, tag, _payload in received:
             if kind == Kind.REPORT:
                 asked = True
             elif kind == Kind.TRACING:
                 self.tracing = bool(tag)
+            elif kind == Kind.STOP:
+                return asked, STOP  # the last order: nothing after it is read
+            elif kind == Kind.HAND_OVER:
+                return asked, HAND_OVER
+            elif kind == Kind.TAKEN_OVER:
+                if self.take_over_conn is not None:
+                    _close_quietly(self.take_over_conn)
+                    self.take_over_conn = None
             else:
                 log.error("unexpected frame kind %d from the front, ignored", kind)
-        return asked, False
+        return asked, None
 
-    def _stop(self, events_fd: int) -> None:
-        """Leave group 7 (the front did, unless it died), then answer what is queued."""
-        with contextlib.suppress(OSError):
-            leave_group_7(self.sock)
+    def _stop(self, events_fd: int, *, leave: bool = True) -> None:
+        """Leave group 7 (the front did, unless it died) unless told not to, then answer
+        what is queued."""
+        if leave:
+            with contextlib.suppress(OSError):
+                leave_group_7(self.sock)
         while self.answer_batch():
             self._after_batch(events_fd)
         _write(events_fd, self._stats_frame())

@@ -65,3 +65,13 @@ def test_the_routing_balance_script_compares_the_hash_with_an_ideal_one():
         ["lvm_uuids", "route_hash"], ["lvm_uuids", "blake2b"],
         ["random_uuids", "route_hash"], ["random_uuids", "blake2b"]]
     assert all("8: " in row and "/2" in row for row in rows)
+
+
+def test_the_take_over_benchmark_runs_and_reports_the_longest_wait(tmp_path):
+    requires_root("the take-over benchmark (a private network namespace)")
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_takeover.py", "--logs", "10", "--rounds", "1",
+         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 1/1: longest wait" in result.stdout
+    assert "0 resends, 0 errors" in result.stdout

@@ -37,7 +37,7 @@ class ServeProcess:
         # Its own control socket: never the host's /run/shardlog/control.sock.  In a
         # directory of its own under /tmp: a socket's path must fit in 108 bytes, which a
         # test's or a benchmark's run directory need not.
-        self._control_dir = Path(tempfile.mkdtemp(prefix="shardlog-control-"))
+        self._control_dir: Path | None = Path(tempfile.mkdtemp(prefix="shardlog-control-"))
         self.control_socket = self._control_dir / "control.sock"
         self.command = [sys.executable, "-m", "shardlog.cli", "--log-level", log_level,
                         "serve", "--workers", str(workers), "--state-dir", str(state_dir),
@@ -66,6 +66,36 @@ class ServeProcess:
                                   f"{self.log}")
             time.sleep(0.01)
         return self
+
+    def take_over(self, extra: tuple[str, ...] = (), timeout: float = 60.0) -> ServeProcess:
+        """Start a server that takes this one over (``--take-over``, the same options
+        plus ``extra``, its log in a file of its own) and return it once it serves,
+        i.e. once the pid file names it; ServeFailed with its log if it exits first.
+        The control socket's directory passes to it with the socket."""
+        successor = type(self).__new__(type(self))
+        successor.__dict__.update(self.__dict__)
+        base = [word for word in self.command if word != "--take-over"]
+        successor.command = [*base, "--take-over", *extra]
+        successor.log_path = self.log_path.with_name(
+            f"{self.state_dir.name}.{time.monotonic_ns()}.log")
+        with open(successor.log_path, "ab") as log:
+            successor.process = subprocess.Popen(successor.command, stdout=log, stderr=log,
+                                                 start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                if int(self.pid_file.read_text()) == successor.process.pid:
+                    break
+            if successor.process.poll() is not None:
+                raise ServeFailed(f"shardlog serve --take-over exited "
+                                  f"{successor.process.returncode}:\n{successor.log}")
+            if time.monotonic() > deadline:
+                successor.close()
+                raise ServeFailed(f"shardlog serve --take-over not serving after "
+                                  f"{timeout:.0f} s:\n{successor.log}")
+            time.sleep(0.005)
+        self._control_dir = None  # the successor's now
+        return successor
 
     @property
     def log(self) -> str:
@@ -104,4 +134,5 @@ class ServeProcess:
         for pid in self.worker_pids():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self._control_dir, ignore_errors=True)
+        if self._control_dir is not None:
+            shutil.rmtree(self._control_dir, ignore_errors=True)
