@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -53,19 +54,24 @@ class ServeProcess:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(self.command, stdout=log, stderr=log,
                                             start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while not self.pid_file.exists():
-            if self.process.poll() is not None:
-                raise ServeFailed(f"shardlog serve exited {self.process.returncode}:\n"
-                                  f"{self.log}")
-            if time.monotonic() > deadline:
-                # Not left running: it would serve (and write the same pid file) later,
-                # beside whatever server the caller starts next.
-                self.close()
-                raise ServeFailed(f"shardlog serve not serving after {timeout:.0f} s:\n"
-                                  f"{self.log}")
-            time.sleep(0.01)
+        self._wait_until_serving(self.pid_file.exists, "shardlog serve", timeout)
         return self
+
+    def _wait_until_serving(self, serving: Callable[[], bool], what: str,
+                            timeout: float) -> None:
+        """Until ``serving()``; ServeFailed with the log if the process exits first, or
+        is not serving within ``timeout`` seconds (then it is killed: it would serve,
+        and write the same pid file, later, beside whatever server the caller starts
+        next)."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while not serving():
+            if self.process.poll() is not None:
+                raise ServeFailed(f"{what} exited {self.process.returncode}:\n{self.log}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise ServeFailed(f"{what} not serving after {timeout:.0f} s:\n{self.log}")
+            time.sleep(0.005)
 
     def take_over(self, extra: tuple[str, ...] = (), timeout: float = 60.0) -> ServeProcess:
         """Start a server that takes this one over (``--take-over``, the same options
@@ -81,19 +87,15 @@ class ServeProcess:
         with open(successor.log_path, "ab") as log:
             successor.process = subprocess.Popen(successor.command, stdout=log, stderr=log,
                                                  start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                if int(self.pid_file.read_text()) == successor.process.pid:
-                    break
-            if successor.process.poll() is not None:
-                raise ServeFailed(f"shardlog serve --take-over exited "
-                                  f"{successor.process.returncode}:\n{successor.log}")
-            if time.monotonic() > deadline:
-                successor.close()
-                raise ServeFailed(f"shardlog serve --take-over not serving after "
-                                  f"{timeout:.0f} s:\n{successor.log}")
-            time.sleep(0.005)
+
+        def named_in_pid_file() -> bool:
+            try:
+                return int(self.pid_file.read_text()) == successor.process.pid
+            except (OSError, ValueError):
+                return False
+
+        successor._wait_until_serving(named_in_pid_file, "shardlog serve --take-over",
+                                      timeout)
         self._control_dir = None  # the successor's now
         return successor
 
