@@ -317,6 +317,18 @@ SERVER_START_TIMEOUT = 180.0
 SLOW_START = 30.0
 
 
+def wait_for_writes(writers: list[WriteLoop], writes: int, timeout: float,
+                    what: str) -> None:
+    """Until every writer has completed ``writes`` more writes than now; GuestError
+    saying ``what`` stalled after ``timeout`` seconds."""
+    done = [writer.written for writer in writers]
+    deadline = time.monotonic() + timeout
+    while min(w.written - n for w, n in zip(writers, done, strict=True)) < writes:
+        if time.monotonic() > deadline:
+            raise GuestError(f"writes stalled {what}")
+        time.sleep(0.05)
+
+
 def start_server(state_dir: Path, workers: int = 2,
                  extra: tuple[str, ...] = ()) -> ServeProcess:
     """``shardlog serve`` for the real kernel: the front and workers in a session of

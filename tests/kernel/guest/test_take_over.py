@@ -80,10 +80,7 @@ def test_a_take_over_under_writes_costs_no_io_error_no_resync_and_no_reconnect(r
     rig.shared.server = rig.server = successor
     assert server.process.wait(120) == 0  # the old front exits 0 once the new one serves
     ended = time.monotonic()
-    done = [w.written for w in writers]
-    while min(w.written - n for w, n in zip(writers, done, strict=True)) < 10:
-        assert time.monotonic() - ended < 120, "writes stalled after the take-over"
-        time.sleep(0.05)
+    guest.wait_for_writes(writers, 10, 120, "after the take-over")
     for writer in writers:
         assert writer.stop(120).errors == []
     worst = max(longest_gap(w, started, time.monotonic()) for w in writers)
