@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardlog import protocol, records
+from shardlog.kernelsim.connector import group7_listeners
 from shardlog.kernelsim.serveprocess import ServeFailed
 from shardlog.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socket
 from shardlog.protocol import RequestType as T
@@ -434,5 +435,29 @@ def test_each_worker_holds_its_own_shard_socket_only(tmp_path, peer):
         assert len(front) == 3
         assert all(len(held) == 1 for held in workers), workers
         assert set().union(*workers) == front
+    finally:
+        server.close()
+
+
+def test_workers_whose_front_died_leave_group_7_answer_what_is_queued_and_exit(tmp_path, peer):
+    server = ServerProcess(tmp_path / "state").start()
+    try:
+        peer.open_log("log-a")
+        peer.ok(T.FLUSH, protocol.pack_regions([3]), uuid="log-a")
+        workers = server.worker_pids()
+        os.kill(server.process.pid, signal.SIGKILL)  # the front alone
+        server.process.wait(10)
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, "workers outlived their front"
+            time.sleep(0.05)
+        # No socket of theirs is left in group 7: the kernel's next request finds no
+        # server (and reconnects to the next one) instead of waiting 15 s on a socket
+        # nobody reads.
+        assert group7_listeners(exclude_port=PEER_PORT) == []
+        # They committed: a new server restores the log with its mark.
+        server.close()
+        server = ServerProcess(tmp_path / "state").start()
+        assert peer.is_clean(3, uuid="log-a") == 0
     finally:
         server.close()
