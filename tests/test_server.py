@@ -439,7 +439,7 @@ def test_each_worker_holds_its_own_shard_socket_only(tmp_path, peer):
         server.close()
 
 
-def test_workers_whose_front_died_leave_group_7_answer_what_is_queued_and_exit(tmp_path, peer):
+def test_workers_whose_front_died_leave_group_7_commit_and_exit(tmp_path, peer):
     server = ServerProcess(tmp_path / "state").start()
     try:
         peer.open_log("log-a")
