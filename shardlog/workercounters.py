@@ -36,16 +36,17 @@ class MetricSpec:
     always: tuple[tuple[str, ...], ...] = ((),)
 
 
-# A FLUSH's commit: an msync of a core log's changed pages (~0.1 ms on a disk), an
-# O_DIRECT write + fdatasync of a disk log's device (milliseconds, more on a busy disk).
+# A FLUSH's commit: nothing written for a core log (microseconds), an O_DIRECT write +
+# fdatasync of a disk log's device (milliseconds, more on a busy disk).
 COMMIT_BOUNDS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3,
                  50e-3, 100e-3, 250e-3, 1.0, 5.0)
 BATCH_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 WORKER_METRICS: dict[str, MetricSpec] = {
     "flush_commit_seconds": MetricSpec(
-        "histogram", "Commits of a log's staged marks (the msync / fdatasync itself), by "
-        "log type", ("log_type",), COMMIT_BOUNDS, (("core",), ("disk",))),
+        "histogram", "Commits of a log's staged marks (a disk log's device write + "
+        "fdatasync itself; a core log's writes nothing), by log type", ("log_type",),
+        COMMIT_BOUNDS, (("core",), ("disk",))),
     "worker_batch_size": MetricSpec(
         "histogram", "Requests a worker read and answered in one batch", (), BATCH_BOUNDS),
     "region_marks": MetricSpec(

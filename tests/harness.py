@@ -114,7 +114,8 @@ class RawPeer:
 
 
 def uuids_for_worker(worker: int, workers: int, count: int, prefix: str = "log") -> list[str]:
-    """Log uuids that the front routes to ``worker`` (by its own routing function)."""
+    """Log uuids that the kernel routes to ``worker`` (routing.py's Python twin of the
+    shard sockets' filters)."""
     found, n = [], 0
     while len(found) < count:
         uuid = f"{prefix}-{n}"

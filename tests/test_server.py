@@ -64,8 +64,8 @@ def test_sigterm_commits_every_log_clears_included(server, peer):
     peer.ok(T.CLEAR_REGION, protocol.pack_regions([3]))  # lazy: not committed yet
     image_file = instance_file_path(server.state_dir, "log-a", 1)
     assert server.stop() == 0
-    # Read the file as it is on disk now (the page cache would show the same, but the
-    # instance file was msync'ed at the stop, and closed).
+    # Read the file as the next server will (a core log's file is read back from the
+    # page cache: no sync is made, design.md); the worker committed and closed it.
     bitmap = image_file.read_bytes()[BITMAP_OFFSET]
     assert bitmap & 0b11000 == 0b01000  # 3 clean again, 4 still dirty
 

@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("the server")
     server.add_argument("--state-dir", type=Path, default=Path("."),
                         help="where a started server's state directories go (default: the "
-                             "current directory; disk-backed, not tmpfs, for real msync)")
+                             "current directory; disk-backed, not tmpfs, for real page faults "
+                             "and disk-log syncs)")
     server.add_argument("--attach", type=int, metavar="PORT",
                         help="drive the running server that takes requests from netlink "
                              "port PORT (its --test-peer)")
@@ -121,8 +122,8 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(enabled=not args.no_progress)
     filesystem = filesystem_of(args.state_dir)
     if args.attach is None and filesystem in ("tmpfs", "ramfs"):
-        print("warning: the state directory is on tmpfs: msync costs nothing there",
-              file=sys.stderr)
+        print("warning: the state directory is on tmpfs: its page faults and syncs cost "
+              "nothing there", file=sys.stderr)
     points: list = []
 
     def run_of(points: list) -> Run:
