@@ -220,6 +220,18 @@ class Tally:
         if len(self.defects) < keep:
             self.defects.append(Defect(what, datagram))
 
+    def decode(self, datagram: bytes) -> tuple[Request | None, bytes | None]:
+        """One input, counted: its request, or None and the codec's -EINVAL reply (None
+        too when it was not a request for us, and is dropped)."""
+        self.inputs += 1
+        try:
+            return protocol.decode_datagram(datagram), None
+        except ProtocolError as exc:
+            self.refused_by_codec += 1
+            if exc.reply is None:
+                self.dropped += 1
+            return None, exc.reply
+
     def answered(self, error: int) -> None:
         self.answers[errno_name(error)] += 1
 
@@ -320,15 +332,10 @@ class TableFuzzer:
         tally = self.tally
         staged: list[tuple[bytes, Request]] = []
         for datagram in datagrams:
-            tally.inputs += 1
-            try:
-                request = protocol.decode_datagram(datagram)
-            except ProtocolError as exc:
-                tally.refused_by_codec += 1
-                if exc.reply is None:
-                    tally.dropped += 1
-                else:
-                    self._check_reply(datagram, None, exc.reply, expect_error=-errno.EINVAL)
+            request, refusal = tally.decode(datagram)
+            if request is None:
+                if refusal is not None:
+                    self._check_reply(datagram, None, refusal, expect_error=-errno.EINVAL)
                 continue
             before = table_state(self.table) if self.check_state else None
             seen = len(tracebacks.records)
@@ -423,14 +430,8 @@ class LiveFuzzer:
         tally = self.tally
         expected: dict[int, tuple[bytes, Request]] = {}
         for datagram in datagrams:
-            tally.inputs += 1
-            try:
-                request = protocol.decode_datagram(datagram)
-            except ProtocolError as exc:
-                tally.refused_by_codec += 1
-                if exc.reply is None:
-                    tally.dropped += 1
-            else:
+            request, _refusal = tally.decode(datagram)
+            if request is not None:
                 # Seqs are unique among well-formed requests; a mutated one may reuse one.
                 expected.setdefault(request.seq, (datagram, request))
             try:
