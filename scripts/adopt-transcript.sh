@@ -3,7 +3,7 @@
 #   ./scripts/kernel-vm run 'sh scripts/adopt-transcript.sh'
 # LVM runs with its configuration in a scratch directory (shardlog/kernelvm/lvm.py); the
 # PVs are loop devices over the guest's tmpfs.  Lines starting with "# " are the commands.
-export $(python -m shardlog.kernelvm.lvm /tmp/lvm)
+export $(python -m shardlog.harness.kernelvm.lvm /tmp/lvm)
 for i in 0 1 2; do truncate -s 128M /tmp/pv$i; losetup /dev/loop$i /tmp/pv$i; done
 show() {  # the command, its output (without LVM's backup warning), its exit code kept
     echo "# $*"; "$@" >/tmp/out 2>&1; rc=$?; grep -v 'NOT backed up' /tmp/out; return $rc

@@ -23,9 +23,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shardlog import protocol
-from shardlog.logtable import LogTable
-from shardlog.protocol import RequestType as T
+from shardlog.log.logtable import LogTable
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 UUID = "bench-uuid-0001"
 REGIONS = 65536

@@ -3,7 +3,7 @@
 shardlog's ``userspace`` log, with and without ``integrated_flush``, in one boot.
 
 Run from the checkout: ``.venv/bin/python scripts/bench_kernel.py`` boots the guest
-(shardlog.kernelvm) and runs this same script inside it with ``--here`` (which also runs
+(shardlog.harness.kernelvm) and runs this same script inside it with ``--here`` (which also runs
 directly on a host whose kernel has dm-log-userspace, as root).  Every mirror has two
 64 MiB legs on loop devices over the guest's tmpfs, 512 KiB regions, ``nosync``;
 shardlog runs with ``--workers 2`` and its state directory on tmpfs, its ``disk`` log on
@@ -12,7 +12,7 @@ a loop device.  Each workload runs on every log type in turn, round after round
 round against two baselines, and the median over rounds is printed:
 
 - the in-kernel ``disk`` log, the bar shardlog's users compare with;
-- the *lean responder* (shardlog.kernelvm.lean): one process answering the kernel from
+- the *lean responder* (shardlog.harness.kernelvm.lean): one process answering the kernel from
   memory with ``struct`` alone, the least any userspace log can cost per request.  What
   shardlog costs beyond it is its own code and process shape.
 
@@ -45,10 +45,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from shardlog.kernelsim.connector import group7_listeners
-from shardlog.kernelvm import guest
-from shardlog.metrics import parse_samples
-from shardlog.netns import loopback_up
+from shardlog.harness.kernelsim.connector import group7_listeners
+from shardlog.harness.kernelvm import guest
+from shardlog.harness.netns import loopback_up
+from shardlog.observability.metrics import parse_samples
 
 LEG_SIZE = 64 << 20
 REGION_SECTORS = 1024
@@ -83,9 +83,9 @@ RAMP_SECONDS = 1
 def respond(state_dir: Path) -> None:
     """The --one-process diagnostic: requests answered in this one process by shardlog's
     log table, FLUSHes committed before their reply, as a worker does."""
-    from shardlog import protocol
-    from shardlog.logtable import LogTable
-    from shardlog.nlsocket import open_connector_socket
+    from shardlog.log.logtable import LogTable
+    from shardlog.server.nlsocket import open_connector_socket
+    from shardlog.wire import protocol
 
     state_dir.mkdir(parents=True, exist_ok=True)
     table = LogTable(state_dir)
@@ -107,7 +107,7 @@ def main() -> int:
         respond(Path(sys.argv[2]))
         return 0
     if sys.argv[1:2] == ["--lean"]:
-        from shardlog.kernelvm import lean
+        from shardlog.harness.kernelvm import lean
 
         lean.serve()
         return 0
@@ -154,7 +154,7 @@ def main() -> int:
 
 
 def measure_in_vm(args: argparse.Namespace) -> dict | None:
-    from shardlog.kernelvm import runner
+    from shardlog.harness.kernelvm import runner
 
     with tempfile.TemporaryDirectory(prefix="shardlog-bench-vm-") as share:
         command = shlex.join(["python", "scripts/bench_kernel.py", "--here", *sys.argv[1:]])

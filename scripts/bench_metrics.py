@@ -60,16 +60,17 @@ from bench_server import (
     streams_for,
 )
 
-from shardlog import protocol, worker
-from shardlog.hostinfo import describe, machine
-from shardlog.kernelsim.serveprocess import ServeFailed
-from shardlog.logtable import LogTable
-from shardlog.metrics import free_local_port
-from shardlog.netns import enter_or_say_why
-from shardlog.procstat import cpu_seconds
-from shardlog.protocol import RequestType as T
-from shardlog.requeststats import RequestStats
-from shardlog.workerstats import Reporter
+from shardlog.harness.hostinfo import describe, machine
+from shardlog.harness.kernelsim.serveprocess import ServeFailed
+from shardlog.harness.netns import enter_or_say_why
+from shardlog.harness.procstat import cpu_seconds
+from shardlog.log.logtable import LogTable
+from shardlog.observability.metrics import free_local_port
+from shardlog.observability.requeststats import RequestStats
+from shardlog.observability.workerstats import Reporter
+from shardlog.server import worker
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 COMPARED = [load for load in LOADS if load.key in ("serial", "write64", "read64")]
 TARGET = 0.05  # at most 5 % more

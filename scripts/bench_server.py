@@ -4,7 +4,7 @@
 What is measured
 ----------------
 Both servers are driven over a real connector socket by the same simulated-kernel load
-(``shardlog.kernelsim.load.run_load``), in a private network namespace:
+(``shardlog.harness.kernelsim.load.run_load``), in a private network namespace:
 
 - **echo peer** — the cost of any server at all: one forked process in connector group
   7 that answers every request with a full reply of its type's exact size (zero payload,
@@ -69,20 +69,20 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 
-from shardlog import protocol
-from shardlog.hostinfo import describe, filesystem_of, machine
-from shardlog.kernelsim import LoadResult, Stream, log_streams, run_load
-from shardlog.kernelsim.echo import (
+from shardlog.harness.hostinfo import describe, filesystem_of, machine
+from shardlog.harness.kernelsim import LoadResult, Stream, log_streams, run_load
+from shardlog.harness.kernelsim.echo import (
     PeerError,
     expect_listeners,
     running_echo_peer,
     wait_for_no_listener,
 )
-from shardlog.kernelsim.serveprocess import ServeFailed, ServeProcess
-from shardlog.netns import enter_or_say_why
-from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
-from shardlog.procstat import cpu_seconds, server_processes
-from shardlog.protocol import RequestType as T
+from shardlog.harness.kernelsim.serveprocess import ServeFailed, ServeProcess
+from shardlog.harness.netns import enter_or_say_why
+from shardlog.harness.procstat import cpu_seconds, server_processes
+from shardlog.server.nlsocket import GROUP_7_MASK, open_connector_socket
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 RCVBUF = 32 << 20
 LOAD_PORT = 0x6B73  # the simulated kernel's socket; the server's --test-peer

@@ -41,12 +41,12 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from shardlog import protocol
-from shardlog.kernelsim import LoadResult, log_streams, run_load
-from shardlog.kernelsim.serveprocess import ServeProcess
-from shardlog.netns import enter_or_say_why
-from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
-from shardlog.protocol import RequestType as T
+from shardlog.harness.kernelsim import LoadResult, log_streams, run_load
+from shardlog.harness.kernelsim.serveprocess import ServeProcess
+from shardlog.harness.netns import enter_or_say_why
+from shardlog.server.nlsocket import GROUP_7_MASK, open_connector_socket
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 LOAD_PORT = 0x7A6B
 WORKERS = 2

@@ -6,7 +6,7 @@
 
 import sys
 
-from shardlog.capacity.command import main
+from shardlog.harness.capacity.command import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shardlog.kernelsim.crashload import CrashCampaign
-from shardlog.netns import enter_or_say_why
+from shardlog.harness.kernelsim.crashload import CrashCampaign
+from shardlog.harness.netns import enter_or_say_why
 
 
 def main() -> int:

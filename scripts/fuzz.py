@@ -20,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from shardlog.fuzzing import Inputs, LiveFuzzer, TableFuzzer, format_tally
-from shardlog.kernelsim.serveprocess import ServeProcess
-from shardlog.netns import enter_or_say_why
-from shardlog.nlsocket import open_connector_socket
+from shardlog.harness.fuzzing import Inputs, LiveFuzzer, TableFuzzer, format_tally
+from shardlog.harness.kernelsim.serveprocess import ServeProcess
+from shardlog.harness.netns import enter_or_say_why
+from shardlog.server.nlsocket import open_connector_socket
 
 PEER_PORT = 0x7E57
 

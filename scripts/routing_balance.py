@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""How evenly the routing hash (shardlog.routing) spreads logs over shards.
+"""How evenly the routing hash (shardlog.server.routing) spreads logs over shards.
 
 Each sample is ``--logs`` uuids, LVM-shaped (``LVM-`` + one of 3 VG uuids + an LV uuid,
 32 characters each from [A-Za-z0-9], as lvm2 names mirrors) or random (1-128 such
@@ -22,7 +22,7 @@ import string
 from collections import Counter
 from collections.abc import Callable
 
-from shardlog.routing import shard_of_uuid
+from shardlog.server.routing import shard_of_uuid
 
 CHARS = string.ascii_letters + string.digits
 

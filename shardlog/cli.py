@@ -31,13 +31,16 @@ from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
-from . import __version__, adopt, control, inspect, protocol, status, top, tracing
-from .capacity import command as capacity_command
-from .ctrargs import CtrArgsError, parse_ctr_string
-from .describe import describe_answer, describe_payload
-from .front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
-from .logtable import LogTable
-from .protocol import ProtocolError, Request, RequestType
+from shardlog import __version__
+from shardlog.harness.capacity import command as capacity_command
+from shardlog.log.logtable import LogTable
+from shardlog.server import control
+from shardlog.server.front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
+from shardlog.tools import adopt, inspection, status, top, tracing
+from shardlog.tools.describe import describe_answer, describe_payload
+from shardlog.wire import protocol
+from shardlog.wire.ctrargs import CtrArgsError, parse_ctr_string
+from shardlog.wire.protocol import ProtocolError, Request, RequestType
 
 DEFAULT_CAPTURE = "kernel-6.1-resync.hex.gz"
 
@@ -133,7 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     decode = commands.add_parser("decode", help="print datagrams field by field")
     decode.add_argument("file", nargs="?", type=Path, help="hex or JSON lines (default: stdin)")
     decode.set_defaults(run=_decode)
-    for tool in (status, inspect, tracing, top):
+    for tool in (status, inspection, tracing, top):
         tool.add_parser(commands)
     adopt.add_parsers(commands)
     return parser
@@ -174,7 +177,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _kernelvm_demo():
-    from .kernelvm import demo
+    from shardlog.harness.kernelvm import demo
 
     return demo
 
@@ -298,7 +301,7 @@ class _ScratchDevices:
 def _decode(args: argparse.Namespace) -> int:
     # Imported here: pyroute2 takes more than half of the command's start-up, which every
     # `shardlog serve` would otherwise pay (seconds under the VM's emulation).
-    from . import nlmessages
+    from shardlog.wire import nlmessages
 
     source = args.file if args.file is not None else Path("/dev/stdin")
     malformed = 0

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol
-from shardlog.logtable import LogTable
-from shardlog.protocol import Request, RequestType
+from shardlog.log.logtable import LogTable
+from shardlog.wire import protocol
+from shardlog.wire.protocol import Request, RequestType
 
 from .harness import RawPeer, ServerProcess
 
@@ -43,10 +43,10 @@ def requires_root(what: str) -> None:
 def private_netns() -> Path:
     """Moves the test process into a private network namespace (once per session), where
     a simulated kernel and shardlog talk over real connector sockets and nothing can reach
-    the real kernel (shardlog.netns).  Later tests stay in it: none needs the
+    the real kernel (shardlog.harness.netns).  Later tests stay in it: none needs the
     host's network.  Returns a path to the namespace left behind (for ``nsenter``)."""
     requires_root("a private network namespace (unshare -n)")
-    from shardlog import netns
+    from shardlog.harness import netns
 
     host_fd = os.open("/proc/self/ns/net", os.O_RDONLY)
     netns.enter_private_netns()

@@ -11,12 +11,12 @@ import errno
 import urllib.request
 from pathlib import Path
 
-from shardlog import protocol
-from shardlog.kernelsim.serveprocess import ServeProcess
-from shardlog.metrics import free_local_port, parse_samples
-from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
-from shardlog.protocol import Reply, RequestType
-from shardlog.routing import shard_of_uuid
+from shardlog.harness.kernelsim.serveprocess import ServeProcess
+from shardlog.observability.metrics import free_local_port, parse_samples
+from shardlog.server.nlsocket import GROUP_7_MASK, open_connector_socket
+from shardlog.server.routing import shard_of_uuid
+from shardlog.wire import protocol
+from shardlog.wire.protocol import Reply, RequestType
 
 PEER_PORT = 0x7E57
 
@@ -45,7 +45,7 @@ class ServerProcess(ServeProcess):
 
 class RawPeer:
     """A connector socket that sends datagrams to group 7 as the kernel does and reads the
-    server's replies: byte-level tests (the simulated kernel is shardlog.kernelsim)."""
+    server's replies: byte-level tests (the simulated kernel is shardlog.harness.kernelsim)."""
 
     def __init__(self, port: int = PEER_PORT):
         self.sock = open_connector_socket(port)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.metrics import free_local_port
+from shardlog.observability.metrics import free_local_port
 
 SCRAPE_INTERVAL = "1s"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import adopt, dmdevices, status, top
+from shardlog.tools import adopt, dmdevices, status, top
 
 UUID = "LVM-8zqvGFtPR6y2rtgfMftXdOLIt1mfoCDtM40X8RJxLN1sFfq87nP3frY4f8kMu3BK"
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol
-from shardlog.capacity import workloads
-from shardlog.capacity.results import knee
-from shardlog.capacity.runner import Point, balance
-from shardlog.capacity.spec import WORKLOADS, LoadSpec, SpecError, parse_sweep
-from shardlog.protocol import RequestType as T
-from shardlog.routing import shard_of_uuid
+from shardlog.harness.capacity import workloads
+from shardlog.harness.capacity.results import knee
+from shardlog.harness.capacity.runner import Point, balance
+from shardlog.harness.capacity.spec import WORKLOADS, LoadSpec, SpecError, parse_sweep
+from shardlog.server.routing import shard_of_uuid
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .conftest import requires_root
 from .harness import PEER_PORT, ServerProcess
@@ -219,9 +219,9 @@ def test_the_script_is_the_command():
 
 def test_run_load_runs_each_cycle_exactly_so_often_with_fewer_logs_than_in_flight(
         private_netns):
-    from shardlog.kernelsim.echo import running_echo_peer
-    from shardlog.kernelsim.load import Stream, run_load
-    from shardlog.nlsocket import open_connector_socket
+    from shardlog.harness.kernelsim.echo import running_echo_peer
+    from shardlog.harness.kernelsim.load import Stream, run_load
+    from shardlog.server.nlsocket import open_connector_socket
 
     streams = [Stream.build(f"c-{n}", 1, [(T.IN_SYNC, protocol.pack_u64(0))] * (n + 1))
                for n in range(3)]
@@ -238,7 +238,7 @@ class _Terminal(io.StringIO):
 
 
 def test_the_progress_bar_draws_on_a_terminal_and_hands_back_the_result():
-    from shardlog.capacity.progress import Progress
+    from shardlog.harness.capacity.progress import Progress
 
     screen = _Terminal()
     assert Progress(screen).timed("loading", 0.3, lambda: time.sleep(0.5) or 42) == 42
@@ -249,7 +249,7 @@ def test_the_progress_bar_draws_on_a_terminal_and_hands_back_the_result():
 
 
 def test_without_a_terminal_each_phase_is_one_line():
-    from shardlog.capacity.progress import Progress
+    from shardlog.harness.capacity.progress import Progress
 
     log = io.StringIO()
     progress = Progress(log)

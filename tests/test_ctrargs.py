@@ -1,6 +1,6 @@
 import pytest
 
-from shardlog.ctrargs import CtrArgsError, SyncMode, parse_ctr_string
+from shardlog.wire.ctrargs import CtrArgsError, SyncMode, parse_ctr_string
 
 
 def test_core_log_as_the_kernel_sends_it():

@@ -44,9 +44,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from shardlog import protocol
-from shardlog.logtable import LogTable
-from shardlog.protocol import RequestType
+from shardlog.log.logtable import LogTable
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType
 
 UUID = "LVM-model-test-mirror"
 LUID = 0x5EED0001

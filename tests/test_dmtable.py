@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from shardlog import dmtable
-from shardlog.dmtable import Refusal, TableError
+from shardlog.tools import dmtable
+from shardlog.tools.dmtable import Refusal, TableError
 
 from .conftest import FIXTURES
 

@@ -32,11 +32,12 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol, records
-from shardlog.kernelsim.crashload import CrashCampaign, dirty_regions
-from shardlog.logtable import LogTable
-from shardlog.protocol import RequestType as T
-from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.harness.kernelsim.crashload import CrashCampaign, dirty_regions
+from shardlog.log.logtable import LogTable
+from shardlog.storage import records
+from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .conftest import Kernel, requires_root
 
@@ -45,9 +46,9 @@ CHILD = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from shardlog import protocol
-    from shardlog.logtable import LogTable
-    from shardlog.protocol import RequestType as T
+    from shardlog.wire import protocol
+    from shardlog.log.logtable import LogTable
+    from shardlog.wire.protocol import RequestType as T
 
     state_dir, ctr, integrated = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
     table = LogTable(state_dir)

@@ -1,4 +1,4 @@
-"""The simulated kernel (shardlog.kernelsim) against a real `shardlog serve`.
+"""The simulated kernel (shardlog.harness.kernelsim) against a real `shardlog serve`.
 
 Mirrors of both log types across several workers, through dm-raid1's request sequences
 over real connector sockets in a private namespace; then the faults a server meets: a
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol, records
-from shardlog.kernelsim import Connector, LogConstructError, Mirror
-from shardlog.protocol import RequestType
-from shardlog.regionmap import instance_file_path
+from shardlog.harness.kernelsim import Connector, LogConstructError, Mirror
+from shardlog.storage import records
+from shardlog.storage.regionmap import instance_file_path
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType
 
 from .harness import PEER_PORT, ServerProcess
 

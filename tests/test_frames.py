@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from shardlog.frames import HEADER, MAX_PAYLOAD, FrameError, FrameReader, Kind, pack
+from shardlog.wire.frames import HEADER, MAX_PAYLOAD, FrameError, FrameReader, Kind, pack
 
 FRAMES = [(Kind.TRACE, 1, b"a" * 200), (Kind.STATS, 2**32 - 1, b""),
           (Kind.READY, 0, b""), (Kind.STATS, 7, bytes(range(256)) * 3)]

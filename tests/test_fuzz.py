@@ -2,7 +2,7 @@
 
 Random, mutated and well-formed requests against live logs, in process through the codec
 and LogTable in worker-sized batches (group commit included), checked around every refused
-request by shardlog.fuzzing's contract: no log's state or bits, no state file and no CTR
+request by shardlog.harness.fuzzing's contract: no log's state or bits, no state file and no CTR
 record changed; no traceback logged; no -EIO from healthy storage.  Bounded: a few
 seconds.  The same at scale, and against a live server, is scripts/fuzz.py (a smoke run
 here; its numbers are in the README).
@@ -21,10 +21,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardlog import dirtylog, protocol
-from shardlog.dirtylog import LogError
-from shardlog.fuzzing import UUIDS, Inputs, TableFuzzer, Tracebacks, format_tally
-from shardlog.protocol import RequestType as T
+from shardlog.harness.fuzzing import UUIDS, Inputs, TableFuzzer, Tracebacks, format_tally
+from shardlog.log import dirtylog
+from shardlog.log.dirtylog import LogError
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .conftest import requires_root
 from .harness import RawPeer, ServerProcess

@@ -19,7 +19,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.core import CollectorRegistry
 
-from shardlog.metrics import FrontCollector, FrontStats
+from shardlog.observability.metrics import FrontCollector, FrontStats
 
 from .prometheus import promtool
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol
-from shardlog.inspect import compact, ranges
-from shardlog.protocol import RequestType as T
-from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.tools.inspection import compact, ranges
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .conftest import DISKLOG_IMAGES, Kernel
 from .harness import RawPeer, ServerProcess

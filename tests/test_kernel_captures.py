@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from shardlog import nlmessages, protocol
-from shardlog.protocol import Request, RequestType
+from shardlog.wire import nlmessages, protocol
+from shardlog.wire.protocol import Request, RequestType
 
 from .conftest import FIXTURES
 

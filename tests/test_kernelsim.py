@@ -1,4 +1,4 @@
-"""The simulated kernel (shardlog.kernelsim) sends what dm-log-userspace, dm-raid1 and
+"""The simulated kernel (shardlog.harness.kernelsim) sends what dm-log-userspace, dm-raid1 and
 dm-region-hash would, over real connector sockets in a private network namespace.
 
 Each test runs a small log server in a thread: a connector socket in group 7 answering
@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol
-from shardlog.kernelsim import (
+from shardlog.harness.kernelsim import (
     Connector,
     LogConstructError,
     Mirror,
@@ -26,9 +25,10 @@ from shardlog.kernelsim import (
     log_streams,
     run_load,
 )
-from shardlog.logtable import LogTable
-from shardlog.nlsocket import open_connector_socket
-from shardlog.protocol import Request, RequestType
+from shardlog.log.logtable import LogTable
+from shardlog.server.nlsocket import open_connector_socket
+from shardlog.wire import protocol
+from shardlog.wire.protocol import Request, RequestType
 
 pytestmark = pytest.mark.usefixtures("private_netns")
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol
-from shardlog.kernelvm import guest, image, lean, runner
-from shardlog.kernelvm.guest import LogImage, MirrorStatus
-from shardlog.protocol import RequestType as T
-from shardlog.regionmap import BITMAP_OFFSET
+from shardlog.harness.kernelvm import guest, image, lean, runner
+from shardlog.harness.kernelvm.guest import LogImage, MirrorStatus
+from shardlog.storage.regionmap import BITMAP_OFFSET
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 
 def test_modules_come_after_their_dependencies_and_built_ins_are_left_out(tmp_path):

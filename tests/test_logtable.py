@@ -8,11 +8,12 @@ import subprocess
 
 import pytest
 
-from shardlog import protocol, records, regionmap
-from shardlog.dirtylog import LogState
-from shardlog.logtable import LogTable
-from shardlog.protocol import RequestType as T
-from shardlog.regionmap import BITMAP_OFFSET, StoreError, instance_file_path
+from shardlog.log.dirtylog import LogState
+from shardlog.log.logtable import LogTable
+from shardlog.storage import records, regionmap
+from shardlog.storage.regionmap import BITMAP_OFFSET, StoreError, instance_file_path
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .conftest import Kernel, requires_root
 

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol, worker
-from shardlog.kernelsim import Connector, Mirror
-from shardlog.logtable import LogTable
-from shardlog.metrics import FrontCollector, FrontStats, result_name
-from shardlog.protocol import RequestType as T
-from shardlog.requeststats import LATENCY_BOUNDS, RequestStats
-from shardlog.workercounters import WORKER_METRICS, key, observe, parse_key
+from shardlog.harness.kernelsim import Connector, Mirror
+from shardlog.log.logtable import LogTable
+from shardlog.observability.metrics import FrontCollector, FrontStats, result_name
+from shardlog.observability.requeststats import LATENCY_BOUNDS, RequestStats
+from shardlog.observability.workercounters import WORKER_METRICS, key, observe, parse_key
+from shardlog.server import worker
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .harness import PEER_PORT, RawPeer, ServerProcess
 from .prometheus import Prometheus, promtool

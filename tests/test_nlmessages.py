@@ -1,4 +1,4 @@
-"""shardlog.nlmessages: the pyroute2 description of a request agrees with protocol.py and
+"""shardlog.wire.nlmessages: the pyroute2 description of a request agrees with protocol.py and
 with the bytes a real kernel (6.1) sent."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardlog import nlmessages, protocol
-from shardlog.protocol import MAX_PAYLOAD, MAX_REGIONS_PER_REQUEST, ProtocolError, RequestType
+from shardlog.wire import nlmessages, protocol
+from shardlog.wire.protocol import MAX_PAYLOAD, MAX_REGIONS_PER_REQUEST, ProtocolError, RequestType
 
 CAPTURES = sorted((Path(__file__).parent / "fixtures" / "kernel-6.1").glob("capture-*.jsonl"))
 

@@ -13,10 +13,11 @@ import time
 
 import pytest
 
-from shardlog import control, protocol
-from shardlog.kernelsim.connector import group7_listeners
-from shardlog.kernelsim.serveprocess import ServeFailed
-from shardlog.protocol import RequestType as T
+from shardlog.harness.kernelsim.connector import group7_listeners
+from shardlog.harness.kernelsim.serveprocess import ServeFailed
+from shardlog.server import control
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .conftest import wait_until_blocked
 from .harness import ServerProcess, uuids_for_worker

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardlog.protocol import (
+from shardlog.wire.protocol import (
     MAX_PAYLOAD,
     REPLY_SIZES,
     SUPPORTED_VERSIONS,

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import devices
-from shardlog.devices import resolve_device
-from shardlog.regionmap import (
+from shardlog.storage import devices
+from shardlog.storage.devices import resolve_device
+from shardlog.storage.regionmap import (
     BITMAP_OFFSET,
     MIRROR_MAGIC,
     RegionMap,

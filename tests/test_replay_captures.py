@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import protocol
-from shardlog.logtable import LogTable
-from shardlog.protocol import Request, RequestType
-from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.log.logtable import LogTable
+from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.wire import protocol
+from shardlog.wire.protocol import Request, RequestType
 
 from .conftest import DISKLOG_IMAGES, SCENARIOS, load_capture
 

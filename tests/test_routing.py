@@ -1,4 +1,4 @@
-"""The routing hash (shardlog.routing): its Python twin, its BPF program, and the real
+"""The routing hash (shardlog.server.routing): its Python twin, its BPF program, and the real
 kernel running that program as the socket filters of group-7 sockets."""
 
 from __future__ import annotations
@@ -14,11 +14,10 @@ from collections.abc import Callable
 
 import pytest
 
-from shardlog import protocol, routing
-from shardlog.kernelsim.connector import multicast_to_group_7
-from shardlog.nlsocket import open_connector_socket
-from shardlog.protocol import RequestType
-from shardlog.routing import (
+from shardlog.harness.kernelsim.connector import multicast_to_group_7
+from shardlog.server import routing
+from shardlog.server.nlsocket import open_connector_socket
+from shardlog.server.routing import (
     DESIGNATED_SHARD,
     UUID_FIELD_LEN,
     UUID_FIELD_OFFSET,
@@ -28,6 +27,8 @@ from shardlog.routing import (
     shard_of_datagram,
     shard_of_uuid,
 )
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType
 
 UUID_CHARS = string.ascii_letters + string.digits
 SHARD_COUNTS = (2, 3, 4, 8)

@@ -20,12 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardlog import protocol, records
-from shardlog.kernelsim.connector import group7_listeners
-from shardlog.kernelsim.serveprocess import ServeFailed
-from shardlog.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socket
-from shardlog.protocol import RequestType as T
-from shardlog.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.harness.kernelsim.connector import group7_listeners
+from shardlog.harness.kernelsim.serveprocess import ServeFailed
+from shardlog.server.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socket
+from shardlog.storage import records
+from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .conftest import wait_until_blocked
 from .harness import PEER_PORT, RawPeer, ServerProcess, uuids_for_worker

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from shardlog import control, handover, protocol
-from shardlog.kernelsim import Connector
-from shardlog.kernelsim.connector import group7_listeners
-from shardlog.kernelsim.serveprocess import ServeFailed
-from shardlog.protocol import RequestType as T
+from shardlog.harness.kernelsim import Connector
+from shardlog.harness.kernelsim.connector import group7_listeners
+from shardlog.harness.kernelsim.serveprocess import ServeFailed
+from shardlog.server import control, handover
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .harness import PEER_PORT, RawPeer, ServerProcess
 from .test_end_to_end import REGIONS, Writers, core_mirror, disk_mirror, scratch_device

@@ -8,14 +8,15 @@ import threading
 
 import pytest
 
-from shardlog import frames, protocol, worker
-from shardlog.frames import FrameReader, Kind
-from shardlog.inflight import InFlight
-from shardlog.logtable import LogTable
-from shardlog.nlsocket import open_connector_socket
-from shardlog.protocol import RequestType as T
-from shardlog.workercounters import key
-from shardlog.workerstats import LogStatus, Reporter, WorkerReport
+from shardlog.log.logtable import LogTable
+from shardlog.observability.workercounters import key
+from shardlog.observability.workerstats import LogStatus, Reporter, WorkerReport
+from shardlog.server import worker
+from shardlog.server.inflight import InFlight
+from shardlog.server.nlsocket import open_connector_socket
+from shardlog.wire import frames, protocol
+from shardlog.wire.frames import FrameReader, Kind
+from shardlog.wire.protocol import RequestType as T
 
 UUID = "LVM-stats"
 PEER_PORT = 0x7E58

@@ -1,5 +1,5 @@
 """tests/kernel/guest runs inside the guest only (``SHARDLOG_IN_GUEST``, set by
-shardlog.kernelvm.runner): on the host, test_kernel_vm.py boots the guest and reports each
+shardlog.harness.kernelvm.runner): on the host, test_kernel_vm.py boots the guest and reports each
 of its scenarios."""
 
 import os

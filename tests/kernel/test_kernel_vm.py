@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.kernelvm import image, runner
-from shardlog.kernelvm.__main__ import guest_pytest_command
+from shardlog.harness.kernelvm import image, runner
+from shardlog.harness.kernelvm.__main__ import guest_pytest_command
 
 GUEST_TESTS = Path(__file__).parent / "guest"
 VM_TIMEOUT = 900.0  # the scenarios take 4-8 minutes under TCG on a busy host; a hang must not last

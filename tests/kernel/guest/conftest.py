@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.kernelsim.serveprocess import ServeProcess
-from shardlog.kernelvm import guest
-from shardlog.kernelvm.guest import Loop, Mirror
-from shardlog.kernelvm.recorder import Recorder
+from shardlog.harness.kernelsim.serveprocess import ServeProcess
+from shardlog.harness.kernelvm import guest
+from shardlog.harness.kernelvm.guest import Loop, Mirror
+from shardlog.harness.kernelvm.recorder import Recorder
 
 LEG_SIZE = 16 << 20
 REGION_SECTORS = 256  # 128 KiB regions: 128 of them on a 16 MiB leg
@@ -127,7 +127,7 @@ class Rig:
 @contextlib.contextmanager
 def recording(name: str) -> Iterator[None]:
     """Records the kernel's requests meanwhile, as a fixture-to-be, where the harness asks
-    for captures (``python -m shardlog.kernelvm test --captures DIR``).  Only around
+    for captures (``python -m shardlog.harness.kernelvm test --captures DIR``).  Only around
     steps with a live server (recorder.py says why)."""
     directory = os.environ.get("SHARDLOG_CAPTURE_DIR")
     if not directory:

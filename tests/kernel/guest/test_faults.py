@@ -12,12 +12,12 @@ import signal
 import time
 from pathlib import Path
 
-from shardlog import protocol
-from shardlog.kernelvm import guest
-from shardlog.kernelvm.guest import LogImage, WriteLoop, direct_read, direct_write
-from shardlog.nlsocket import GROUP_7_MASK, open_connector_socket
-from shardlog.protocol import RequestType as T
-from shardlog.routing import shard_of_uuid
+from shardlog.harness.kernelvm import guest
+from shardlog.harness.kernelvm.guest import LogImage, WriteLoop, direct_read, direct_write
+from shardlog.server.nlsocket import GROUP_7_MASK, open_connector_socket
+from shardlog.server.routing import shard_of_uuid
+from shardlog.wire import protocol
+from shardlog.wire.protocol import RequestType as T
 
 from .conftest import LEG_SIZE, REGION_SECTORS, SECTORS, Rig, recording
 

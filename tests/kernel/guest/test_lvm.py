@@ -15,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from shardlog import cli, dmtable
-from shardlog.kernelvm import guest
-from shardlog.kernelvm.guest import WriteLoop, direct_read, direct_write
-from shardlog.kernelvm.lvm import LOOP_DEVICES, Lvm
+from shardlog import cli
+from shardlog.harness.kernelvm import guest
+from shardlog.harness.kernelvm.guest import WriteLoop, direct_read, direct_write
+from shardlog.harness.kernelvm.lvm import LOOP_DEVICES, Lvm
+from shardlog.tools import dmtable
 
 from .conftest import Rig
 

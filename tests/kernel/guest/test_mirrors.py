@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from shardlog.kernelvm import guest
-from shardlog.kernelvm.guest import LogImage, Mirror, WriteLoop, direct_read, direct_write
+from shardlog.harness.kernelvm import guest
+from shardlog.harness.kernelvm.guest import LogImage, Mirror, WriteLoop, direct_read, direct_write
 
 from .conftest import REGION_SECTORS, SECTORS, Rig
 

@@ -11,9 +11,9 @@ import sys
 import time
 import urllib.request
 
-from shardlog.kernelvm import guest
-from shardlog.kernelvm.guest import WriteLoop
-from shardlog.metrics import free_local_port, parse_samples
+from shardlog.harness.kernelvm import guest
+from shardlog.harness.kernelvm.guest import WriteLoop
+from shardlog.observability.metrics import free_local_port, parse_samples
 
 from .conftest import Rig
 

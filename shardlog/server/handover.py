@@ -1,0 +1,253 @@
+"""Take-over: a new server takes a running one's shard sockets, and the kernel never knows.
+
+Why
+---
+A server that stops leaves group 7: the kernel's next request finds no server, sleeps
+2 s, re-sends CTR (reconnect) and RESUME for every log and retries, and every mirrored
+write on the host waits.  A take-over (``shardlog serve --take-over``, the systemd
+unit's ``ExecReload``) replaces the server with the kernel's requests merely waiting, a
+few milliseconds, queued in the very sockets that will be read next.
+
+The sequence (same worker count)
+--------------------------------
+The shard sockets are the continuity: each is filtered to its shard's requests
+(routing.py) and in group 7, and a socket in group 7 queues what the kernel sends
+whoever reads it.  So no socket is ever opened, closed or left in between: the new
+server's workers inherit the *same* sockets.
+
+1. The new server checks what it can alone (root, its state directory writable), then
+   connects to the running server's control socket and sends one line::
+
+       {"cmd": "take-over", "pid": ..., "workers": N, "state_dir": ..., "test_peer": ...,
+        "fingerprint": {"version": ..., "routing": ..., "formats": ...}}
+
+   The old server refuses — ``{"error": why}``, and nothing has happened — unless the
+   fingerprint (:func:`fingerprint`: a digest of the routing hash over sample uuids and
+   of the socket filters, the instance-file and record formats, this protocol's number;
+   the package version is only logged, an upgrade being the point), the worker count,
+   the state directory and the test peer are its own, it is serving, and no other
+   take-over or stop is under way.
+2. The old front orders HAND_OVER to every worker (frames.Kind): each finishes the batch
+   it holds, reads nothing more, commits every log, closes its files and exits, *without*
+   leaving group 7.  From here requests wait queued in the sockets.
+3. Once every worker has exited, the old front stops its accept loop (its metrics
+   server is already closing, for the new one to bind its port) and sends one line,
+   ``{"sockets": N, "control": bool, "pid": ...}``, with the N shard sockets (and the
+   control socket's listening socket, so that the control path never goes dark) as
+   SCM_RIGHTS.
+4. The new front forks its workers on those sockets.  Each restores a log from its
+   instance file and CTR record at the log's first request (logtable.py: as after a
+   restart, but the kernel sees neither -ESRCH nor a reconnect), and starts reading:
+   the queued requests are answered.  Once all are up the new front writes the pid
+   file and sends ``{"cmd": "serving", "pid": ...}``.
+5. The old front exits 0 (its sockets closed, not left: they are the new server's now);
+   the new front sees the connection's EOF and tells its workers (TAKEN_OVER).
+
+Failure at any step leaves the old server serving.  Before step 3 the old front simply
+respawns its workers on its sockets.  After it, the old front still holds every socket,
+and resumes — rejoins group 7 (a no-op unless a dying new worker left it), accepts on the
+control socket again, respawns its workers — as soon as the take-over connection closes
+without "serving".  The new server's first workers inherit that connection and keep it
+until TAKEN_OVER, so it closes only once the new front *and all its workers* are gone:
+never can two servers' workers read one socket.  A new worker whose front died in the
+middle answers what is queued and exits without leaving group 7; a new front that fails
+(a worker that cannot start, a pid file it cannot write) stops its workers the same way
+before it exits 1.
+
+A different worker count
+------------------------
+Refused (exit 1, the old server untouched).  With N' ≠ N the logs move between shards,
+and the kernel delivers each request to every accepting member of group 7: for the
+instant both sets of sockets are in group 7 a request is queued twice, and during the
+switch one queued in an old socket after the old workers stopped would have to be
+answered by a new worker, exactly once, after every earlier request of its log.  That
+needs the old sockets' leftovers handed across and deduplicated against the new
+sockets' queues by (seq, uuid); it is not built.  Stop and start the server (the kernel
+reconnects) to change the count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardlog import __version__
+from shardlog.server import routing
+from shardlog.server.control import ControlError, connect
+from shardlog.storage import records, regionmap
+from shardlog.wire import protocol
+
+#: How long the new server waits for the old one to hand its sockets over: its workers
+#: commit every log first (a disk log's device write and fdatasync each).
+HAND_OVER_TIMEOUT = 60.0
+#: The take-over's own messages (this docstring's), changed whenever they change.
+PROTOCOL = 1
+#: How long the new server retries binding the metrics port the old one is closing.
+METRICS_PORT_WAIT = 5.0
+#: The most descriptors one hand-over carries: the shard sockets and the control socket.
+MAX_FDS = 1024
+_LINE_LIMIT = 1 << 16
+
+
+class TakeOverError(Exception):
+    """The take-over did not happen; the message says why, in one line.  The old server
+    serves on."""
+
+
+def fingerprint() -> dict:
+    """What must be the same in both servers for one to continue the other's logs: the
+    routing hash (the sockets' filters were compiled by the old one), the instance file's
+    and the CTR record's formats, and this hand-over's own protocol.  The package
+    version goes along for the logs, and may differ: an upgrade is what a take-over is
+    for."""
+    samples = [f"fingerprint-{n}" for n in range(64)]
+    route = hashlib.sha256()
+    for shards in (2, 3, 7):
+        route.update(bytes(routing.shard_of_uuid(uuid, shards) for uuid in samples))
+        route.update(routing.compile_filter(shards - 1, shards))
+    # The formats, as what they produce: the image headers' magics and versions, the
+    # instance files' names (a long uuid's is hashed) and a CTR record's first line.
+    names = [regionmap.instance_file_path(Path("/"), uuid, 1).name
+             for uuid in ("fingerprint", "x" * protocol.DM_UUID_LEN)]
+    formats = hashlib.sha256(
+        f"mirror {regionmap.MIRROR_MAGIC:#x}/{regionmap.MIRROR_DISK_VERSION} "
+        f"sync {regionmap.SYNC_MAGIC:#x}/{regionmap.SYNC_VERSION} {names} "
+        f"{records.SUFFIX} {records._FIRST_LINE!r}".encode()).hexdigest()[:16]
+    return {"version": __version__, "protocol": PROTOCOL,
+            "routing": route.hexdigest()[:16], "formats": formats}
+
+
+def refusal(request: dict, *, workers: int, state_dir: Path,
+            test_peer: int | None) -> str | None:
+    """Why the running server must refuse this take-over request, or None."""
+    theirs, ours = request.get("fingerprint"), fingerprint()
+    if not isinstance(theirs, dict):
+        return "the request has no fingerprint"
+    for key, value in ours.items():
+        if key != "version" and theirs.get(key) != value:
+            return (f"the new server's {key} differs ({theirs.get(key)!r}, running "
+                    f"{value!r}): stop and start it instead")
+    if request.get("workers") != workers:
+        return (f"the new server wants {request.get('workers')} workers, this one runs "
+                f"{workers}: a take-over with another worker count is not supported; "
+                "keep --workers or stop and start the server")
+    if Path(str(request.get("state_dir"))).resolve() != state_dir.resolve():
+        return (f"the new server's state directory {request.get('state_dir')} is not "
+                f"this one's ({state_dir})")
+    if request.get("test_peer") != test_peer:
+        return f"the new server's test peer {request.get('test_peer')} is not {test_peer}"
+    return None
+
+
+@dataclass
+class Received:
+    """What the old server handed over: its connection (held until it is gone), its shard
+    sockets in shard order and its control socket's listening socket (or None)."""
+
+    conn: socket.socket
+    sockets: list[socket.socket]
+    control_listener: socket.socket | None
+    old_pid: int
+    asked_at: float  # monotonic, when the request was sent
+    received_at: float  # monotonic, when the sockets arrived
+
+
+def request_sockets(control_path: Path, *, workers: int, state_dir: Path,
+                    test_peer: int | None,
+                    timeout: float = HAND_OVER_TIMEOUT) -> Received:
+    """Ask the server at ``control_path`` for its sockets (steps 1-3 of the module
+    docstring); TakeOverError if it refuses, does not answer or is not there."""
+    try:
+        conn = connect(control_path, timeout)
+    except ControlError as exc:
+        raise TakeOverError(str(exc)) from None
+    asked_at = time.monotonic()
+    try:
+        conn.sendall(json.dumps({
+            "cmd": "take-over", "pid": os.getpid(), "workers": workers,
+            "state_dir": str(state_dir), "test_peer": test_peer,
+            "fingerprint": fingerprint()}).encode() + b"\n")
+        message, fds = _receive_line_and_fds(conn, asked_at + timeout)
+    except TimeoutError:
+        conn.close()
+        raise TakeOverError(f"the server at {control_path} handed nothing over within "
+                            f"{timeout:.0f} s") from None
+    except OSError as exc:
+        conn.close()
+        raise TakeOverError(f"talking to the server at {control_path}: "
+                            f"{exc.strerror or exc}") from None
+    received_at = time.monotonic()
+    try:
+        if message is None:
+            raise TakeOverError(f"the server at {control_path} closed the connection")
+        if "error" in message:
+            raise TakeOverError(f"the running server refused: {message['error']}")
+        count = message.get("sockets")
+        has_control = bool(message.get("control"))
+        if count != workers or len(fds) != count + has_control:
+            raise TakeOverError(f"the running server sent {len(fds)} descriptors for "
+                                f"{count} sockets: not a take-over answer")
+    except TakeOverError:
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        raise
+    sockets = [socket.socket(fileno=fd) for fd in fds[:count]]
+    listener = socket.socket(fileno=fds[count]) if has_control else None
+    conn.settimeout(None)
+    return Received(conn, sockets, listener, int(message.get("pid", 0)), asked_at,
+                    received_at)
+
+
+def _receive_line_and_fds(conn: socket.socket,
+                          deadline: float) -> tuple[dict | None, list[int]]:
+    """One JSON line and whatever descriptors came with it; (None, []) at EOF."""
+    data, fds = b"", []
+    while b"\n" not in data:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        chunk, more, _flags, _address = socket.recv_fds(conn, _LINE_LIMIT, MAX_FDS)
+        fds += more
+        if not chunk:
+            for fd in fds:
+                os.close(fd)
+            return None, []
+        data += chunk
+        if len(data) > _LINE_LIMIT:
+            raise OSError(f"an answer line longer than {_LINE_LIMIT} bytes")
+    try:
+        message = json.loads(data.partition(b"\n")[0])
+    except ValueError:
+        message = {"error": f"not an answer: {data[:200]!r}"}
+    if not isinstance(message, dict):
+        message = {"error": f"not an answer: {data[:200]!r}"}
+    return message, fds
+
+
+def send_sockets(conn: socket.socket, sockets: list[socket.socket],
+                 control_listener: socket.socket | None) -> None:
+    """The old server's step 3: the shard sockets, in shard order, then the control
+    socket's listener, with one line that says what they are (OSError if the connection
+    is gone)."""
+    line = json.dumps({"sockets": len(sockets), "control": control_listener is not None,
+                       "pid": os.getpid()}).encode() + b"\n"
+    fds = [sock.fileno() for sock in sockets]
+    if control_listener is not None:
+        fds.append(control_listener.fileno())
+    conn.setblocking(True)
+    try:
+        sent = socket.send_fds(conn, [line], fds)
+        if sent < len(line):
+            conn.sendall(line[sent:])
+    finally:
+        conn.setblocking(False)
+
+
+def announce_serving(conn: socket.socket) -> None:
+    """The new server's step 4: tell the old one to go (OSError if it is gone)."""
+    conn.sendall(json.dumps({"cmd": "serving", "pid": os.getpid()}).encode() + b"\n")
+

@@ -1,0 +1,447 @@
+"""A worker: the logs of one shard, read from its own netlink socket and answered there.
+
+Theory of operation
+-------------------
+The front opens one connector socket per shard, joined to group 7 with a BPF filter
+that accepts only the requests whose uuid hashes to that shard (routing.py), and forks
+one worker per shard, which inherits its socket.  The kernel runs the filters, so each
+request wakes exactly one process, and every instance of a log (a reload's old and new
+luid: same uuid) meets in one worker, in order, with no locking between processes.  A
+worker owns a :class:`~shardlog.log.logtable.LogTable` and the instance files of its logs.
+
+Each wakeup it drains its socket (at most :data:`inflight.CAPACITY` datagrams) straight
+into its :class:`~shardlog.server.inflight.InFlight` ring, which the front can read if the
+worker dies, drops whatever does not come from the kernel's port (or the test peer's),
+and answers the batch:
+
+1. every request is decoded and applied; every reply but a FLUSH's is sent at once;
+2. the FLUSHes only staged their marks: the batch's logs are then committed one after
+   another (a disk log's device write + fdatasync; a core log needs none: design.md)
+   and only then are their replies sent.  Under load a batch holds the FLUSHes of many
+   logs, and none waits for a commit it does not need: a reply never precedes its own
+   log's commit;
+3. at most once a second while it is busy, and at once when the front asks, it sends the
+   front a report of its logs and its counters, requests included (workerstats.py), on
+   its events pipe; while someone traces, one TRACE frame per batch (tracing.py).
+
+A malformed datagram gets the -EINVAL reply the codec prepared, or is dropped when it
+was not a request (only the designated shard's filter accepts such datagrams).  Nothing a
+request does can end the loop: LogTable answers every failure with an errno.
+
+How a worker ends is an order of the front's (frames.Kind), never a guess:
+
+- **STOP** (the server stops for good): leave group 7 (so that the kernel's next request
+  finds no server and reconnects, rather than waiting on a socket nobody reads), answer
+  what is still queued, commit every log (clears included) and close the files, which
+  stay for the next server.
+- **HAND_OVER** (a new server takes the socket over: handover.py): read nothing more,
+  commit every log, close the files and exit *without* leaving group 7: requests that
+  arrive now wait queued in the socket for the successor, which inherits the same socket.
+- **EOF** on the control pipe with no order: the front died.  Outside a take-over the
+  worker stops as for STOP.  A worker of a server that is still taking over (it holds
+  the take-over connection, ``take_over_conn``) does not leave group 7: the old server,
+  which holds the same sockets, serves on once every holder of that connection is gone.
+  TAKEN_OVER ends that state (the old server is gone; the connection is closed).
+
+It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or systemd's stop reaches the whole
+process group, and the front orders the shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import struct
+import time
+from collections import Counter
+from pathlib import Path
+
+from shardlog.log.logtable import LogTable
+from shardlog.observability.workercounters import (
+    RECONNECT_CTRS,
+    RECOVERY_COMPLETED,
+    RECOVERY_HANDED_OUT,
+    REGION_CLEARS,
+    REGION_MARKS,
+    Count,
+    count_nothing,
+    key,
+    observe,
+)
+from shardlog.observability.workerstats import Reporter
+from shardlog.server.inflight import CAPACITY, InFlight
+from shardlog.server.nlsocket import leave_group_7
+from shardlog.storage.regionmap import take_failures
+from shardlog.wire import frames, protocol
+from shardlog.wire.frames import FrameReader, Kind
+from shardlog.wire.protocol import REPLY_DATA_OFFSET, REPLY_ERROR_OFFSET, ProtocolError
+from shardlog.wire.protocol import RequestType as T
+
+log = logging.getLogger(__name__)
+
+# How a worker ends (module docstring): stopped for good; handed over to a successor; its
+# front died while taking over (answer what is queued, stay in group 7).
+STOP, HAND_OVER, ORPHANED = "stop", "hand over", "orphaned"
+
+# One traced request in a TRACE frame: arrival (wall clock, s), latency (s), the sizes of
+# the request and the reply, then both datagrams.
+TRACE_ENTRY = struct.Struct("=ddHH")
+
+
+class Peer:
+    """Who may drive the worker and where replies go: the kernel (netlink port 0), or in
+    tests a named port in a private namespace (``--test-peer``)."""
+
+    def __init__(self, test_peer: int | None = None) -> None:
+        self.allowed_ports = frozenset({0} if test_peer is None else {0, test_peer})
+        self.reply_address = (test_peer or 0, 0)
+
+
+def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
+        state_dir: Path, in_flight: InFlight, peer: Peer, resend_watch: dict[bytes, int],
+        inherited: list, take_over_conn: socket.socket | None = None) -> None:
+    """The worker process's main function (the target of its multiprocess.Process).
+
+    ``inherited`` are the front's descriptors (numbers, or objects with ``close()``) that
+    the fork copied here and this worker must not hold: above all the other shards'
+    sockets, which would otherwise stay in group 7 after the front and their workers
+    died, so that the kernel would wait 15 s on sockets nobody reads instead of
+    reconnecting; and the other workers' pipes, whose EOF would never come.
+    ``resend_watch`` are the requests a dead predecessor held, answered -EAGAIN by the
+    front: their re-sends are counted (requeststats.py).  ``take_over_conn``: the
+    connection to the server this one is taking over, held until TAKEN_OVER (module
+    docstring)."""
+    for item in inherited:
+        _close_quietly(item)
+    signal.set_wakeup_fd(-1)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    table = LogTable(state_dir)
+    reporter = Reporter()
+    if resend_watch:
+        reporter.requests.resend_watch = dict(resend_watch)
+        reporter.requests.resend_until = max(resend_watch.values())
+    worker = ShardWorker(table, shard, in_flight, peer, reporter)
+    worker.take_over_conn = take_over_conn
+    try:
+        _write(events_fd, frames.pack(Kind.READY))
+        worker.serve(control_fd, events_fd)
+    finally:
+        count = len(table.logs)
+        table.close()
+        log.debug("worker %d: stopped, %d logs committed", index, count)
+
+
+class ShardWorker:
+    """One shard's request loop: its socket, its logs, its in-flight ring."""
+
+    def __init__(self, table: LogTable, sock: socket.socket, in_flight: InFlight,
+                 peer: Peer, reporter: Reporter) -> None:
+        self.table = table
+        self.sock = sock
+        self.in_flight = in_flight
+        self.peer = peer
+        self.reporter = reporter
+        self.tracing = False
+        self._traced = bytearray()  # this batch's TRACE entries, while tracing
+        self._batch_sizes: Counter[int] = Counter()  # since the last report
+        self._last_warning: dict[str, float] = {}
+        table.count = reporter.count
+        sock.setblocking(False)
+        self._readable = select.poll()  # whether the socket holds a datagram now
+        self._readable.register(sock, select.POLLIN)
+        # Held while the front is taking over from another server: EOF then must not
+        # take this shard's socket, which the old server still holds, out of group 7.
+        self.take_over_conn: socket.socket | None = None
+
+    def serve(self, control_fd: int, events_fd: int) -> None:
+        """Answer the shard's requests until the front's STOP or HAND_OVER order, or EOF
+        on ``control_fd`` (module docstring); report to the front on ``events_fd``."""
+        reporter = self.reporter
+        reader = FrameReader(1 << 12)
+        poller = select.epoll()
+        sock_fd = self.sock.fileno()
+        poller.register(sock_fd, select.EPOLLIN)
+        poller.register(control_fd, select.EPOLLIN)
+        try:
+            while True:
+                wait = reporter.wait()
+                events = poller.poll(-1 if wait is None else wait)
+                if not events:
+                    _write(events_fd, self._stats_frame())  # gone idle: the last deltas
+                    continue
+                asked, ending = False, None
+                for fd, _mask in events:
+                    if fd == control_fd:
+                        asked, ending = self._on_control(reader, control_fd)
+                    elif self.answer_batch(readable=True):
+                        self._after_batch(events_fd)
+                if ending == HAND_OVER:
+                    # Read nothing more: what is queued now is the successor's.  The
+                    # logs are committed and closed by run() on the way out.
+                    _write(events_fd, self._stats_frame())
+                    return
+                if ending is not None:
+                    self._stop(events_fd, leave=ending == STOP)
+                    return
+                if asked or reporter.due():
+                    # A busy worker's periodic report leaves its logs out (workerstats.py).
+                    _write(events_fd, self._stats_frame(with_logs=asked))
+        finally:
+            poller.close()
+
+    def _on_control(self, reader: FrameReader, control_fd: int) -> tuple[bool, str | None]:
+        """The front's orders: (a report is asked for, how the worker ends: STOP,
+        HAND_OVER, ORPHANED, or None: not yet)."""
+        received = reader.read(control_fd)
+        if received is None:  # the front died
+            return False, STOP if self.take_over_conn is None else ORPHANED
+        asked = False
+        for kind, tag, _payload in received:
+            if kind == Kind.REPORT:
+                asked = True
+            elif kind == Kind.TRACING:
+                self.tracing = bool(tag)
+            elif kind == Kind.STOP:
+                return asked, STOP  # the last order: nothing after it is read
+            elif kind == Kind.HAND_OVER:
+                return asked, HAND_OVER
+            elif kind == Kind.TAKEN_OVER:
+                if self.take_over_conn is not None:
+                    _close_quietly(self.take_over_conn)
+                    self.take_over_conn = None
+            else:
+                log.error("unexpected frame kind %d from the front, ignored", kind)
+        return asked, None
+
+    def _stop(self, events_fd: int, *, leave: bool = True) -> None:
+        """Leave group 7 (the front did, unless it died) unless told not to, then answer
+        what is queued."""
+        if leave:
+            with contextlib.suppress(OSError):
+                leave_group_7(self.sock)
+        while self.answer_batch():
+            self._after_batch(events_fd)
+        _write(events_fd, self._stats_frame())
+
+    def _after_batch(self, events_fd: int) -> None:
+        if self._traced:
+            _write(events_fd, frames.pack(Kind.TRACE, 0, bytes(self._traced)))
+            self._traced.clear()
+
+    def answer_batch(self, readable: bool = False) -> int:
+        """Read what the socket holds (up to the ring's capacity) and answer it all;
+        the number of datagrams held.  ``readable``: the socket is known to hold one."""
+        in_flight, stats = self.in_flight, self.reporter.requests
+        held = self._receive(readable)
+        if not held:
+            return 0
+        arrived = time.monotonic_ns()
+        self.reporter.active = True
+        table, count, send = self.table, self.reporter.count, self._send
+        requests_seen, resend_watch = stats.requests, stats.resend_watch
+        entries = in_flight.entries
+        sent = []  # (type, arrival, reply): counted once the batch is answered
+        deferred = []  # (entry, request): FLUSHes staged, answered after the commit
+        for index, size in enumerate(held):
+            datagram = bytes(entries[index][:size])
+            try:
+                request = protocol.decode_datagram(datagram)
+            except ProtocolError as exc:
+                self._malformed(index, datagram, exc)
+                continue
+            request_type = request.request_type
+            requests_seen[request_type] += 1
+            if resend_watch:
+                stats.check_resend(datagram, arrived)
+            reply = answer_request(table, request, count)
+            if reply is None:
+                deferred.append((index, request))
+                continue
+            send(reply)
+            in_flight.answered(index)
+            sent.append((request_type, arrived, reply))
+            if self.tracing:
+                self._trace(datagram, reply, arrived)
+        if sent:
+            stats.answered(sent, time.monotonic_ns())
+        if deferred:
+            sent = []
+            for (index, request), reply in zip(deferred, self.table.commit_deferred(),
+                                               strict=True):
+                send(reply)
+                in_flight.answered(index)
+                sent.append((request.request_type, arrived, reply))
+                if self.tracing:
+                    self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
+            stats.answered(sent, time.monotonic_ns())
+        in_flight.batch_done()
+        self._batch_sizes[len(held)] += 1  # a histogram of them at the next report
+        return len(held)
+
+    def _receive(self, readable: bool) -> list[int]:
+        """Drain the socket into the ring: the sizes of the datagrams held.
+
+        Each read but a first one known to succeed is preceded by a zero-timeout poll
+        rather than ended by the BlockingIOError of an empty socket: raising and catching
+        that exception costs about as much as a whole round trip with the kernel
+        (measured: 15 µs against under 1 µs for the poll)."""
+        sock, in_flight, allowed = self.sock, self.in_flight, self.peer.allowed_ports
+        entries, hold, poll = in_flight.entries, in_flight.hold, self._readable.poll
+        stats = self.reporter.requests
+        sizes: list[int] = []
+        while len(sizes) < CAPACITY and (readable or poll(0)):
+            readable = False
+            try:
+                size, (port, _groups) = sock.recvfrom_into(entries[len(sizes)])
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    # Nothing else is expected of a netlink receive; whatever it is, the
+                    # worker must stay up for the next wakeup.
+                    self._warn("receive", "receiving from the shard socket: %s", exc)
+                    break
+                stats.enobufs += 1
+                self._warn("enobufs", "receive buffer overflowed: requests were lost; the "
+                           "kernel re-sends them after 15 s (%d so far)", stats.enobufs)
+                continue
+            if port not in allowed:
+                self.reporter.active = True
+                stats.dropped["forged_sender"] += 1
+                self._warn("sender", "dropped a datagram from netlink port %d: only the "
+                           "kernel may drive shardlog", port)
+                continue
+            if not sizes:
+                in_flight.begin_batch(time.monotonic_ns())
+            hold(len(sizes), size)
+            sizes.append(size)
+        return sizes
+
+    def _malformed(self, index: int, datagram: bytes, exc: ProtocolError) -> None:
+        stats = self.reporter.requests
+        if exc.reply is None:
+            stats.dropped["not_for_us"] += 1
+            self._warn("not_for_us", "dropped a datagram not for dm-log-userspace: %s",
+                       exc.reason)
+        else:
+            stats.dropped["malformed"] += 1
+            self._warn("malformed", "malformed request answered -EINVAL: %s", exc.reason)
+            self._send(exc.reply)
+        self.in_flight.answered(index)
+        if self.tracing:
+            self._trace(datagram, exc.reply or b"", time.monotonic_ns())
+
+    def _send(self, reply: bytes) -> None:
+        try:
+            self.sock.sendto(reply, self.peer.reply_address)
+        except OSError as exc:
+            stats = self.reporter.requests
+            stats.send_errors += 1
+            self._warn("send", "a reply was refused: %s (%d so far)", exc.strerror,
+                       stats.send_errors)
+
+    def _trace(self, datagram: bytes, reply: bytes, arrived_ns: int) -> None:
+        latency = (time.monotonic_ns() - arrived_ns) / 1e9
+        self._traced += TRACE_ENTRY.pack(time.time() - latency, latency, len(datagram),
+                                         len(reply))
+        self._traced += datagram
+        self._traced += reply
+
+    def _stats_frame(self, with_logs: bool = True) -> bytes:
+        count = self.reporter.count
+        for source, failures in take_failures().items():
+            count(key("storage_errors", kind=source), failures)
+        for size, batches in self._batch_sizes.items():
+            observe(count, "worker_batch_size", size, batches)
+        self._batch_sizes.clear()
+        report = self.reporter.report(self.table, with_logs)
+        return frames.pack(Kind.STATS, 0, report.encode())
+
+    def _warn(self, kind: str, message: str, *args) -> None:
+        """A warning at most once a second per kind: a flood must not flood the log."""
+        now = time.monotonic()
+        if now - self._last_warning.get(kind, -1.0) >= 1.0:
+            self._last_warning[kind] = now
+            log.warning(message, *args)
+
+
+def decode_trace(payload: bytes) -> list[tuple[float, float, bytes, bytes]]:
+    """A TRACE frame's entries: ``(arrival time, latency s, datagram, reply)``."""
+    entries, offset = [], 0
+    while offset + TRACE_ENTRY.size <= len(payload):
+        arrived, latency, request_size, reply_size = TRACE_ENTRY.unpack_from(payload, offset)
+        offset += TRACE_ENTRY.size
+        datagram = payload[offset:offset + request_size]
+        reply = payload[offset + request_size:offset + request_size + reply_size]
+        offset += request_size + reply_size
+        entries.append((arrived, latency, datagram, reply))
+    return entries
+
+
+def answer(table: LogTable, datagram: bytes, count: Count = count_nothing) -> bytes | None:
+    """The reply to one datagram, or None for a FLUSH whose commit is deferred (empty:
+    a datagram that gets no reply); what it did is counted with ``count``."""
+    try:
+        request = protocol.decode_datagram(datagram)
+    except ProtocolError as exc:
+        log.warning("malformed request: %s", exc.reason)
+        return exc.reply or b""
+    return answer_request(table, request, count)
+
+
+def answer_request(table: LogTable, request: protocol.Request,
+                   count: Count = count_nothing) -> bytes | None:
+    """The reply to a decoded request, or None for a FLUSH whose commit is deferred; what
+    it did is counted with ``count`` (workercounters.py)."""
+    reply = table.answer(request, defer_commit=True)
+    if request.request_type in _COUNTED and (
+            reply is None or not _reply_error(reply, REPLY_ERROR_OFFSET)[0]):
+        _count(count, request, reply)
+    return reply
+
+
+# What the metrics count of a request that succeeded (a deferred FLUSH staged its marks).
+_COUNTED = frozenset({T.MARK_REGION, T.FLUSH, T.CLEAR_REGION, T.GET_RESYNC_WORK,
+                      T.SET_REGION_SYNC, T.CTR})
+_reply_error = protocol.REPLY_ERROR.unpack_from
+
+
+def _count(count: Count, request: protocol.Request, reply: bytes | None) -> None:
+    request_type = request.request_type
+    if request_type is T.MARK_REGION or request_type is T.FLUSH:
+        if request.regions:
+            count(REGION_MARKS, len(request.regions))
+    elif request_type is T.CLEAR_REGION:
+        count(REGION_CLEARS, len(request.regions))
+    elif request_type is T.GET_RESYNC_WORK:
+        if reply is not None and protocol.S64.unpack_from(reply, REPLY_DATA_OFFSET)[0] == 1:
+            count(RECOVERY_HANDED_OUT, 1)
+    elif request_type is T.SET_REGION_SYNC:
+        if request.in_sync:
+            count(RECOVERY_COMPLETED, 1)
+    elif request.reconnect:  # a CTR
+        count(RECONNECT_CTRS, 1)
+
+
+def _write(fd: int, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _close_quietly(item) -> None:
+    try:
+        if isinstance(item, int):
+            os.close(item)
+        else:
+            item.close()
+    except OSError:
+        pass
