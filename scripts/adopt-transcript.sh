@@ -1,7 +1,7 @@
 #!/bin/sh
 # The README's LVM transcript ("Adopting the host's mirrors"), made for real in the VM:
 #   ./scripts/kernel-vm run 'sh scripts/adopt-transcript.sh'
-# LVM runs with its configuration in a scratch directory (shardlog/kernelvm/lvm.py); the
+# LVM runs with its configuration in a scratch directory (shardlog/harness/kernelvm/lvm.py); the
 # PVs are loop devices over the guest's tmpfs.  Lines starting with "# " are the commands.
 export $(python -m shardlog.harness.kernelvm.lvm /tmp/lvm)
 for i in 0 1 2; do truncate -s 128M /tmp/pv$i; losetup /dev/loop$i /tmp/pv$i; done

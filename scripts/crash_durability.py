@@ -1,7 +1,7 @@
 """Crash durability at scale: SIGKILL a whole `shardlog serve` at random moments under load,
 and check every acknowledged mark in the files and after each restart.
 
-How (shardlog/kernelsim/crashload.py): core and disk logs, each with a request in flight
+How (shardlog/harness/kernelsim/crashload.py): core and disk logs, each with a request in flight
 at all times (integrated FLUSHes, MARK + FLUSH, CLEARs); at a random moment the front and
 every worker are SIGKILLed at once; every mark an answered FLUSH covered (and no CLEAR
 since) must be dirty in the instance file or on the log device, and answered dirty

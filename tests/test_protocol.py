@@ -1,4 +1,4 @@
-"""Tests for the sans-IO dm-log-userspace codec, shardlog/protocol.py.
+"""Tests for the sans-IO dm-log-userspace codec, shardlog/wire/protocol.py.
 
 Ground truth, in order: the datagrams a real 6.1 kernel sent (tests/fixtures/kernel-6.1),
 then protocol.md §1-3 (wire format, payloads, §3.18 exact reply sizes).  Reply sizes and
