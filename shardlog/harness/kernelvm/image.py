@@ -90,7 +90,7 @@ class GuestImage:
 
 
 def project_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[3]
 
 
 def default_cache_dir() -> Path:
