@@ -43,6 +43,16 @@ INSTANCE_SUFFIX = ".map"
 # -- names -------------------------------------------------------------------------------------
 
 
+def logs_directory(state_dir: Path) -> Path:
+    """Where the instance files and CTR records are."""
+    return state_dir / "logs"
+
+
+def device_node_directory(state_dir: Path) -> Path:
+    """Where device nodes are made for log devices /dev has none for (devices.py)."""
+    return state_dir / "dev"
+
+
 def instance_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     """Where a log instance keeps its instance file: one per (uuid, luid).
 
@@ -52,7 +62,8 @@ def instance_file_path(state_dir: Path, uuid: str, luid: int) -> Path:
     while the table is live, so a restarted server finds the file again from the
     reconnect CTR.  The name starts with the uuid's key (:func:`instance_file_key`).
     """
-    return state_dir / "logs" / f"{instance_file_key(uuid)}@{luid:016x}{INSTANCE_SUFFIX}"
+    name = f"{instance_file_key(uuid)}@{luid:016x}{INSTANCE_SUFFIX}"
+    return logs_directory(state_dir) / name
 
 
 def instance_file_key(uuid: str) -> str:
@@ -101,7 +112,7 @@ def instance_files_by_key(state_dir: Path) -> dict[str, dict[int, Path]]:
     none (creating an instance file then reports what is wrong with it).
     """
     found: dict[str, dict[int, Path]] = {}
-    directory = state_dir / "logs"
+    directory = logs_directory(state_dir)
     try:
         entries = [entry.name for entry in os.scandir(directory)]
     except OSError:
