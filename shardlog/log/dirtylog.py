@@ -126,7 +126,7 @@ class DirtyLog:
         self.requests = 0  # answered for this instance (LogTable counts; status reports it)
         self._resume_from = resume_from
         # Where the storage failures this log handles are counted (its table's tally).
-        self.failures = failures if failures is not None else FailureTally()
+        self.storage_failures = failures if failures is not None else FailureTally()
 
     # -- construction: the safety rule ------------------------------------------------------
 
@@ -299,7 +299,7 @@ class DirtyLog:
         if outcome is None:
             return
         if outcome.read_error is not None:
-            self.failures.note(outcome.read_error)
+            self.storage_failures.note(outcome.read_error)
             self.device_failed = True
             log.error("%s: %s", self.name, outcome.read_error)
         log.info("%s: resumed from %s: %s", self.name, self.region_map.store_path,
@@ -479,7 +479,7 @@ class DirtyLog:
             return None
 
     def _record_failure(self, exc: StoreError) -> None:
-        self.failures.note(exc)
+        self.storage_failures.note(exc)
         if exc.device_failed:
             self.device_failed = True
         else:
