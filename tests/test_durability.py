@@ -10,7 +10,7 @@ Two kinds of proof:
 - a process killed for real: a child serves one log through the real codec and log table
   and reports each FLUSH it answered; the parent SIGKILLs it while it keeps marking, then
   reads the instance file or log device as a restarted server would
-  (``crashload.dirty_regions``, regionmap's reader), and a restarted server continues
+  (``crashload.dirty_regions``, storage's image reader), and a restarted server continues
   from it.  The same check at scale, a whole `shardlog serve` SIGKILLed at random
   moments under load, is ``scripts/crash_durability.py`` (a short run at the end here).
   (A SIGKILL leaves the page cache, so this shows what a restarted server reads; that it
@@ -35,7 +35,8 @@ import pytest
 from shardlog.harness.kernelsim.crashload import CrashCampaign, dirty_regions
 from shardlog.log.logtable import LogTable
 from shardlog.storage import records
-from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.storage.layout import BITMAP_OFFSET
+from shardlog.storage.statedir import instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 

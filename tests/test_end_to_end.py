@@ -23,7 +23,7 @@ import pytest
 
 from shardlog.harness.kernelsim import Connector, LogConstructError, Mirror
 from shardlog.storage import records
-from shardlog.storage.regionmap import instance_file_path
+from shardlog.storage.statedir import instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType
 

@@ -3,6 +3,8 @@ kernel (the captured images), read offline; and the files it must refuse, with w
 
 from __future__ import annotations
 
+import argparse
+import errno
 import json
 import shutil
 import struct
@@ -10,7 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.log.logtable import LogTable
+from shardlog.storage.errors import STATE_FILE
+from shardlog.storage.image import ImageError, read_stored_image
+from shardlog.storage.layout import BITMAP_OFFSET
+from shardlog.storage.statedir import instance_file_path
+from shardlog.tools import inspection
 from shardlog.tools.inspection import compact, ranges
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
@@ -155,6 +162,27 @@ def test_a_missing_file_exits_1_and_no_argument_exits_2(tmp_path):
     result = shardlog("inspect", str(tmp_path))
     assert result.returncode == 1 and "is not a file or a block device" in result.stderr
     assert shardlog("inspect").returncode == 2
+
+
+def test_reading_a_damaged_file_counts_no_worker_storage_error(table, state_dir, tmp_path):
+    kernel = Kernel(table, uuid="counted", luid=3)
+    kernel.ctr("1000 core 8 nosync")
+    kernel.ok(T.RESUME)
+    damaged = tmp_path / "damaged.map"
+    damaged.write_bytes(instance_file_path(state_dir, "counted", 3).read_bytes()[:2000])
+    with pytest.raises(ImageError, match="truncated"):
+        read_stored_image(damaged)
+    args = argparse.Namespace(path=tmp_path / "missing.map", json=False, all=False)
+    assert inspection.run(args) == inspection.EXIT_ERROR
+    # Storage errors are counted by whoever serves a log and handles one, not where they
+    # are made: inspect's, in the worker's own process, are no worker's failures.
+    assert table.storage_failures.take() == {}
+    unusable = tmp_path / "not-a-directory"
+    unusable.write_text("")
+    broken = LogTable(unusable)
+    assert Kernel(broken).ctr("1000 core 8")[0] == -errno.ENOTDIR
+    assert broken.storage_failures.take() == {STATE_FILE: 1}
+    assert broken.storage_failures.take() == {}  # taken once
 
 
 def test_inspect_never_writes(tmp_path):

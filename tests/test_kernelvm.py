@@ -12,7 +12,7 @@ import pytest
 
 from shardlog.harness.kernelvm import guest, image, lean, runner
 from shardlog.harness.kernelvm.guest import LogImage, MirrorStatus
-from shardlog.storage.regionmap import BITMAP_OFFSET
+from shardlog.storage.layout import BITMAP_OFFSET
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 

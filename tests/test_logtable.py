@@ -11,7 +11,9 @@ import pytest
 from shardlog.log.dirtylog import LogState
 from shardlog.log.logtable import LogTable
 from shardlog.storage import records, regionmap
-from shardlog.storage.regionmap import BITMAP_OFFSET, StoreError, instance_file_path
+from shardlog.storage.errors import LOG_DEVICE, StoreError
+from shardlog.storage.layout import BITMAP_OFFSET
+from shardlog.storage.statedir import instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
@@ -642,6 +644,22 @@ def test_a_failed_group_commit_fails_only_that_logs_flush(state_dir, monkeypatch
         table.answer(request, defer_commit=True)
     errors = [protocol.decode_reply(r).error for r in table.commit_deferred()]
     assert errors == [-errno.EIO, 0]
+
+
+def test_each_storage_failure_a_log_handles_is_counted_once_in_its_table(state_dir,
+                                                                         monkeypatch):
+    table = LogTable(state_dir)
+    kernel = resumed(Kernel(table, uuid="failing"), NOSYNC)
+    region_map = table.logs[(kernel.uuid, kernel.luid)].region_map
+
+    def failing_commit(everything=False):
+        raise StoreError(errno.EIO, "write error", source=LOG_DEVICE)
+
+    monkeypatch.setattr(region_map, "commit", failing_commit)
+    assert table.storage_failures.take() == {}
+    for _ in range(2):
+        assert kernel.send(T.FLUSH, protocol.pack_regions([1])) == (-errno.EIO, b"")
+    assert table.storage_failures.take() == {LOG_DEVICE: 2}
 
 
 def test_a_deferred_flush_for_an_unknown_log_is_answered_at_once(table):

@@ -12,11 +12,10 @@ import pytest
 
 from shardlog.storage import devices
 from shardlog.storage.devices import resolve_device
-from shardlog.storage.regionmap import (
-    BITMAP_OFFSET,
-    MIRROR_MAGIC,
-    RegionMap,
-    StoreError,
+from shardlog.storage.errors import StoreError
+from shardlog.storage.layout import BITMAP_OFFSET, MIRROR_MAGIC
+from shardlog.storage.regionmap import RegionMap
+from shardlog.storage.statedir import (
     instance_file_key,
     instance_file_path,
     instance_files_by_key,

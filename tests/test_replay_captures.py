@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from shardlog.log.logtable import LogTable
-from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.storage.layout import BITMAP_OFFSET
+from shardlog.storage.statedir import instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import Request, RequestType
 

@@ -24,7 +24,8 @@ from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.harness.kernelsim.serveprocess import ServeFailed
 from shardlog.server.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socket
 from shardlog.storage import records
-from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
+from shardlog.storage.layout import BITMAP_OFFSET
+from shardlog.storage.statedir import instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 

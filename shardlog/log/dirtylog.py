@@ -62,7 +62,9 @@ from pathlib import Path
 from typing import ClassVar
 
 from shardlog.storage.devices import resolve_device
-from shardlog.storage.regionmap import RegionMap, StoreError, instance_file_path
+from shardlog.storage.errors import FailureTally, StoreError
+from shardlog.storage.regionmap import RegionMap
+from shardlog.storage.statedir import instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.ctrargs import LogConfig, SyncMode
 from shardlog.wire.protocol import Request, RequestType
@@ -105,6 +107,7 @@ class DirtyLog:
         *,
         device_name: str | None,
         resume_from: ResumeFrom,
+        failures: FailureTally | None = None,
     ):
         self.uuid = uuid
         self.luid = luid
@@ -122,14 +125,19 @@ class DirtyLog:
         self.recovery_halted = False  # PRESUSPEND until RESUME
         self.requests = 0  # answered for this instance (LogTable counts; status reports it)
         self._resume_from = resume_from
+        # Where the storage failures this log handles are counted (its table's tally).
+        self.storage_failures = failures if failures is not None else FailureTally()
 
     # -- construction: the safety rule ------------------------------------------------------
 
     @classmethod
     def construct(
-        cls, uuid: str, luid: int, config: LogConfig, state_dir: Path, *, reconnect: bool
+        cls, uuid: str, luid: int, config: LogConfig, state_dir: Path, *, reconnect: bool,
+        failures: FailureTally | None = None,
     ) -> DirtyLog:
-        """A new log instance for a CTR (StoreError when a first CTR's storage fails)."""
+        """A new log instance for a CTR (StoreError when a first CTR's storage fails:
+        the caller handles, and counts, that one)."""
+        failures = failures if failures is not None else FailureTally()
         path = instance_file_path(state_dir, uuid, luid)
         device, device_name = None, None
         try:
@@ -143,7 +151,7 @@ class DirtyLog:
                     # what the dead server's would have done.
                     start = ResumeFrom.INSTANCE if rmap.resumed else cls._first_resume(config)
                     return cls(uuid, luid, config, rmap, device_name=device_name,
-                               resume_from=start)
+                               resume_from=start, failures=failures)
                 log.warning(
                     "%s: reconnect CTR but no state saved at %s: %s; suspend and resume "
                     "the mirror so that the kernel asks for their resync", _name(uuid, luid),
@@ -153,11 +161,13 @@ class DirtyLog:
             clean = config.sync_mode is SyncMode.NOSYNC and not reconnect
             rmap = RegionMap.create(path, config.region_count, device=device, clean=clean)
             return cls(uuid, luid, config, rmap, device_name=device_name,
-                       resume_from=cls._first_resume(config, reconnect))
+                       resume_from=cls._first_resume(config, reconnect), failures=failures)
         except StoreError as exc:
             if not reconnect:
                 raise
-            return cls._without_storage(uuid, luid, config, device, device_name, exc)
+            failures.note(exc)
+            return cls._without_storage(uuid, luid, config, device, device_name, exc,
+                                        failures)
 
     @staticmethod
     def _first_resume(config: LogConfig, reconnect: bool = False) -> ResumeFrom:
@@ -172,7 +182,8 @@ class DirtyLog:
 
     @classmethod
     def _without_storage(cls, uuid: str, luid: int, config: LogConfig, device: Path | None,
-                         device_name: str | None, exc: StoreError) -> DirtyLog:
+                         device_name: str | None, exc: StoreError,
+                         failures: FailureTally) -> DirtyLog:
         """A reconnected log whose instance file (or device) cannot be had: the kernel
         would re-send a failed reconnect CTR for ever with the mirror's I/O waiting, so
         it runs on with what there is — its device if only the state directory failed,
@@ -180,19 +191,21 @@ class DirtyLog:
         if device is not None:
             try:
                 rmap = RegionMap.create(None, config.region_count, device=device)
-            except StoreError:
-                pass
+            except StoreError as device_exc:
+                failures.note(device_exc)
             else:
                 log.error("%s: reconnect CTR without an instance file (%s): serving from the "
                           "log device's bits", _name(uuid, luid), exc)
                 dirty_log = cls(uuid, luid, config, rmap, device_name=device_name,
-                                resume_from=cls._first_resume(config, reconnect=True))
+                                resume_from=cls._first_resume(config, reconnect=True),
+                                failures=failures)
                 dirty_log.device_failed = True
                 return dirty_log
         log.error("%s: reconnect CTR without storage (%s): serving from memory, every "
                   "region out of sync, commits fail", _name(uuid, luid), exc)
         dirty_log = cls(uuid, luid, config, RegionMap.create(None, config.region_count),
-                        device_name=device_name, resume_from=ResumeFrom.MEMORY)
+                        device_name=device_name, resume_from=ResumeFrom.MEMORY,
+                        failures=failures)
         dirty_log.device_failed = True
         return dirty_log
 
@@ -286,6 +299,7 @@ class DirtyLog:
         if outcome is None:
             return
         if outcome.read_error is not None:
+            self.storage_failures.note(outcome.read_error)
             self.device_failed = True
             log.error("%s: %s", self.name, outcome.read_error)
         log.info("%s: resumed from %s: %s", self.name, self.region_map.store_path,
@@ -465,6 +479,7 @@ class DirtyLog:
             return None
 
     def _record_failure(self, exc: StoreError) -> None:
+        self.storage_failures.note(exc)
         if exc.device_failed:
             self.device_failed = True
         else:

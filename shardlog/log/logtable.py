@@ -40,8 +40,8 @@ from typing import TypeVar
 from shardlog.log.dirtylog import DirtyLog, LogError, LogState
 from shardlog.observability.workercounters import LOGS_RESTORED, Count, count_nothing, observe
 from shardlog.storage import records
-from shardlog.storage.regionmap import (
-    StoreError,
+from shardlog.storage.errors import FailureTally, StoreError
+from shardlog.storage.statedir import (
     instance_file_key,
     instance_file_path,
     instance_files_by_key,
@@ -73,6 +73,8 @@ class LogTable:
         self._files_found: dict[str, dict[int, Path]] | None = None
         # Where the metrics' counts go (a worker sets its reporter's count here).
         self.count: Count = count_nothing
+        # The storage failures its logs handled, by source: the worker reports them.
+        self.storage_failures = FailureTally()
 
     def answer(self, request: Request, *, defer_commit: bool = False) -> bytes | None:
         """The reply datagram for a decoded request.
@@ -214,7 +216,7 @@ class LogTable:
                       request.luid, exc)
             return None
         dirty_log = DirtyLog.construct(request.uuid, request.luid, config, self.state_dir,
-                                       reconnect=True)
+                                       reconnect=True, failures=self.storage_failures)
         dirty_log.restore()
         self.logs[(request.uuid, request.luid)] = dirty_log
         self.count(LOGS_RESTORED, 1)
@@ -248,8 +250,10 @@ class LogTable:
             # A new instance file takes the old one's name atomically, only once complete;
             # the old instance keeps its own mapping until it is closed below.
             dirty_log = DirtyLog.construct(request.uuid, request.luid, config, self.state_dir,
-                                           reconnect=request.reconnect)
+                                           reconnect=request.reconnect,
+                                           failures=self.storage_failures)
         except StoreError as exc:
+            self.storage_failures.note(exc)
             log.error("CTR %s (luid %#x): %s", request.uuid, request.luid, exc)
             raise LogError(exc.errno, str(exc)) from exc
         if existing is not None:

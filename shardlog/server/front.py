@@ -83,6 +83,7 @@ from shardlog.server.nlsocket import (
     open_connector_socket,
 )
 from shardlog.server.worker import Peer, decode_trace
+from shardlog.storage.statedir import write_atomically
 from shardlog.tools import status, tracing
 from shardlog.wire import frames, protocol
 from shardlog.wire.frames import FrameError, FrameReader, Kind
@@ -932,9 +933,8 @@ def _exit_reason(code: int | None) -> str:
 
 
 def _write_pid_file(path: Path) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(f"{os.getpid()}\n")
-    os.replace(temporary, path)
+    # 0o666: readable by all, as any pid file (the umask still applies).
+    write_atomically(path, f"{os.getpid()}\n".encode(), mode=0o666)
 
 
 def _remove_pid_file(path: Path) -> None:

@@ -79,7 +79,7 @@ from pathlib import Path
 from shardlog import __version__
 from shardlog.server import routing
 from shardlog.server.control import ControlError, connect
-from shardlog.storage import records, regionmap
+from shardlog.storage import layout, records, statedir
 from shardlog.wire import protocol
 
 #: How long the new server waits for the old one to hand its sockets over: its workers
@@ -112,12 +112,12 @@ def fingerprint() -> dict:
         route.update(routing.compile_filter(shards - 1, shards))
     # The formats, as what they produce: the image headers' magics and versions, the
     # instance files' names (a long uuid's is hashed) and a CTR record's first line.
-    names = [regionmap.instance_file_path(Path("/"), uuid, 1).name
+    names = [statedir.instance_file_path(Path("/"), uuid, 1).name
              for uuid in ("fingerprint", "x" * protocol.DM_UUID_LEN)]
     formats = hashlib.sha256(
-        f"mirror {regionmap.MIRROR_MAGIC:#x}/{regionmap.MIRROR_DISK_VERSION} "
-        f"sync {regionmap.SYNC_MAGIC:#x}/{regionmap.SYNC_VERSION} {names} "
-        f"{records.SUFFIX} {records._FIRST_LINE!r}".encode()).hexdigest()[:16]
+        f"mirror {layout.MIRROR_MAGIC:#x}/{layout.MIRROR_DISK_VERSION} "
+        f"sync {layout.SYNC_MAGIC:#x}/{layout.SYNC_VERSION} {names} "
+        f"{records.SUFFIX} {records.FIRST_LINE!r}".encode()).hexdigest()[:16]
     return {"version": __version__, "protocol": PROTOCOL,
             "routing": route.hexdigest()[:16], "formats": formats}
 

@@ -76,7 +76,6 @@ from shardlog.observability.workercounters import (
 from shardlog.observability.workerstats import Reporter
 from shardlog.server.inflight import CAPACITY, InFlight
 from shardlog.server.nlsocket import leave_group_7
-from shardlog.storage.regionmap import take_failures
 from shardlog.wire import frames, protocol
 from shardlog.wire.frames import FrameReader, Kind
 from shardlog.wire.protocol import REPLY_DATA_OFFSET, REPLY_ERROR_OFFSET, ProtocolError
@@ -356,7 +355,7 @@ class ShardWorker:
 
     def _stats_frame(self, with_logs: bool = True) -> bytes:
         count = self.reporter.count
-        for source, failures in take_failures().items():
+        for source, failures in self.table.storage_failures.take().items():
             count(key("storage_errors", kind=source), failures)
         for size, batches in self._batch_sizes.items():
             observe(count, "worker_batch_size", size, batches)

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from shardlog.storage.regionmap import LOG_DEVICE, StoreError
+from shardlog.storage.errors import LOG_DEVICE, StoreError
 
 
 def resolve_device(device: str, node_dir: Path) -> tuple[Path, str | None]:

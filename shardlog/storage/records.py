@@ -15,24 +15,24 @@ the uuid and the constructor string::
     ctr <constructor string>
 
 The uuid is there because an instance file's name does not always give it back (a long
-uuid's name is hashed: regionmap.instance_file_key); ``shardlog inspect`` reads it here,
+uuid's name is hashed: statedir.instance_file_key); ``shardlog inspect`` reads it here,
 and a record whose uuid is not the one asked for is not used.  A record of an older
 shardlog is the constructor string alone; it is still read.  Both are printable ASCII
 (the codec refuses anything else), so neither can hold a newline.
 
-Written at CTR (atomically: a crash leaves the old record or the new, never half of one),
-removed (``regionmap.remove_state_file``) at DTR and with stale instance files.  A record
-that cannot be written costs only the shortcut: the kernel's own reconnect still works.
+Written at CTR (``statedir.write_atomically``: a crash leaves the old record or the new,
+never half of one), removed (``statedir.remove_state_file``) at DTR and with stale
+instance files.  A record that cannot be written costs only the shortcut: the kernel's
+own reconnect still works.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardlog.storage.regionmap import instance_file_path
+from shardlog.storage.statedir import instance_file_path, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def beside(instance_file: Path) -> Path:
     return instance_file.with_suffix(SUFFIX)
 
 
-_FIRST_LINE = "shardlog-ctr-record 1\n"
+FIRST_LINE = "shardlog-ctr-record 1\n"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,26 +60,13 @@ class Record:
 def save(state_dir: Path, uuid: str, luid: int, ctr_string: str) -> None:
     """Record an instance's constructor string durably (OSError if it cannot be)."""
     path = record_path(state_dir, uuid, luid)
-    content = f"{_FIRST_LINE}uuid {uuid}\nctr {ctr_string}\n"
+    content = f"{FIRST_LINE}uuid {uuid}\nctr {ctr_string}\n"
     try:
         if path.read_text("ascii") == content:
             return  # a re-sent or reconnect CTR: already on disk
     except (OSError, UnicodeDecodeError):
         pass
-    temporary = path.with_name(path.name + ".tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, content.encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    # The rename itself must survive a power loss, or the record may vanish with it.
-    directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
+    write_atomically(path, content.encode("ascii"))
 
 
 def load(state_dir: Path, uuid: str, luid: int) -> str | None:
@@ -106,9 +93,9 @@ def read(path: Path) -> Record | None:
     except (OSError, UnicodeDecodeError) as exc:
         log.warning("cannot read CTR record %s: %s", path, exc)
         return None
-    if not text.startswith(_FIRST_LINE):
+    if not text.startswith(FIRST_LINE):
         return Record(None, text)  # an older shardlog's: the constructor string alone
-    lines = text[len(_FIRST_LINE):].split("\n")
+    lines = text[len(FIRST_LINE):].split("\n")
     if (len(lines) != 3 or lines[2] or not lines[0].startswith("uuid ")
             or not lines[1].startswith("ctr ")):
         log.warning("CTR record %s is malformed: not used", path)

@@ -38,7 +38,7 @@ from pathlib import Path
 from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.server import control
 from shardlog.storage.devices import resolve_device
-from shardlog.storage.regionmap import StoreError
+from shardlog.storage.errors import StoreError
 from shardlog.tools import dmdevices, dmtable
 from shardlog.tools.dmdevices import DmError
 from shardlog.tools.dmtable import MirrorTable, Refusal, TableError

@@ -1,10 +1,11 @@
 """``shardlog inspect PATH``: what an instance file or a log device holds, read offline.
 
-The reading is regionmap's (:func:`~shardlog.storage.regionmap.read_stored_image`: read-only,
-O_DIRECT for a device, the format checked as the server checks it); this module only
-counts and prints.  Bits are shown as *compact intervals* — ``0-99,120,200-255`` — found
-with bitarray's C search (one call per run), so a map of millions of regions with a few
-dirty ones prints at once.
+The reading is storage's (:func:`~shardlog.storage.image.read_stored_image`: read-only,
+O_DIRECT for a device, the format checked as the server checks it, and the instance's
+uuid and luid found from its name or its CTR record); this module only counts and
+prints.  Bits are shown as *compact intervals* — ``0-99,120,200-255`` — found with
+bitarray's C search (one call per run), so a map of millions of regions with a few dirty
+ones prints at once.
 
 Exit codes: 0 the image was read, 1 it could not be read or is not a valid image (the
 message says which: a bad magic, an unknown version, a file cut short), 2 usage.
@@ -19,15 +20,9 @@ from pathlib import Path
 
 from bitarray import bitarray
 
-from shardlog.storage import records
-from shardlog.storage.regionmap import (
-    SYNC_MAGIC,
-    StoredImage,
-    StoreError,
-    parse_instance_file_name,
-    read_stored_image,
-    uuid_of_key,
-)
+from shardlog.storage.errors import StoreError
+from shardlog.storage.image import StoredImage, instance_identity, read_stored_image
+from shardlog.storage.layout import SYNC_MAGIC
 
 EXIT_OK, EXIT_ERROR = 0, 1
 SHOWN_RANGES = 32  # per kind in the text output unless --all: a fragmented map is long
@@ -85,29 +80,15 @@ def summarize(image: StoredImage) -> dict:
         "dirty_ranges": ranges(image.clean_bits, 0),
     }
     if image.is_instance_file:
-        uuid, luid = instance_name(image.path)
+        uuid, luid = instance_identity(image.path)
         in_sync = image.sync_bits.count(1)
         summary.update({
-            "uuid": uuid, "luid": luid, "sync_magic": f"{SYNC_MAGIC:#010x}",
+            "uuid": uuid, "luid": None if luid is None else f"{luid:#018x}",
+            "sync_magic": f"{SYNC_MAGIC:#010x}",
             "resumed": image.resumed, "in_sync": in_sync, "out_of_sync": nr - in_sync,
             "out_of_sync_ranges": ranges(image.sync_bits, 0),
         })
     return summary
-
-
-def instance_name(path: Path) -> tuple[str | None, str | None]:
-    """The uuid and luid of an instance file, or None for a file named otherwise.  The
-    luid is in its name, and so is the uuid unless it was too long to be (a hashed name):
-    then the CTR record beside the file holds it (None without one)."""
-    parsed = parse_instance_file_name(path.name)
-    if parsed is None:
-        return None, None
-    key, luid = parsed
-    uuid = uuid_of_key(key)
-    if uuid is None:
-        record = records.read(records.beside(path))
-        uuid = record.uuid if record is not None else None
-    return uuid, f"{luid:#018x}"
 
 
 def ranges(bits: bitarray, value: int) -> list[list[int]]:

@@ -19,7 +19,7 @@ holds a ready -EINVAL answer: the kernel waits for every request it sends, and a
 unanswered one stalls the mirror for 15 s before a retry (protocol.md §1.6).
 
 Byte order is the host's (kernel and server share the machine); the kernel `disk` log's
-on-disk layout is little-endian and lives in ``regionmap``.  Reply payload sizes are exact
+on-disk layout is little-endian and lives in ``storage.layout``.  Reply payload sizes are exact
 (protocol.md §3.18): the kernel reads an uninitialised variable after a short reply and
 fails a long one with -ENOSPC.
 """

@@ -7,7 +7,7 @@ every worker at once at a random moment, and then checks the promise a FLUSH rep
 - **in the files**: every region whose mark an answered FLUSH covered (and that no CLEAR
   was sent for since) is dirty in the log's instance file (core) or on its log device
   (disk), as a restarted server or the kernel's own ``disk`` log would read them
-  (:func:`dirty_regions`, regionmap's reader);
+  (:func:`dirty_regions`, storage's image reader);
 - **after a restart**: a new server, restoring each log from its CTR record at its first
   request, answers IS_CLEAN 0 for every such region, and no resync was forced (the sync
   count is still every region).
@@ -32,7 +32,8 @@ from pathlib import Path
 
 from shardlog.harness.kernelsim.serveprocess import ServeProcess
 from shardlog.server.nlsocket import GROUP_7_MASK, open_connector_socket
-from shardlog.storage.regionmap import instance_file_path, read_stored_image
+from shardlog.storage.image import read_stored_image
+from shardlog.storage.statedir import instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import ProtocolError, RequestType
 

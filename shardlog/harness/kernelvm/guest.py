@@ -379,7 +379,7 @@ CLEAN_BITS_OFFSET = 1024
 class LogImage:
     """The kernel ``disk`` log layout, read from a log device or an instance file.
 
-    Deliberately not regionmap's reader: the scenarios judge what shardlog left on disk
+    Deliberately not storage's image reader: the scenarios judge what shardlog left on disk
     by the layout as dm-log.c defines it, in code that shares nothing with the writer."""
 
     valid: bool
