@@ -70,7 +70,6 @@ from pathlib import Path
 
 import multiprocess
 
-from shardlog.harness.netns import kernel_connector_reachable
 from shardlog.observability.metrics import FrontCollector, FrontStats, serve_metrics
 from shardlog.observability.workerstats import LogStatus, WorkerReport
 from shardlog.server import handover, worker
@@ -79,6 +78,7 @@ from shardlog.server.inflight import InFlight
 from shardlog.server.nlsocket import (
     NETLINK_ADD_MEMBERSHIP,
     SOL_NETLINK,
+    kernel_connector_reachable,
     leave_group_7,
     open_connector_socket,
 )
@@ -480,7 +480,7 @@ class Front:
             slot.process.kill()
             received = None
         for kind, _tag, payload in received or ():
-            if kind == Kind.STATS:
+            if kind == Kind.WORKER_REPORT:
                 self._on_report(slot, payload)
             elif kind == Kind.TRACE:
                 if self.tracer is not None:
@@ -535,7 +535,7 @@ class Front:
     def request_reports(self) -> None:
         """Ask every live worker for a report now (they arrive through the loop)."""
         for slot in self.slots:
-            self._order(slot, Kind.REPORT)
+            self._order(slot, Kind.SEND_REPORT)
 
     def set_tracer(self, tracer: tracing.Tracer | None) -> None:
         """Start (a tracer) or stop (None) tracing: the workers send TRACE frames while

@@ -204,7 +204,7 @@ class ShardWorker:
             return False, STOP if self.take_over_conn is None else ORPHANED
         asked = False
         for kind, tag, _payload in received:
-            if kind == Kind.REPORT:
+            if kind == Kind.SEND_REPORT:
                 asked = True
             elif kind == Kind.TRACING:
                 self.tracing = bool(tag)
@@ -362,7 +362,7 @@ class ShardWorker:
             observe(count, "worker_batch_size", size, batches)
         self._batch_sizes.clear()
         report = self.reporter.report(self.table, with_logs)
-        return frames.pack(Kind.STATS, 0, report.encode())
+        return frames.pack(Kind.WORKER_REPORT, 0, report.encode())
 
     def _warn(self, kind: str, message: str, *args) -> None:
         """A warning at most once a second per kind: a flood must not flood the log."""

@@ -35,8 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.server import control
+from shardlog.server.nlsocket import group7_listeners
 from shardlog.storage.devices import resolve_device
 from shardlog.storage.regionmap import StoreError
 from shardlog.tools import dmdevices, dmtable

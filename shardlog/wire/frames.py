@@ -26,8 +26,8 @@ READ_SIZE = 1 << 20  # what one read takes
 
 class Kind(IntEnum):
     READY = 3  # worker → front: started, its logs table is up (tag 0, no payload)
-    STATS = 4  # worker → front: a workerstats.WorkerReport (tag 0)
-    REPORT = 5  # front → worker: send a STATS frame now (tag 0, no payload)
+    WORKER_REPORT = 4  # worker → front: a workerstats.WorkerReport (tag 0)
+    SEND_REPORT = 5  # front → worker: send a WORKER_REPORT frame now (tag 0, no payload)
     TRACING = 6  # front → worker: tag 1, send TRACE frames from now on; tag 0, stop
     TRACE = 7  # worker → front: the requests of one batch and their replies (tracing.py)
     # front → worker, the ways a worker ends (handover.py): STOP, for good — leave group
