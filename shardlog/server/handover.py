@@ -117,7 +117,7 @@ def fingerprint() -> dict:
     formats = hashlib.sha256(
         f"mirror {regionmap.MIRROR_MAGIC:#x}/{regionmap.MIRROR_DISK_VERSION} "
         f"sync {regionmap.SYNC_MAGIC:#x}/{regionmap.SYNC_VERSION} {names} "
-        f"{records.SUFFIX} {records._FIRST_LINE!r}".encode()).hexdigest()[:16]
+        f"{records.SUFFIX} {records.FIRST_LINE!r}".encode()).hexdigest()[:16]
     return {"version": __version__, "protocol": PROTOCOL,
             "routing": route.hexdigest()[:16], "formats": formats}
 

@@ -48,7 +48,7 @@ def beside(instance_file: Path) -> Path:
     return instance_file.with_suffix(SUFFIX)
 
 
-_FIRST_LINE = "shardlog-ctr-record 1\n"
+FIRST_LINE = "shardlog-ctr-record 1\n"  # a record's format (handover.fingerprint hashes it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +60,7 @@ class Record:
 def save(state_dir: Path, uuid: str, luid: int, ctr_string: str) -> None:
     """Record an instance's constructor string durably (OSError if it cannot be)."""
     path = record_path(state_dir, uuid, luid)
-    content = f"{_FIRST_LINE}uuid {uuid}\nctr {ctr_string}\n"
+    content = f"{FIRST_LINE}uuid {uuid}\nctr {ctr_string}\n"
     try:
         if path.read_text("ascii") == content:
             return  # a re-sent or reconnect CTR: already on disk
@@ -106,9 +106,9 @@ def read(path: Path) -> Record | None:
     except (OSError, UnicodeDecodeError) as exc:
         log.warning("cannot read CTR record %s: %s", path, exc)
         return None
-    if not text.startswith(_FIRST_LINE):
+    if not text.startswith(FIRST_LINE):
         return Record(None, text)  # an older shardlog's: the constructor string alone
-    lines = text[len(_FIRST_LINE):].split("\n")
+    lines = text[len(FIRST_LINE):].split("\n")
     if (len(lines) != 3 or lines[2] or not lines[0].startswith("uuid ")
             or not lines[1].startswith("ctr ")):
         log.warning("CTR record %s is malformed: not used", path)

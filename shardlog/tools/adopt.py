@@ -42,8 +42,7 @@ from shardlog.storage.regionmap import StoreError
 from shardlog.tools import dmdevices, dmtable
 from shardlog.tools.dmdevices import DmError
 from shardlog.tools.dmtable import MirrorTable, Refusal, TableError
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 # What each device came to.  Only "refused" and "failed" make the exit code 1.
 ADOPTED, RELEASED, ALREADY, WOULD, SKIPPED, REFUSED, FAILED = (

@@ -28,8 +28,8 @@ from shardlog.storage.regionmap import (
     read_stored_image,
     uuid_of_key,
 )
+from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK
 
-EXIT_OK, EXIT_ERROR = 0, 1
 SHOWN_RANGES = 32  # per kind in the text output unless --all: a fragmented map is long
 
 HELP = """\
