@@ -22,7 +22,7 @@ and answers the batch:
    log's commit;
 3. at most once a second while it is busy, and at once when the front asks, it sends the
    front a report of its logs and its counters, requests included (workerstats.py), on
-   its events pipe; while someone traces, one TRACE frame per batch (tracing.py).
+   its events pipe; while someone traces, one TRACE frame per batch (commands.py).
 
 A malformed datagram gets the -EINVAL reply the codec prepared, or is dropped when it
 was not a request (only the designated shard's filter accepts such datagrams).  Nothing a

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Everything comes from the control socket, nothing from the metrics endpoint: each
-refresh asks for a ``status`` (fresh worker reports: status.py) and turns the difference
+refresh asks for a ``status`` (fresh worker reports: server/commands.py) and turns the difference
 between two answers into rates — requests per second by type from the front's totals,
 per worker and per log from the workers' reports.  Latencies come from a ``trace``
 subscription on a second connection that asks for one request in ``--sample`` (default
