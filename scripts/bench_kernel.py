@@ -45,10 +45,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.harness.kernelvm import guest
 from shardlog.harness.netns import loopback_up
 from shardlog.observability.metrics import parse_samples
+from shardlog.server.nlsocket import group7_listeners
 
 LEG_SIZE = 64 << 20
 REGION_SECTORS = 1024

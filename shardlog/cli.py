@@ -1,7 +1,7 @@
 """The ``shardlog`` command.
 
 - ``shardlog serve``: the server the kernel talks to (front process and workers, in the
-  foreground; see front.py).  Needs root.  ``--take-over`` takes a running server's
+  foreground; see server/arbiter.py).  Needs root.  ``--take-over`` takes a running server's
   sockets over with no stall (handover.py); ``--background`` returns once it serves
   (systemd's ExecReload).
 - ``shardlog replay [CAPTURE]``: answer the requests of a recorded kernel session with the
@@ -26,18 +26,24 @@ import os
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
 from shardlog import __version__
-from shardlog.harness.capacity import command as capacity_command
 from shardlog.log.logtable import LogTable
 from shardlog.server import control
-from shardlog.server.front import RECEIVE_BUFFER, WORKER_TIMEOUT, Front, ServeConfig, ServeError
+from shardlog.server.arbiter import (
+    RECEIVE_BUFFER,
+    WORKER_TIMEOUT,
+    Arbiter,
+    ServeConfig,
+    ServeError,
+)
 from shardlog.tools import adopt, inspection, status, top, tracing
 from shardlog.tools.describe import describe_answer, describe_payload
+from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from shardlog.wire import protocol
 from shardlog.wire.ctrargs import CtrArgsError, parse_ctr_string
 from shardlog.wire.protocol import ProtocolError, Request, RequestType
@@ -59,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (| head): not an error worth a trace
-        return 0
+        return EXIT_OK
     except (OSError, ValueError) as exc:
         print(f"shardlog: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -72,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=levels, help="default: info for serve, "
                         "warning otherwise")
     parser.set_defaults(default_log_level="warning")
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND",
+                                     parser_class=_CommandParser)
 
     serve = commands.add_parser("serve", help="serve the kernel's dirty logs (root)")
     serve.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
@@ -126,12 +133,12 @@ def _parser() -> argparse.ArgumentParser:
                                "boots a VM where the kernel lacks dm-log-userspace)")
     demo.set_defaults(run=lambda args: _kernelvm_demo().main())
 
-    capacity = commands.add_parser(
+    # The harness is imported only when this command is parsed: `shardlog serve`, the
+    # production path, must not load the development harness.
+    commands.add_parser(
         "capacity", help="capacity test: drive a server with a described load (root)",
-        description=capacity_command.DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    capacity_command.add_arguments(capacity)
-    capacity.set_defaults(run=capacity_command.run)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        load_arguments=_capacity_arguments)
 
     decode = commands.add_parser("decode", help="print datagrams field by field")
     decode.add_argument("file", nargs="?", type=Path, help="hex or JSON lines (default: stdin)")
@@ -140,6 +147,30 @@ def _parser() -> argparse.ArgumentParser:
         tool.add_parser(commands)
     adopt.add_parsers(commands)
     return parser
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A command's parser whose arguments may come from a module imported only when the
+    command is parsed (``load_arguments``: called once with the parser)."""
+
+    def __init__(self, *args, load_arguments: Callable[[argparse.ArgumentParser], None]
+                 | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.load_arguments = load_arguments
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.load_arguments is not None:
+            load, self.load_arguments = self.load_arguments, None
+            load(self)
+        return super().parse_known_args(args, namespace)
+
+
+def _capacity_arguments(parser: argparse.ArgumentParser) -> None:
+    from shardlog.harness.capacity import command
+
+    parser.description = command.DESCRIPTION
+    command.add_arguments(parser)
+    parser.set_defaults(run=command.run)
 
 
 def _positive(text: str) -> int:
@@ -165,15 +196,15 @@ def _serve(args: argparse.Namespace) -> int:
             # said why on the stderr both share).
             os.close(ready_w)
             ready = os.read(ready_r, 1)
-            return 0 if ready else 1
+            return EXIT_OK if ready else EXIT_ERROR
         os.close(ready_r)
         os.setsid()
         config.ready_fd = ready_w
     try:
-        return Front(config).run()
+        return Arbiter(config).run()
     except ServeError as exc:
         print(f"shardlog serve: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_ERROR
 
 
 def _kernelvm_demo():
@@ -251,7 +282,7 @@ def _replay_into(args: argparse.Namespace, state_dir: Path) -> int:
         print(f"{'':>6}  … {len(lines) - 36} more (--all shows them) …")
         print("\n".join(lines[-12:]))
     print("answers:", ", ".join(f"{key} x{n}" for key, n in sorted(results.items())))
-    return 1 if refused else 0
+    return EXIT_ERROR if refused else EXIT_OK
 
 
 class _ScratchDevices:
@@ -311,7 +342,7 @@ def _decode(args: argparse.Namespace) -> int:
         except ProtocolError as exc:
             malformed += 1
             print(json.dumps({"malformed": exc.reason, "raw_hex": raw.hex()}))
-    return 2 if malformed else 0
+    return EXIT_USAGE if malformed else EXIT_OK
 
 
 if __name__ == "__main__":

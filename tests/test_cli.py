@@ -105,3 +105,22 @@ def test_serve_help_lists_its_options():
     for option in ("--workers", "--state-dir", "--metrics-addr", "--pid-file",
                    "--log-level", "--receive-buffer", "--worker-timeout", "--test-peer"):
         assert option in result.stdout
+
+
+def test_serve_does_not_load_the_development_harness():
+    # In a fresh interpreter: this test process has imported the harness already.
+    probe = ("import sys\n"
+             "from shardlog import cli\n"
+             "args = cli._parser().parse_args(['serve', '--workers', '1'])\n"
+             "loaded = sorted(m for m in sys.modules if m.startswith('shardlog.harness'))\n"
+             "print(args.run.__name__, loaded)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["_serve", "[]"]
+
+
+def test_capacity_loads_its_options_when_parsed():
+    from shardlog.cli import _parser
+
+    parsed = _parser().parse_args(["capacity", "--mirrors", "3"])
+    assert parsed.mirrors == 3 and parsed.run.__module__ == "shardlog.harness.capacity.command"

@@ -8,8 +8,8 @@ import pytest
 
 from shardlog.wire.frames import HEADER, MAX_PAYLOAD, FrameError, FrameReader, Kind, pack
 
-FRAMES = [(Kind.TRACE, 1, b"a" * 200), (Kind.STATS, 2**32 - 1, b""),
-          (Kind.READY, 0, b""), (Kind.STATS, 7, bytes(range(256)) * 3)]
+FRAMES = [(Kind.TRACE, 1, b"a" * 200), (Kind.WORKER_REPORT, 2**32 - 1, b""),
+          (Kind.READY, 0, b""), (Kind.WORKER_REPORT, 7, bytes(range(256)) * 3)]
 STREAM = b"".join(pack(*frame) for frame in FRAMES)
 
 
@@ -25,7 +25,7 @@ def test_frames_are_reassembled_across_any_read_boundary(cut):
 def test_a_pipe_read_yields_every_whole_frame_and_none_at_eof():
     read, write = os.pipe()
     try:
-        os.write(write, STREAM + pack(Kind.STATS, 9, b"xyz")[:-1])  # the last one cut off
+        os.write(write, STREAM + pack(Kind.WORKER_REPORT, 9, b"xyz")[:-1])  # the last one cut off
         reader = FrameReader()
         assert reader.read(read) == FRAMES
         assert reader.partial  # the writer died mid-frame
@@ -37,4 +37,4 @@ def test_a_pipe_read_yields_every_whole_frame_and_none_at_eof():
 
 def test_an_impossible_length_is_a_corrupt_stream():
     with pytest.raises(FrameError):
-        FrameReader().feed(HEADER.pack(MAX_PAYLOAD + 1, Kind.STATS, 1))
+        FrameReader().feed(HEADER.pack(MAX_PAYLOAD + 1, Kind.WORKER_REPORT, 1))

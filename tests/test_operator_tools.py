@@ -13,9 +13,9 @@ import time
 
 import pytest
 
-from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.harness.kernelsim.serveprocess import ServeFailed
 from shardlog.server import control
+from shardlog.server.nlsocket import group7_listeners
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 

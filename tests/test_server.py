@@ -20,9 +20,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.harness.kernelsim.serveprocess import ServeFailed
-from shardlog.server.nlsocket import GROUP_7_MASK, SO_RCVBUFFORCE, open_connector_socket
+from shardlog.server.nlsocket import (
+    GROUP_7_MASK,
+    SO_RCVBUFFORCE,
+    group7_listeners,
+    open_connector_socket,
+)
 from shardlog.storage import records
 from shardlog.storage.layout import BITMAP_OFFSET
 from shardlog.storage.statedir import instance_file_path

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 
 from shardlog.harness.kernelsim import Connector
-from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.harness.kernelsim.serveprocess import ServeFailed
 from shardlog.server import control, handover
+from shardlog.server.nlsocket import group7_listeners
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 

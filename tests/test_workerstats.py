@@ -84,8 +84,8 @@ def test_a_report_asked_for_describes_every_log(served):
     served.request(T.MARK_REGION, protocol.pack_regions([1, 5]))
     served.request(T.FLUSH)
     served.request(T.GET_RESYNC_WORK)
-    served.send(Kind.REPORT)
-    report = WorkerReport.decode(served.next_frame(Kind.STATS))
+    served.send(Kind.SEND_REPORT)
+    report = WorkerReport.decode(served.next_frame(Kind.WORKER_REPORT))
     (status,) = report.logs
     assert (status.uuid, status.luid, status.log_type, status.state) == (
         UUID, 7, "core", "resumed")
@@ -107,13 +107,13 @@ def test_a_report_asked_for_describes_every_log(served):
 
 def test_a_worker_that_goes_idle_reports_its_last_activity_unasked(served):
     served.request(T.CTR, CTR)
-    first = WorkerReport.decode(served.next_frame(Kind.STATS))
+    first = WorkerReport.decode(served.next_frame(Kind.WORKER_REPORT))
     assert [status.state for status in first.logs] == ["pending"]
     served.request(T.RESUME)
-    second = WorkerReport.decode(served.next_frame(Kind.STATS))
+    second = WorkerReport.decode(served.next_frame(Kind.WORKER_REPORT))
     assert [status.state for status in second.logs] == ["resumed"]
     # Nothing happened since: no more reports.
-    assert served.next_frame(Kind.STATS, timeout=0.6) is None
+    assert served.next_frame(Kind.WORKER_REPORT, timeout=0.6) is None
 
 
 def test_counters_are_increments_since_the_previous_report():

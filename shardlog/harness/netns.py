@@ -11,12 +11,11 @@ they did.
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import socket
 import sys
 
-from shardlog.server.nlsocket import open_connector_socket
+from shardlog.server.nlsocket import kernel_connector_reachable
 
 CLONE_NEWNET = 0x40000000
 
@@ -43,22 +42,6 @@ def enter_or_say_why(script: str) -> bool:
               "run as root (CAP_SYS_ADMIN)", file=sys.stderr)
         return False
     return True
-
-
-def kernel_connector_reachable() -> bool:
-    """Whether a datagram to netlink port 0 (the kernel) is accepted here.
-
-    A zero-length connector message is harmless to a real kernel (the connector drops
-    messages shorter than a cn_msg); in a private namespace the send is refused."""
-    with open_connector_socket() as sock:
-        nlmsghdr = (16).to_bytes(4, "little") + bytes(12)
-        try:
-            sock.sendto(nlmsghdr, (0, 0))
-        except OSError as exc:
-            if exc.errno == errno.ECONNREFUSED:
-                return False
-            raise
-        return True
 
 
 def loopback_up() -> None:

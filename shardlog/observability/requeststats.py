@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-Each worker reads its shard's socket and replies to the kernel itself (front.py), so the
+Each worker reads its shard's socket and replies to the kernel itself (server/arbiter.py), so the
 requests are counted there, on the hot path, in fixed arrays of plain ints (tens of
 nanoseconds a request): received by type, answered by type and result, latency from
 the wakeup that read a request to its reply leaving, in power-of-two buckets (one shift

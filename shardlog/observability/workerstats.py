@@ -3,12 +3,12 @@
 Only a worker knows its logs (their state, how many regions are in sync or dirty, where
 recovery stands) and what its requests cost below the front (commits, marks, errors).  The
 front serves the metrics and the operator tools, so each worker sends it a
-:class:`WorkerReport` as a ``Kind.STATS`` frame on its events pipe:
+:class:`WorkerReport` as a ``Kind.WORKER_REPORT`` frame on its events pipe:
 
 - at most once per :data:`REPORT_INTERVAL` while it has done anything since its last
   report, including once more within that interval after it goes idle, so that a
   counter's last increments always arrive;
-- at once when the front asks with a ``Kind.REPORT`` frame (``shardlog status`` and a
+- at once when the front asks with a ``Kind.SEND_REPORT`` frame (``shardlog status`` and a
   Prometheus scrape want figures that are current, not a second old).
 
 Only a report that was asked for, or the one a worker sends as it goes idle, carries its
@@ -86,7 +86,7 @@ class WorkerReport:
 
     @classmethod
     def decode(cls, payload: bytes) -> WorkerReport:
-        """The report in a STATS frame's payload (ValueError if it is not one)."""
+        """The report in a WORKER_REPORT frame's payload (ValueError if it is not one)."""
         try:
             document = json.loads(payload)
             rows = document["logs"]

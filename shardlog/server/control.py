@@ -2,17 +2,17 @@
 
 Theory of operation
 -------------------
-A Unix stream socket (default ``/run/shardlog/control.sock``), served from the front's
-own epoll loop.  It is root's: its directory is made 0700 and the socket 0600, and every
-connection's peer credentials (SO_PEERCRED) are checked as well, since a process with
-CAP_DAC_OVERRIDE but another uid could still reach it; such a peer gets one error line
-and is closed.
+A Unix stream socket (default ``/run/shardlog/control.sock``), served from the arbiter's
+own event loop (arbiter.py, eventloop.py).  It is root's: its directory is made 0700 and
+the socket 0600, and every connection's peer credentials (SO_PEERCRED) are checked as
+well, since a process with CAP_DAC_OVERRIDE but another uid could still reach it; such a
+peer gets one error line and is closed.
 
 The protocol is line-delimited JSON.  A client sends one object per line,
 ``{"cmd": "status"}`` or ``{"cmd": "trace", ...}``; the server answers with objects, one
 per line: one answer for ``status``, a stream of events for ``trace``, ``{"error": ...}``
-for anything it cannot do.  Commands are the front's (a table of callables); this module
-only moves lines.
+for anything it cannot do.  Commands are the server's (a table of callables: commands.py); this
+module only moves lines.
 
 Never blocking the front is the point of the design: every socket is non-blocking, a
 client's output waits in its own buffer (flushed when epoll says the socket takes more),
@@ -42,6 +42,10 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shardlog.server.eventloop import EventLoop
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +147,7 @@ class Connection:
         if events != self._events:
             self._events = events
             with contextlib.suppress(OSError):
-                self.server.epoll.modify(self.fd, events)
+                self.server.loop.modify(self.fd, events)
 
     def on_ready(self) -> None:
         """epoll says the socket can be read or written (or was hung up)."""
@@ -193,17 +197,14 @@ class Connection:
 
 
 class ControlServer:
-    """The listening socket and its clients, in the caller's epoll loop.
+    """The listening socket and its clients, in the caller's event loop (eventloop.py).
 
-    ``handlers`` is the loop's map of descriptor to callable (front.py's), ``commands``
-    maps a request's ``cmd`` to the callable that answers it.
+    ``commands`` maps a request's ``cmd`` to the callable that answers it.
     """
 
-    def __init__(self, path: Path, epoll: select.epoll,
-                 handlers: dict[int, Callable[[], None]], commands: dict[str, Command]):
+    def __init__(self, path: Path, loop: EventLoop, commands: dict[str, Command]):
         self.path = path
-        self.epoll = epoll
-        self.handlers = handlers
+        self.loop = loop
         self.commands = commands
         self.clients: dict[int, Connection] = {}
         self.unsent: set[Connection] = set()  # streamed lines queued since the last flush
@@ -239,8 +240,7 @@ class ControlServer:
         finally:
             os.umask(old_umask)
         self.sock = sock
-        self.epoll.register(sock.fileno(), select.EPOLLIN)
-        self.handlers[sock.fileno()] = self._accept
+        self.loop.watch(sock.fileno(), self._accept)
 
     def adopt(self, sock: socket.socket) -> None:
         """Serve on a listening socket another server handed over (handover.py): the
@@ -253,15 +253,12 @@ class ControlServer:
         """Stop accepting (the listener is being handed to another server); the
         listener, or None.  Connected clients are served on."""
         if self.sock is not None:
-            self.handlers.pop(self.sock.fileno(), None)
-            with contextlib.suppress(OSError, ValueError):
-                self.epoll.unregister(self.sock.fileno())
+            self.loop.unwatch(self.sock.fileno())
         return self.sock
 
     def resume_accepting(self) -> None:
-        if self.sock is not None and self.sock.fileno() not in self.handlers:
-            self.epoll.register(self.sock.fileno(), select.EPOLLIN)
-            self.handlers[self.sock.fileno()] = self._accept
+        if self.sock is not None and not self.loop.watching(self.sock.fileno()):
+            self.loop.watch(self.sock.fileno(), self._accept)
 
     def _remove_stale(self) -> None:
         """A socket a dead server left behind is removed; a live one is another server's."""
@@ -302,8 +299,7 @@ class ControlServer:
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
             client = Connection(self, sock)
             self.clients[client.fd] = client
-            self.epoll.register(client.fd, select.EPOLLIN)
-            self.handlers[client.fd] = client.on_ready
+            self.loop.watch(client.fd, client.on_ready)
             if uid != 0:
                 log.warning("control socket: refused pid %d (uid %d): root only", pid, uid)
                 client.send({"error": "permission denied: the control socket is root's"})
@@ -344,9 +340,7 @@ class ControlServer:
     def forget(self, client: Connection) -> None:
         self.unsent.discard(client)
         self.clients.pop(client.fd, None)
-        self.handlers.pop(client.fd, None)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(client.fd)
+        self.loop.unwatch(client.fd)
 
     def close(self, *, unlink: bool = True) -> None:
         """Close every connection and the listener; ``unlink=False`` when another server

@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Each worker reads its shard's netlink socket itself and replies to the kernel itself
-(front.py), so the front never sees a request.  Yet when a worker dies, the requests it
+(arbiter.py), so the front never sees a request.  Yet when a worker dies, the requests it
 had read but not answered must be answered -EAGAIN at once (the kernel re-sends them with
 a new seq), or each would cost the mirror the kernel's 15 s timeout.  And a worker that
 hangs with requests in hand must be noticed and killed.

@@ -22,7 +22,7 @@ and answers the batch:
    log's commit;
 3. at most once a second while it is busy, and at once when the front asks, it sends the
    front a report of its logs and its counters, requests included (workerstats.py), on
-   its events pipe; while someone traces, one TRACE frame per batch (tracing.py).
+   its events pipe; while someone traces, one TRACE frame per batch (commands.py).
 
 A malformed datagram gets the -EINVAL reply the codec prepared, or is dropped when it
 was not a request (only the designated shard's filter accepts such datagrams).  Nothing a
@@ -203,7 +203,7 @@ class ShardWorker:
             return False, STOP if self.take_over_conn is None else ORPHANED
         asked = False
         for kind, tag, _payload in received:
-            if kind == Kind.REPORT:
+            if kind == Kind.SEND_REPORT:
                 asked = True
             elif kind == Kind.TRACING:
                 self.tracing = bool(tag)
@@ -361,7 +361,7 @@ class ShardWorker:
             observe(count, "worker_batch_size", size, batches)
         self._batch_sizes.clear()
         report = self.reporter.report(self.table, with_logs)
-        return frames.pack(Kind.STATS, 0, report.encode())
+        return frames.pack(Kind.WORKER_REPORT, 0, report.encode())
 
     def _warn(self, kind: str, message: str, *args) -> None:
         """A warning at most once a second per kind: a flood must not flood the log."""

@@ -48,7 +48,7 @@ def beside(instance_file: Path) -> Path:
     return instance_file.with_suffix(SUFFIX)
 
 
-FIRST_LINE = "shardlog-ctr-record 1\n"
+FIRST_LINE = "shardlog-ctr-record 1\n"  # a record's format (handover.fingerprint hashes it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,15 +35,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.server import control
+from shardlog.server.nlsocket import group7_listeners
 from shardlog.storage.devices import resolve_device
 from shardlog.storage.errors import StoreError
 from shardlog.tools import dmdevices, dmtable
 from shardlog.tools.dmdevices import DmError
 from shardlog.tools.dmtable import MirrorTable, Refusal, TableError
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 
 # What each device came to.  Only "refused" and "failed" make the exit code 1.
 ADOPTED, RELEASED, ALREADY, WOULD, SKIPPED, REFUSED, FAILED = (

@@ -23,8 +23,8 @@ from bitarray import bitarray
 from shardlog.storage.errors import StoreError
 from shardlog.storage.image import StoredImage, instance_identity, read_stored_image
 from shardlog.storage.layout import SYNC_MAGIC
+from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK
 
-EXIT_OK, EXIT_ERROR = 0, 1
 SHOWN_RANGES = 32  # per kind in the text output unless --all: a fragmented map is long
 
 HELP = """\

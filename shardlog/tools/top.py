@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Everything comes from the control socket, nothing from the metrics endpoint: each
-refresh asks for a ``status`` (fresh worker reports: status.py) and turns the difference
+refresh asks for a ``status`` (fresh worker reports: server/commands.py) and turns the difference
 between two answers into rates — requests per second by type from the front's totals,
 per worker and per log from the workers' reports.  Latencies come from a ``trace``
 subscription on a second connection that asks for one request in ``--sample`` (default
@@ -28,11 +28,11 @@ import time
 from collections import defaultdict
 
 from shardlog.server import control
+from shardlog.server.statustext import recovery, table
 from shardlog.tools import dmdevices
-from shardlog.tools.status import recovery, table
+from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from shardlog.tools.tracing import decode_event
 
-EXIT_OK, EXIT_ERROR = 0, 1
 CLEAR = "\x1b[H\x1b[2J"
 SHOWN_LOGS = 20  # the busiest; --json-free operators want a screenful
 
@@ -104,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     if args.interval <= 0 or args.sample < 1:
         print("shardlog top: --interval must be positive and --sample at least 1",
               file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         previous = control.ask(args.socket, {"cmd": "status"})
         sampler = LatencySampler(args.socket, args.sample)

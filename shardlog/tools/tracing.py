@@ -1,26 +1,15 @@
 """``shardlog trace``: the requests a running server handles, one decoded line each.
 
-Theory of operation
--------------------
-Each worker answers the kernel itself (front.py), so the workers time their requests:
-while nobody traces, a worker pays one attribute test per request.  When a client
-subscribes (``{"cmd": "trace", "uuid": [...], "type": [...], "sample": N}`` on the control
-socket), the front gets a :class:`Tracer` and tells every worker to trace: after each
-batch a worker sends one TRACE frame with each request's arrival, its latency and both
-datagrams (worker.py).  The front matches each request against the subscriptions — on
-the raw uuid bytes and type number — and sends one line to each subscriber that wants it:
-the time, the worker, the latency and both datagrams in hex.  Decoding them
-(protocol.py, describe.py) is the tracer's work, in its own process
-(:func:`decode_event`): formatted by hand, a line costs the front a few microseconds,
-where decoding and ``json.dumps`` cost it several times that.  Lines go out once per
-wakeup of the front's loop; a subscriber that cannot keep up loses lines, counted and
-reported to it (control.Connection.send_line): a tracer never blocks the front, and the
-front never blocks a worker.
+The client: it subscribes on the server's control socket (``{"cmd": "trace", "uuid":
+[...], "type": [...], "sample": N}``) and decodes the lines the server sends — the time,
+the worker, the latency and both datagrams in hex — with protocol.py and describe.py, in
+its own process (:func:`decode_event`): the server's side (shardlog.server.commands:
+Tracer, TraceCommand) only matches and formats, so that tracing costs the server little.
 
 Decoded events: ``time`` (wall clock, seconds), ``worker``, ``seq``, ``type``,
 ``uuid``, ``luid``, ``args``, ``errno`` (0 or a negative errno; None without a reply),
 ``result``, ``latency_us`` (from the datagram's arrival in its worker to the reply's
-send), and ``note`` for requests the front answered itself (-EAGAIN for a worker that
+send), and ``note`` for requests the server answered itself (-EAGAIN for a worker that
 died).
 """
 
@@ -31,104 +20,16 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from shardlog.server import control
 from shardlog.tools.describe import describe_answer, describe_payload
+from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from shardlog.wire import protocol
 from shardlog.wire.protocol import ProtocolError, RequestType
 
-if TYPE_CHECKING:
-    from shardlog.server.front import Front
-
-EXIT_OK, EXIT_ERROR = 0, 1
-
-
-class Subscription:
-    """What one tracing client asked to see."""
-
-    def __init__(self, client: control.Connection, uuids: list[str], types: list[str],
-                 sample: int = 1):
-        self.client = client
-        self.uuids = {uuid.encode("ascii") for uuid in uuids} or None
-        try:
-            self.types = {RequestType[name.upper()].value for name in types} or None
-        except KeyError as exc:
-            raise ValueError(f"unknown request type {exc.args[0]}; known: "
-                             f"{', '.join(t.name for t in RequestType)}") from None
-        if sample < 1:
-            raise ValueError(f"sample must be at least 1, not {sample}")
-        self.sample = sample  # every sample-th request that matches (top's latencies)
-        self._matched = 0
-
-    def wants(self, uuid_field: bytes, request_type: int) -> bool:
-        if not ((self.uuids is None or uuid_field in self.uuids)
-                and (self.types is None or request_type in self.types)):
-            return False
-        self._matched += 1
-        return self._matched % self.sample == 0
-
-
-class TraceCommand:
-    """The control socket's ``trace``: subscribes a client; the server traces while
-    anyone is subscribed, and stops (``Front.set_tracer(None)``) when the last one
-    leaves."""
-
-    def __init__(self, front: Front):
-        self.front = front
-
-    def subscribe(self, client: control.Connection, message: dict) -> None:
-        uuids, types = message.get("uuid", []), message.get("type", [])
-        if not all(isinstance(x, str) for x in [*uuids, *types]):
-            raise TypeError("uuid and type are lists of strings")
-        subscription = Subscription(client, uuids, types, int(message.get("sample", 1)))
-        if self.front.tracer is None:
-            self.front.set_tracer(Tracer())
-        self.front.tracer.subscriptions.append(subscription)
-        client.on_close.append(lambda: self._unsubscribe(subscription))
-        client.send({"subscribed": {"uuid": uuids, "type": types,
-                                    "sample": subscription.sample}})
-
-    def _unsubscribe(self, subscription: Subscription) -> None:
-        tracer = self.front.tracer
-        if tracer is None:
-            return
-        tracer.subscriptions.remove(subscription)
-        if not tracer.subscriptions:
-            self.front.set_tracer(None)
-
-
-class Tracer:
-    """The front's side of tracing: the subscriptions, and the lines for them."""
-
-    def __init__(self) -> None:
-        self.subscriptions: list[Subscription] = []
-
-    def traced(self, worker: int, arrived: float, latency: float, datagram: bytes,
-               reply: bytes, note: str | None = None) -> None:
-        """A request a worker answered (``reply``; empty: it got none), which arrived at
-        ``arrived`` (wall clock) and was answered ``latency`` seconds later."""
-        routing = protocol.peek_request(datagram)
-        uuid_field, request_type = (routing[0], routing[2] & 0xFF) if routing else (b"", -1)
-        wanted = [s for s in self.subscriptions if s.wants(uuid_field, request_type)]
-        if not wanted:
-            return
-        # Numbers and hex only, formatted by hand: json.dumps and the decoders would cost
-        # the front several times more per traced request; the tracer decodes (event()).
-        line = (f'{{"time": {arrived + latency:.6f}, "worker": {worker}, "latency_us": '
-                f'{latency * 1e6:.1f}, "request": "{datagram.hex()}", "reply": '
-                f'"{reply.hex()}"{_NOTES.get(note, "")}}}\n').encode()
-        for subscription in wanted:
-            if not subscription.client.closed:
-                subscription.client.send_line(line)
-
-
-NOTE_WORKER_DIED = "worker died: answered -EAGAIN"
-_NOTES = {NOTE_WORKER_DIED: f', "note": {json.dumps(NOTE_WORKER_DIED)}'}
-
 
 def decode_event(raw: dict) -> dict:
-    """A trace line as the front sent it (time, worker, latency, the request and reply
+    """A trace line as the server sent it (time, worker, latency, the request and reply
     in hex) decoded into the event the tool shows."""
     datagram, reply = bytes.fromhex(raw["request"]), bytes.fromhex(raw["reply"])
     event: dict = {"time": raw["time"], "worker": raw["worker"],
@@ -197,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         if name.upper() not in RequestType.__members__:
             print(f"shardlog trace: unknown request type {name}; known: "
                   f"{', '.join(t.name for t in RequestType)}", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     request = {"cmd": "trace", "uuid": args.uuid, "type": args.type}
     shown = 0
     try:

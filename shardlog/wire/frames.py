@@ -2,7 +2,7 @@
 
 Every frame is a 9-byte header (payload length, kind, tag) and its payload.  Requests
 and replies never travel here: each worker reads its shard's netlink socket and replies
-to the kernel itself (front.py).  The pipes carry what is off the request path: a
+to the kernel itself (server/arbiter.py).  The pipes carry what is off the request path: a
 worker's readiness, its reports (workerstats.py), the requests it traced while someone
 traces, and the front's orders (report now, trace or stop tracing, stop or hand over).
 
@@ -26,10 +26,10 @@ READ_SIZE = 1 << 20  # what one read takes
 
 class Kind(IntEnum):
     READY = 3  # worker → front: started, its logs table is up (tag 0, no payload)
-    STATS = 4  # worker → front: a workerstats.WorkerReport (tag 0)
-    REPORT = 5  # front → worker: send a STATS frame now (tag 0, no payload)
+    WORKER_REPORT = 4  # worker → front: a workerstats.WorkerReport (tag 0)
+    SEND_REPORT = 5  # front → worker: send a WORKER_REPORT frame now (tag 0, no payload)
     TRACING = 6  # front → worker: tag 1, send TRACE frames from now on; tag 0, stop
-    TRACE = 7  # worker → front: the requests of one batch and their replies (tracing.py)
+    TRACE = 7  # worker → front: the requests of one batch and their replies (server/commands.py)
     # front → worker, the ways a worker ends (handover.py): STOP, for good — leave group
     # 7, answer what is queued, commit, exit; HAND_OVER, for a successor — read nothing
     # more, commit, close the files and exit, the socket left in group 7 for the next

@@ -17,7 +17,8 @@ from shardlog.harness.capacity.spec import SWEEPABLE, WORKLOADS, LoadSpec, SpecE
 from shardlog.harness.hostinfo import filesystem_of, machine
 from shardlog.harness.kernelsim.connector import DEFAULT_PORT
 from shardlog.harness.kernelsim.echo import PeerError
-from shardlog.harness.netns import enter_private_netns, kernel_connector_reachable
+from shardlog.harness.netns import enter_private_netns
+from shardlog.server.nlsocket import kernel_connector_reachable
 
 DESCRIPTION = """\
 Drive shardlog through the simulated kernel over real netlink sockets with a described

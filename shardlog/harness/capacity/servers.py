@@ -18,10 +18,10 @@ import urllib.request
 from pathlib import Path
 
 from shardlog.harness.capacity.spec import LoadSpec
-from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.harness.kernelsim.serveprocess import ServeFailed, ServeProcess
 from shardlog.harness.procstat import server_processes
 from shardlog.observability.metrics import free_local_port, parse_samples
+from shardlog.server.nlsocket import group7_listeners
 
 
 class CapacityError(Exception):

@@ -50,8 +50,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from shardlog.harness.netns import kernel_connector_reachable
-from shardlog.server.nlsocket import GROUP_7_MASK, open_connector_socket
+from shardlog.server.nlsocket import (
+    GROUP_7_MASK,
+    group7_listeners,
+    kernel_connector_reachable,
+    open_connector_socket,
+)
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType
 
@@ -108,24 +112,6 @@ class _Waiter:
     done: threading.Event = field(default_factory=threading.Event)
     error: int = 0
     data: bytes = b""
-
-
-def group7_listeners(exclude_port: int | None = None) -> list[int]:
-    """Ports of the NETLINK_CONNECTOR sockets in group 7 in this network namespace.
-
-    ``/proc/net/netlink`` lists every netlink socket of the namespace with its protocol
-    ("Eth"), port ("Pid") and the first 32 groups as a hex mask: the data the kernel's
-    ``netlink_has_listeners`` reads."""
-    ports = []
-    with open("/proc/net/netlink") as table:
-        next(table)
-        for line in table:
-            fields = line.split()
-            protocol_number, port, groups = int(fields[1]), int(fields[2]), int(fields[3], 16)
-            if (protocol_number == protocol.NETLINK_CONNECTOR and groups & GROUP_7_MASK
-                    and port != exclude_port):
-                ports.append(port)
-    return ports
 
 
 def multicast_to_group_7(sock: socket.socket, datagram: bytes) -> None:

@@ -20,8 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
-from shardlog.harness.kernelsim.connector import group7_listeners
-from shardlog.server.nlsocket import open_connector_socket
+from shardlog.server.nlsocket import group7_listeners, open_connector_socket
 from shardlog.wire import protocol
 
 RCVBUF = 32 << 20

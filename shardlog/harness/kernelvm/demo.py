@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.harness.kernelvm import guest
+from shardlog.server.nlsocket import group7_listeners
 
 DEMO_TIMEOUT = 300.0
 LEG_SIZE = 32 << 20

@@ -1,24 +1,27 @@
-"""The front process: the shard sockets, and the supervision of their workers.
+"""The arbiter (the front process): the shard sockets, and the supervision of their workers.
 
 Theory of operation
 -------------------
 The kernel multicasts every request to the sockets in connector group 7, runs each
 member's socket filter first, and takes the first reply per seq (protocol.md §1.1).  The
-front opens one socket per shard, each with a BPF filter that accepts only the requests
+arbiter opens one socket per shard, each with a BPF filter that accepts only the requests
 whose uuid hashes to that shard (routing.py: the hash is computed by the kernel), and
 forks one worker per shard, which inherits its socket, reads it and replies to the
-kernel itself (worker.py).  So a request wakes exactly one process, and the front is off
-the request path.  One event loop (epoll) sleeps on each worker's events pipe and on a
-self-pipe for signals (gunicorn's Arbiter: signals are queued, never handled inline).
+kernel itself (worker.py).  So a request wakes exactly one process, and the arbiter is off
+the request path.  Its loop is gunicorn's Arbiter's (:meth:`Arbiter._loop`): sleep on one
+epoll (eventloop.py: each worker's events pipe, a self-pipe for signals — queued, never
+handled inline — and the control socket), reap the workers that ended, kill the hung;
+the start, stop and restart policies are each a method of their own.  A shard's socket,
+ring and current worker are its slot (slots.py).
 
 - **Reports**: each worker sends, on its events pipe, a report of its logs and counters,
   the requests it answered included (workerstats.py), about once a second while busy, or
-  when the front asks (:meth:`Front.request_reports`).  The front keeps each slot's
+  when the front asks (:meth:`Arbiter.request_reports`).  The front keeps each slot's
   latest and hands every report to its ``report_listeners`` (the metrics, the operator
   tools).
 - **Operators** (control.py): a Unix socket served from this same loop, never
   blocking it, answers ``status`` (the slots and the workers' latest reports, fresh:
-  status.py) and streams ``trace`` events (tracing.py: while anyone traces, the workers
+  commands.py) and streams ``trace`` events (commands.py: while anyone traces, the workers
   send the requests they answered, timed, in TRACE frames; the front matches them against
   the subscriptions; while nobody traces the workers pay one attribute test per request).
 - **Supervision**: the front keeps every shard socket open and never reads it, so a
@@ -65,28 +68,36 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import multiprocess
 
-from shardlog.harness.netns import kernel_connector_reachable
 from shardlog.observability.metrics import FrontCollector, FrontStats, serve_metrics
-from shardlog.observability.workerstats import LogStatus, WorkerReport
-from shardlog.server import handover, worker
+from shardlog.observability.workerstats import WorkerReport
+from shardlog.server import handover, statustext, worker
+from shardlog.server.commands import (
+    FRESH_TIMEOUT,
+    NOTE_WORKER_DIED,
+    StatusCommand,
+    TraceCommand,
+    Tracer,
+)
 from shardlog.server.control import Connection, ControlServer, ControlSetupError
+from shardlog.server.eventloop import EventLoop
 from shardlog.server.inflight import InFlight
 from shardlog.server.nlsocket import (
     NETLINK_ADD_MEMBERSHIP,
     SOL_NETLINK,
+    kernel_connector_reachable,
     leave_group_7,
     open_connector_socket,
 )
+from shardlog.server.slots import WorkerSlot, exit_reason
 from shardlog.server.worker import Peer, decode_trace
 from shardlog.storage.statedir import write_atomically
-from shardlog.tools import status, tracing
 from shardlog.wire import frames, protocol
-from shardlog.wire.frames import FrameError, FrameReader, Kind
+from shardlog.wire.frames import FrameError, Kind
 
 log = logging.getLogger(__name__)
 
@@ -133,48 +144,21 @@ class Giving:
     sent: bool = False  # the sockets are handed over: only "serving" or EOF remain
 
 
-@dataclass(eq=False)
-class WorkerSlot:
-    """One shard: its socket and in-flight ring (kept across its workers' lives), the
-    worker process serving it now and the front's ends of that worker's pipes."""
-
-    index: int
-    sock: socket.socket  # the shard's group-7 socket, filtered to its requests
-    in_flight: InFlight  # what the worker holds, readable here once it is dead
-    process: multiprocess.Process
-    control_fd: int  # front → worker (orders; EOF: stop), non-blocking
-    events_fd: int  # worker → front (readiness, reports, trace lines)
-    started: float
-    ready: bool = False
-    out: bytearray = field(default_factory=bytearray)  # frames not yet taken by the pipe
-    waiting_for_pipe: bool = False
-    reader: FrameReader = field(default_factory=FrameReader)
-    quick_deaths: int = 0
-    # The ring's batch counter when last seen to move (or to hold nothing), and when.
-    progress_seen: int = -1
-    progress_time: float = 0.0
-    killed_as_hung: bool = False
-    report: WorkerReport | None = None  # its latest (workerstats.py); None until the first
-    report_time: float = 0.0  # when it came (monotonic)
-    logs: list[LogStatus] = field(default_factory=list)  # from the latest report with logs
-    restarts: int = 0  # workers that took this slot after one died
-    handing_over: bool = False  # ordered to HAND_OVER: it exits for another server
-
-
-class Front:
-    """The server's main process: the arbiter of the shard workers."""
+class Arbiter:
+    """The server's main process (the front): the arbiter of the shard workers."""
 
     def __init__(self, config: ServeConfig):
         self.config = config
         self.stats = FrontStats(config.workers)
         self.slots: list[WorkerSlot] = []
-        self.epoll = select.epoll()
-        self.handlers: dict[int, Callable[[], None]] = {}
+        self.loop = EventLoop()
+        # Slots whose worker ended (its events pipe's EOF), reaped after the wakeup.
+        self.ended: list[WorkerSlot] = []
         self.peer = Peer(config.test_peer)
         self.metrics_server = None
         self.control: ControlServer | None = None
-        # Set while someone traces (tracing.py): the workers send TRACE frames then.
-        self.tracer: tracing.Tracer | None = None
+        # Set while someone traces (commands.py): the workers send TRACE frames then.
+        self.tracer: Tracer | None = None
         self.started = time.time()
         self.on_tick: list[Callable[[], None]] = []  # called after every wakeup (≤ 1 s)
         # Called with (slot, report) for every worker report, in the loop: they must not
@@ -191,7 +175,9 @@ class Front:
         self._shard_sockets: list[socket.socket] = []
         self._stop_deadline = 0.0
         self._next_hang_check = 0.0
-        self.status = status.StatusCommand(self)  # the control socket's and SIGUSR1's
+        self.status = StatusCommand(self)  # the control socket's and SIGUSR1's
+        self.report_listeners.append(self.status.on_report)
+        self.on_tick.append(self.status.expire)
         # Take-over (handover.py), as the old server: the request under way, the slots
         # whose workers have handed over, whether the new server serves (then we exit).
         self.giving: Giving | None = None
@@ -201,6 +187,10 @@ class Front:
         # As the new server: what the old one handed over, and whether it is gone.
         self.received: handover.Received | None = None
         self.took_over = False
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.state_dir
 
     # -- start -------------------------------------------------------------------------------
 
@@ -234,17 +224,17 @@ class Front:
         signal.set_wakeup_fd(self._signal_w.fileno())
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, _note_signal)
-        self._watch(self._signal_r.fileno(), self._on_signal)
-        self._watch(self._scrape_r.fileno(), self._on_scrape)
+        self.loop.watch(self._signal_r.fileno(), self._on_signal)
+        self.loop.watch(self._scrape_r.fileno(), self._on_scrape)
         if config.metrics_addr and self.received is None:
             try:
                 self._open_metrics()
             except (OSError, ValueError) as exc:
                 raise ServeError(f"metrics address {config.metrics_addr}: {exc}") from exc
         if config.control_socket is not None:
-            self.control = ControlServer(config.control_socket, self.epoll, self.handlers, {
+            self.control = ControlServer(config.control_socket, self.loop, {
                 "status": self.status.answer,
-                "trace": tracing.TraceCommand(self).subscribe,
+                "trace": TraceCommand(self).subscribe,
                 "take-over": self._on_take_over_request,
                 "serving": self._on_new_server_serving,
             })
@@ -260,7 +250,7 @@ class Front:
             # The old server's sockets: filtered, in group 7, holding what the kernel
             # sent since its workers stopped reading.
             sockets = self._shard_sockets = self.received.sockets
-            self._watch(self.received.conn.fileno(), self._on_old_server_gone)
+            self.loop.watch(self.received.conn.fileno(), self._on_old_server_gone)
         else:
             # Every socket is filtered and in group 7 before any worker reads: from the
             # first request on, each is accepted by exactly one socket.
@@ -336,7 +326,7 @@ class Front:
         events_r, events_w = os.pipe()
         with contextlib.suppress(OSError):  # the default 64 KiB works, with more wakeups
             fcntl.fcntl(events_w, F_SETPIPE_SZ, PIPE_SIZE)
-        inherited = [control_w, events_r, self.epoll, self._signal_r, self._signal_w,
+        inherited = [control_w, events_r, self.loop, self._signal_r, self._signal_w,
                      self._scrape_r, self._scrape_w]
         if self.metrics_server is not None:
             inherited.append(self.metrics_server.socket)
@@ -366,7 +356,7 @@ class Front:
         os.set_blocking(control_w, False)
         slot = WorkerSlot(index, sock, in_flight, process, control_w, events_r,
                           time.monotonic(), quick_deaths=quick_deaths, restarts=restarts)
-        self._watch(events_r, lambda: self._on_events(slot))
+        self.loop.watch(events_r, lambda: self._on_events(slot))
         if self.tracer is not None:
             self._order(slot, Kind.TRACING, 1)
         log.info("worker %d started (pid %d)", index, process.pid)
@@ -375,50 +365,62 @@ class Front:
     # -- the loop ----------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        started = time.monotonic()
-        while True:
-            if not self.serving and not self.stopping and all(s.ready for s in self.slots):
-                self._now_serving()
-            if (self.stopping and not self.slots) or self.taken_over:
-                return
-            if self.stopping and time.monotonic() > self._stop_deadline:
-                log.error("%d workers did not stop within %.0f s: killed", len(self.slots),
-                          STOP_TIMEOUT)
-                self.exit_code = 1
-                return
-            if not self.serving and not self.stopping and (
-                    time.monotonic() - started > START_TIMEOUT):
-                raise ServeError(f"workers did not start within {START_TIMEOUT:.0f} s")
-            for fd, _events in self.epoll.poll(HANG_CHECK_INTERVAL):
-                handler = self.handlers.get(fd)
-                if handler is not None:
-                    handler()
-            if time.monotonic() >= self._next_hang_check:
-                self._next_hang_check = time.monotonic() + HANG_CHECK_INTERVAL
-                self._kill_hung_workers()
+        """Sleep (the handlers run: signals, worker events, the control socket), reap
+        the workers that ended (each replaced or not by the restart policy), kill the
+        hung ones, until the server is done."""
+        start_deadline = time.monotonic() + START_TIMEOUT
+        while not self._done(start_deadline):
+            self.loop.run_once(HANG_CHECK_INTERVAL)
+            self._reap_workers()
+            self._murder_hung_workers()
             for tick in self.on_tick:
                 tick()
 
-    def _kill_hung_workers(self) -> None:
+    def _done(self, start_deadline: float) -> bool:
+        """Whether the loop ends (ServeError if the workers never came up); the server
+        serves from the moment every worker is up."""
+        if not self.serving and not self.stopping and all(s.ready for s in self.slots):
+            self._now_serving()
+        if (self.stopping and not self.slots) or self.taken_over:
+            return True
+        if self.stopping and time.monotonic() > self._stop_deadline:
+            log.error("%d workers did not stop within %.0f s: killed", len(self.slots),
+                      STOP_TIMEOUT)
+            self.exit_code = 1
+            return True
+        if not self.serving and not self.stopping and time.monotonic() > start_deadline:
+            raise ServeError(f"workers did not start within {START_TIMEOUT:.0f} s")
+        return False
+
+    def _reap_workers(self) -> None:
+        """Every worker whose events pipe closed this wakeup: joined, what it held
+        answered, its slot given to the restart, stop or take-over policy."""
+        while self.ended:
+            self._worker_ended(self.ended.pop(0))
+
+    def _murder_hung_workers(self) -> None:
         """A worker that has work — requests it holds, or requests waiting in its socket
         — and has finished no batch for ``worker_timeout`` seconds is killed: what it
         held is then answered -EAGAIN, what waits in its socket is answered by a new
         worker, which restores its logs, where the kernel would wait 15 s per try, for
         ever."""
         now = time.monotonic()
+        if now < self._next_hang_check:
+            return
+        self._next_hang_check = now + HANG_CHECK_INTERVAL
         for slot in self.slots:
-            progress = slot.in_flight.progress
+            batches = slot.in_flight.progress
             # Handing over, a worker commits every log and reads nothing: its socket
             # fills while it works, which is no sign of a hang.
             timeout = (handover.HAND_OVER_TIMEOUT if slot.handing_over
                        else self.config.worker_timeout)
-            if progress != slot.progress_seen or not _has_work(slot):
-                slot.progress_seen, slot.progress_time = progress, now
-            elif not slot.killed_as_hung and now - slot.progress_time > timeout:
+            if batches != slot.batches_seen or not slot.has_work():
+                slot.batches_seen, slot.batches_moved_at = batches, now
+            elif not slot.killed_as_hung and now - slot.batches_moved_at > timeout:
                 log.error("worker %d (pid %d) answered nothing for %.0f s with %d requests "
                           "in hand and its socket %s: killing it", slot.index,
-                          slot.process.pid, now - slot.progress_time, slot.in_flight.held,
-                          "not empty" if _socket_readable(slot.sock) else "empty")
+                          slot.process.pid, now - slot.batches_moved_at, slot.in_flight.held,
+                          "not empty" if slot.socket_readable() else "empty")
                 slot.killed_as_hung = True
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(slot.process.pid, signal.SIGKILL)
@@ -453,7 +455,7 @@ class Front:
         with contextlib.suppress(OSError):
             if received.conn.recv(4096, socket.MSG_DONTWAIT):
                 return  # nothing is expected from it; EOF is what counts
-        self._unwatch(received.conn.fileno())
+        self.loop.unwatch(received.conn.fileno())
         received.conn.close()
         self.took_over = True
         for slot in self.slots:
@@ -481,7 +483,7 @@ class Front:
             slot.process.kill()
             received = None
         for kind, _tag, payload in received or ():
-            if kind == Kind.STATS:
+            if kind == Kind.WORKER_REPORT:
                 self._on_report(slot, payload)
             elif kind == Kind.TRACE:
                 if self.tracer is not None:
@@ -490,7 +492,8 @@ class Front:
             elif kind == Kind.READY:
                 slot.ready = True
         if received is None:
-            self._worker_ended(slot)
+            self.loop.unwatch(slot.events_fd)
+            self.ended.append(slot)  # reaped after this wakeup's handlers
 
     def _on_report(self, slot: WorkerSlot, payload: bytes) -> None:
         try:
@@ -514,7 +517,7 @@ class Front:
 
     def _refresh_for_scrape(self) -> None:
         """In the metrics thread: have every worker report what it counted, and wait for
-        that (at most ``status.FRESH_TIMEOUT``), so that a scrape sees every request
+        that (at most ``commands.FRESH_TIMEOUT``), so that a scrape sees every request
         answered before it, not the workers' figures of up to a second ago."""
         if not self.serving or self.stopping:
             return  # registration's first collect, or workers that are going away
@@ -522,7 +525,7 @@ class Front:
         self._scrapes.append(done)
         with contextlib.suppress(OSError):  # full: a wakeup is on its way already
             self._scrape_w.send(b"s")
-        done.wait(status.FRESH_TIMEOUT + HANG_CHECK_INTERVAL)
+        done.wait(FRESH_TIMEOUT + HANG_CHECK_INTERVAL)
 
     def _on_scrape(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -536,9 +539,9 @@ class Front:
     def request_reports(self) -> None:
         """Ask every live worker for a report now (they arrive through the loop)."""
         for slot in self.slots:
-            self._order(slot, Kind.REPORT)
+            self._order(slot, Kind.SEND_REPORT)
 
-    def set_tracer(self, tracer: tracing.Tracer | None) -> None:
+    def set_tracer(self, tracer: Tracer | None) -> None:
         """Start (a tracer) or stop (None) tracing: the workers send TRACE frames while
         one is set."""
         if (tracer is None) != (self.tracer is None):
@@ -572,36 +575,47 @@ class Front:
         del slot.out[:written]
         if slot.out and not slot.waiting_for_pipe:
             slot.waiting_for_pipe = True
-            self.epoll.register(slot.control_fd, select.EPOLLOUT)
-            self.handlers[slot.control_fd] = lambda: self._write_orders(slot)
+            self.loop.watch(slot.control_fd, lambda: self._write_orders(slot), select.EPOLLOUT)
         elif not slot.out and slot.waiting_for_pipe:
             slot.waiting_for_pipe = False
-            self._unwatch(slot.control_fd)
+            self.loop.unwatch(slot.control_fd)
 
     # -- supervision -------------------------------------------------------------------------
 
     def _worker_ended(self, slot: WorkerSlot) -> None:
-        self._unwatch(slot.events_fd)
+        code, lost = self._bury(slot)
+        if slot.handing_over:
+            self._worker_handed_over(slot, code, lost)
+        elif self.stopping:
+            self._worker_stopped(slot, code)
+        else:
+            self._restart(slot, code, lost)
+
+    def _bury(self, slot: WorkerSlot) -> tuple[int | None, int]:
+        """Close a dead worker's pipes, join it and answer -EAGAIN what it held: its
+        exit code and the number of requests answered."""
+        self.loop.unwatch(slot.events_fd)
         os.close(slot.events_fd)
         self._close_control(slot)
         slot.process.join(5.0)
         if slot.process.is_alive():
             slot.process.kill()
             slot.process.join()
-        code = slot.process.exitcode
-        lost = self._answer_eagain(slot)
-        if slot.handing_over:
-            self._worker_handed_over(slot, code, lost)
-            return
-        if self.stopping:
-            self.slots.remove(slot)
-            slot.sock.close()
-            if code != 0:
-                log.error("worker %d exited with %s while stopping", slot.index, code)
-                self.exit_code = 1
-            return
+        return slot.process.exitcode, self._answer_eagain(slot)
+
+    def _worker_stopped(self, slot: WorkerSlot, code: int | None) -> None:
+        """The stop policy: a worker that ends while the server stops is not replaced."""
+        self.slots.remove(slot)
+        slot.sock.close()
+        if code != 0:
+            log.error("worker %d exited with %s while stopping", slot.index, code)
+            self.exit_code = 1
+
+    def _restart(self, slot: WorkerSlot, code: int | None, lost: int) -> None:
+        """The restart policy: a worker that died is replaced on the same socket and ring,
+        unless it keeps dying right after its start — then the server stops."""
         log.error("worker %d (pid %d) died (%s); %d requests in flight answered -EAGAIN",
-                  slot.index, slot.process.pid, _exit_reason(code), lost)
+                  slot.index, slot.process.pid, exit_reason(code), lost)
         quick = time.monotonic() - slot.started < QUICK_DEATH
         quick_deaths = slot.quick_deaths + 1 if quick else 0
         if quick_deaths >= QUICK_DEATHS_TO_GIVE_UP:
@@ -657,7 +671,7 @@ class Front:
     def _worker_handed_over(self, slot: WorkerSlot, code: int | None, lost: int) -> None:
         if code != 0:
             log.error("worker %d (pid %d) ended handing over (%s); %d requests in flight "
-                      "answered -EAGAIN", slot.index, slot.process.pid, _exit_reason(code),
+                      "answered -EAGAIN", slot.index, slot.process.pid, exit_reason(code),
                       lost)
         self.slots.remove(slot)
         slot.handing_over = False
@@ -751,7 +765,7 @@ class Front:
             if self.tracer is not None:
                 self.tracer.traced(slot.index, time.time() - (now_ns - arrived) / 1e9,
                                    (now_ns - arrived) / 1e9, datagram, ack,
-                                   note=tracing.NOTE_WORKER_DIED)
+                                   note=NOTE_WORKER_DIED)
         self.stats.lost(lost, -errno.EAGAIN, now_ns)
         slot.in_flight.reset()
         return len(lost)
@@ -801,7 +815,7 @@ class Front:
         if slot.control_fd < 0:
             return
         if slot.waiting_for_pipe:
-            self._unwatch(slot.control_fd)
+            self.loop.unwatch(slot.control_fd)
             slot.waiting_for_pipe = False
         os.close(slot.control_fd)
         slot.control_fd = -1
@@ -825,7 +839,7 @@ class Front:
         signal.set_wakeup_fd(-1)
         while self._scrapes:
             self._scrapes.popleft().set()
-        self.epoll.close()
+        self.loop.close()
         if self.config.pid_file is not None and self.serving:
             _remove_pid_file(self.config.pid_file)
 
@@ -854,19 +868,10 @@ class Front:
         if received.control_listener is not None and self.control is None:
             received.control_listener.close()
         with contextlib.suppress(OSError):
-            self._unwatch(received.conn.fileno())
+            self.loop.unwatch(received.conn.fileno())
         received.conn.close()
 
     # -- helpers -----------------------------------------------------------------------------
-
-    def _watch(self, fd: int, handler: Callable[[], None]) -> None:
-        self.epoll.register(fd, select.EPOLLIN)
-        self.handlers[fd] = handler
-
-    def _unwatch(self, fd: int) -> None:
-        self.handlers.pop(fd, None)
-        with contextlib.suppress(OSError, ValueError):
-            self.epoll.unregister(fd)
 
     def _gauges(self) -> dict:
         """Live figures for a scrape (called in the metrics thread: reads only)."""
@@ -875,15 +880,6 @@ class Front:
                         for slot in list(self.slots)],
             "logs": [status for slot in list(self.slots) for status in slot.logs],
         }
-
-
-def _has_work(slot: WorkerSlot) -> bool:
-    return bool(slot.in_flight.held) or _socket_readable(slot.sock)
-
-
-def _socket_readable(sock: socket.socket) -> bool:
-    """Whether a datagram waits in ``sock`` (polled, never read: it is the worker's)."""
-    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _close_metrics(server) -> None:
@@ -916,20 +912,12 @@ def check_privileges() -> None:
 
 def _log_dump(snapshot: dict) -> None:
     """cmirrord's SIGUSR1 dump, to the log: what ``shardlog status`` prints."""
-    for line in status.format_text(snapshot).splitlines():
+    for line in statustext.format_text(snapshot).splitlines():
         log.warning("dump: %s", line)
 
 
 def _note_signal(signum, frame) -> None:
     """Nothing to do here: the wakeup fd carries the signal to the loop."""
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
 
 
 def _write_pid_file(path: Path) -> None:
