@@ -68,19 +68,33 @@ reconnects) to change the count.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardlog import __version__
 from shardlog.server import routing
 from shardlog.server.control import ControlError, connect
+from shardlog.server.inflight import ENTRY_SIZE
+from shardlog.server.nlsocket import (
+    NETLINK_ADD_MEMBERSHIP,
+    SOL_NETLINK,
+    leave_group_7,
+    open_connector_socket,
+)
 from shardlog.storage import records, regionmap
 from shardlog.wire import protocol
+
+log = logging.getLogger(__name__)
 
 #: How long the new server waits for the old one to hand its sockets over: its workers
 #: commit every log first (a disk log's device write and fdatasync each).
@@ -132,10 +146,9 @@ def refusal(request: dict, *, workers: int, state_dir: Path,
         if key != "version" and theirs.get(key) != value:
             return (f"the new server's {key} differs ({theirs.get(key)!r}, running "
                     f"{value!r}): stop and start it instead")
-    if request.get("workers") != workers:
-        return (f"the new server wants {request.get('workers')} workers, this one runs "
-                f"{workers}: a take-over with another worker count is not supported; "
-                "keep --workers or stop and start the server")
+    wanted = request.get("workers")
+    if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
+        return f"the new server wants {wanted!r} workers: not a worker count"
     if Path(str(request.get("state_dir"))).resolve() != state_dir.resolve():
         return (f"the new server's state directory {request.get('state_dir')} is not "
                 f"this one's ({state_dir})")
@@ -155,13 +168,36 @@ class Received:
     old_pid: int
     asked_at: float  # monotonic, when the request was sent
     received_at: float  # monotonic, when the sockets arrived
+    handed: int = 0  # how many shard sockets the old server ran (its worker count)
+    # Another worker count: per new shard, what was drained from the old sockets
+    # (:func:`switch_sockets`); None when the sockets are the old server's own.
+    leftovers: list[Leftovers] | None = None
+    _spawned: set[int] = field(default_factory=set)
+
+    def leftovers_for(self, shard: int) -> Leftovers | None:
+        """What the worker spawned now for ``shard`` must answer before it reads its
+        socket, and drop from it.  The first worker of a shard gets the datagrams; a
+        successor (the first died) only the seqs, to drop: what the first one read was
+        answered, by it or -EAGAIN by the front, and must not be answered again."""
+        if self.leftovers is None:
+            return None
+        leftovers = self.leftovers[shard]
+        if shard in self._spawned:
+            return leftovers.seqs_only()
+        self._spawned.add(shard)
+        return leftovers
 
 
 def request_sockets(control_path: Path, *, workers: int, state_dir: Path,
-                    test_peer: int | None,
+                    test_peer: int | None, receive_buffer: int | None = None,
+                    allowed_ports: frozenset[int] = frozenset({0}),
                     timeout: float = HAND_OVER_TIMEOUT) -> Received:
     """Ask the server at ``control_path`` for its sockets (steps 1-3 of the module
-    docstring); TakeOverError if it refuses, does not answer or is not there."""
+    docstring), and, when it runs another number of workers than ``workers``, switch to
+    sockets of this server's own (:func:`switch_sockets`: ``receive_buffer`` is theirs,
+    ``allowed_ports`` who may drive the server).  TakeOverError if the running server
+    refuses, does not answer or is not there, or if the new sockets cannot be set up:
+    the running server serves on then."""
     try:
         conn = connect(control_path, timeout)
     except ControlError as exc:
@@ -189,7 +225,8 @@ def request_sockets(control_path: Path, *, workers: int, state_dir: Path,
             raise TakeOverError(f"the running server refused: {message['error']}")
         count = message.get("sockets")
         has_control = bool(message.get("control"))
-        if count != workers or len(fds) != count + has_control:
+        if (not isinstance(count, int) or count < 1
+                or len(fds) != count + has_control):
             raise TakeOverError(f"the running server sent {len(fds)} descriptors for "
                                 f"{count} sockets: not a take-over answer")
     except TakeOverError:
@@ -199,9 +236,22 @@ def request_sockets(control_path: Path, *, workers: int, state_dir: Path,
         raise
     sockets = [socket.socket(fileno=fd) for fd in fds[:count]]
     listener = socket.socket(fileno=fds[count]) if has_control else None
+    received = Received(conn, sockets, listener, int(message.get("pid", 0)), asked_at,
+                        received_at, handed=count)
+    if count != workers:
+        try:
+            received.sockets, received.leftovers = switch_sockets(
+                sockets, workers, receive_buffer=receive_buffer,
+                allowed_ports=allowed_ports)
+        except TakeOverError:
+            for sock in sockets:
+                sock.close()
+            if listener is not None:
+                listener.close()
+            conn.close()
+            raise
     conn.settimeout(None)
-    return Received(conn, sockets, listener, int(message.get("pid", 0)), asked_at,
-                    received_at)
+    return received
 
 
 def _receive_line_and_fds(conn: socket.socket,
@@ -251,3 +301,163 @@ def announce_serving(conn: socket.socket) -> None:
     """The new server's step 4: tell the old one to go (OSError if it is gone)."""
     conn.sendall(json.dumps({"cmd": "serving", "pid": os.getpid()}).encode() + b"\n")
 
+
+
+# -- another worker count: the socket switch (module docstring) ----------------------------
+
+_SEQ_MASK = 0xFFFFFFFF  # the kernel's seq is a u32 and wraps
+
+
+def seq_after(seq: int, other: int) -> bool:
+    """Whether ``seq`` was sent after ``other`` (serial number arithmetic: the kernel's
+    one seq counter wraps at 2**32, and the seqs compared here are close together)."""
+    return 0 < (seq - other) & _SEQ_MASK < 1 << 31
+
+
+class Leftovers:
+    """One new worker's share of what the old sockets held: the datagrams it answers
+    before it reads its own socket (in the order the kernel sent them: they came from
+    one old socket per log), and their seqs, to drop the copies of them that its socket
+    queued while both sets of sockets were in group 7.
+
+    The kernel sends one request at a time with one seq counter, so every socket queues
+    seqs in increasing order: once the worker's socket yields a seq sent after the
+    newest leftover, no copy can follow, and the seqs are forgotten (the check then
+    costs nothing)."""
+
+    def __init__(self, datagrams: Iterable[bytes] = ()) -> None:
+        self.datagrams: deque[bytes] = deque(datagrams)
+        self._seqs: set[int] | None = set()
+        self._newest = 0
+        for datagram in self.datagrams:
+            self._remember(datagram)
+        if not self._seqs:
+            self._seqs = None
+
+    def _remember(self, datagram: bytes) -> None:
+        peeked = protocol.peek_request(datagram)
+        if peeked is None:
+            return  # not a request: it gets no answer the kernel waits for
+        seq = peeked[1]
+        assert self._seqs is not None
+        if not self._seqs or seq_after(seq, self._newest):
+            self._newest = seq
+        self._seqs.add(seq)
+
+    @property
+    def seqs(self) -> frozenset[int]:
+        """The seqs whose copies are still dropped (empty once forgotten)."""
+        return frozenset(self._seqs or ())
+
+    @property
+    def done(self) -> bool:
+        """Nothing left to answer and nothing left to drop: the worker can forget it."""
+        return not self.datagrams and self._seqs is None
+
+    def duplicate(self, datagram: bytes | memoryview) -> bool:
+        """Whether ``datagram``, read from the worker's own socket, is a copy of a
+        leftover (answered already: drop it)."""
+        if self._seqs is None:
+            return False
+        peeked = protocol.peek_request(datagram)
+        if peeked is None:
+            return False
+        seq = peeked[1]
+        if seq in self._seqs:
+            self._seqs.discard(seq)  # one copy at most: the kernel sent it once
+            if not self._seqs:
+                self._seqs = None
+            return True
+        if seq_after(seq, self._newest):
+            self._seqs = None  # everything from here on was sent after the switch
+        return False
+
+    def seqs_only(self) -> Leftovers:
+        """The same seqs to drop, with nothing to answer (for a successor worker)."""
+        successor = Leftovers()
+        if self._seqs:
+            successor._seqs, successor._newest = set(self._seqs), self._newest
+        return successor
+
+
+def route_leftovers(drained: Iterable[Iterable[bytes]], shards: int) -> list[Leftovers]:
+    """Each new shard's leftovers, from what each old socket held in arrival order: a
+    datagram goes where the new sockets' filters send it (routing.shard_of_datagram), so
+    that its copy, if the new sockets queued one, is in the same worker's socket.  A log's
+    requests were all in one old socket, so each log's order is kept."""
+    routed: list[list[bytes]] = [[] for _ in range(shards)]
+    for old_socket_datagrams in drained:
+        for datagram in old_socket_datagrams:
+            routed[routing.shard_of_datagram(datagram, shards)].append(datagram)
+    return [Leftovers(datagrams) for datagrams in routed]
+
+
+def drain(sock: socket.socket, allowed_ports: frozenset[int]) -> list[bytes]:
+    """Everything ``sock`` holds, in arrival order, without waiting; what comes from a
+    port not allowed to drive the server is dropped (a worker would drop it too)."""
+    datagrams: list[bytes] = []
+    sock.setblocking(False)
+    while True:
+        try:
+            datagram, (port, _groups) = sock.recvfrom(ENTRY_SIZE)
+        except BlockingIOError:
+            return datagrams
+        except OSError as exc:
+            if exc.errno == errno.ENOBUFS:
+                # Requests were lost before the switch: the kernel re-sends them after
+                # its timeout, as it would to a worker.
+                log.warning("an old shard socket overflowed: requests were lost")
+                continue
+            log.error("draining an old shard socket: %s", exc)
+            return datagrams
+        if port in allowed_ports:
+            datagrams.append(datagram)
+        else:
+            log.warning("dropped a datagram from netlink port %d in an old shard socket",
+                        port)
+
+
+def switch_sockets(old_sockets: list[socket.socket], shards: int, *,
+                   receive_buffer: int | None,
+                   allowed_ports: frozenset[int]) -> tuple[list[socket.socket],
+                                                           list[Leftovers]]:
+    """Replace the old server's shard sockets, whose workers have stopped reading, by
+    ``shards`` new ones: (the new sockets, in group 7, and each one's leftovers).  The
+    old sockets are closed here.
+
+    Everything that can fail is done first: open, filter, bind and join every new socket
+    (TakeOverError, the new ones closed: the old sockets were never touched and the old
+    server serves on).  From the first join a request is queued twice, in one old and
+    one new socket; then every old socket leaves group 7 (nothing new arrives in it)
+    and is drained to the last datagram: what it held goes to the new workers as
+    leftovers, and the copies in the new sockets are dropped by seq (:class:`Leftovers`).
+    A request is thus accepted at every instant, and answered once."""
+    new_sockets: list[socket.socket] = []
+    try:
+        for index in range(shards):
+            new_sockets.append(open_connector_socket(receive_buffer=receive_buffer,
+                                                     shard=(index, shards)))
+        for sock in new_sockets:
+            sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
+        # Before anything is drained: should one old socket refuse to leave, every old
+        # socket still holds all it was sent, and the old server can serve on.
+        for sock in old_sockets:
+            leave_group_7(sock)
+    except OSError as exc:
+        for sock in new_sockets:
+            sock.close()  # a copy queued there is still in its old socket
+        for sock in old_sockets:  # rejoined by the old server too, should it resume
+            with contextlib.suppress(OSError):
+                sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
+        raise TakeOverError(f"cannot set up {shards} new shard sockets: "
+                            f"{exc.strerror or exc}") from None
+    # No going back from here: the old sockets' leftovers are in this process only.
+    drained = []
+    for sock in old_sockets:
+        drained.append(drain(sock, allowed_ports))
+        sock.close()
+    leftovers = route_leftovers(drained, shards)
+    log.info("switched from %d shard sockets to %d: %d requests handed on (%s)",
+             len(old_sockets), shards, sum(len(each.datagrams) for each in leftovers),
+             ", ".join(str(len(each.datagrams)) for each in leftovers))
+    return new_sockets, leftovers
