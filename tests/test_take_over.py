@@ -295,6 +295,27 @@ def test_a_new_server_that_fails_after_the_hand_over_leaves_the_old_one_serving(
         successor.close()
 
 
+def test_a_new_server_of_another_count_that_fails_after_the_switch_leaves_the_old_one_serving(
+        running, peer, servers):
+    # It switches to 3 sockets of its own (the old ones left group 7 and were drained),
+    # starts its workers, then cannot write its pid file.
+    with pytest.raises(ServeFailed, match="exited 1") as failed:
+        running.take_over(extra=("--workers", "3", "--pid-file", "/nonexistent/x.pid"))
+    assert "switched from 2 shard sockets to 3" in str(failed.value)
+    assert "take-over abandoned: the old server" in str(failed.value)
+    deadline = time.monotonic() + 30
+    while "serving on" not in running.log:
+        assert time.monotonic() < deadline, running.log
+        time.sleep(0.05)
+    # The old server's sockets rejoined group 7: its 2, and none of the new server's.
+    assert len(group7_listeners(exclude_port=PEER_PORT)) == 2
+    old_server_serves(running, peer)
+    successor = running.take_over(extra=("--workers", "3"))
+    servers.append(successor)
+    assert running.process.wait(30) == 0
+    assert peer.is_clean(8, uuid="log-a") == 0
+
+
 def test_a_new_server_killed_during_the_take_over_leaves_the_old_one_serving(
         kernel, tmp_path, servers):
     running = ServerProcess(tmp_path / "state", workers=2).start()

@@ -24,9 +24,9 @@ server's workers inherit the *same* sockets.
    The old server refuses — ``{"error": why}``, and nothing has happened — unless the
    fingerprint (:func:`fingerprint`: a digest of the routing hash over sample uuids and
    of the socket filters, the instance-file and record formats, this protocol's number;
-   the package version is only logged, an upgrade being the point), the worker count,
-   the state directory and the test peer are its own, it is serving, and no other
-   take-over or stop is under way.
+   the package version is only logged, an upgrade being the point), the state
+   directory and the test peer are its own, the worker count is one, it is serving, and
+   no other take-over or stop is under way.  The worker count may differ (below).
 2. The old front orders HAND_OVER to every worker (frames.Kind): each finishes the batch
    it holds, reads nothing more, commits every log, closes its files and exits, *without*
    leaving group 7.  From here requests wait queued in the sockets.
@@ -56,14 +56,53 @@ before it exits 1.
 
 A different worker count
 ------------------------
-Refused (exit 1, the old server untouched).  With N' ≠ N the logs move between shards,
-and the kernel delivers each request to every accepting member of group 7: for the
-instant both sets of sockets are in group 7 a request is queued twice, and during the
-switch one queued in an old socket after the old workers stopped would have to be
-answered by a new worker, exactly once, after every earlier request of its log.  That
-needs the old sockets' leftovers handed across and deduplicated against the new
-sockets' queues by (seq, uuid); it is not built.  Stop and start the server (the kernel
-reconnects) to change the count.
+With M new workers for the N old shard sockets (M != N) the logs move between shards:
+the old sockets' filters route by ``hash % N``, the new workers need ``hash % M``.  So
+the new front cannot inherit the sockets; it switches to sockets of its own
+(:func:`switch_sockets`, inside :func:`request_sockets`, between steps 3 and 4), and no
+request may be accepted by no socket (the kernel would think no server runs) nor be
+answered twice or out of its log's order.
+
+a. Steps 1-3 are as above: the old workers stop reading and exit, the old front passes
+   its N sockets.  Everything in them is unanswered from here on.
+b. The new front opens its M sockets, each with its filter (attached and locked) and its
+   receive buffer, and joins them to group 7.  From the first join every request is
+   queued twice: in one old socket and in one new one.  Any failure so far (opening,
+   filters, joining, an old socket that will not leave) closes the new sockets and ends
+   the take-over: every request is still in an old socket, and the old server serves on
+   (step 5's failure path).
+c. Every old socket leaves group 7 (NETLINK_DROP_MEMBERSHIP: nothing new is queued in
+   it; the kernel serializes deliveries against membership changes), then is drained
+   to the last datagram, without waiting, and closed.  What it held (the
+   **leftovers**, from the port allowed to drive the server only) goes to the new shard
+   whose filter takes it (:func:`route_leftovers`: routing.shard_of_datagram(…, M)), in
+   arrival order.  A log's requests were all in one old socket, so each log keeps its
+   order.
+d. Each new worker is given its shard's :class:`Leftovers` at its fork and answers them
+   before it reads its socket (through its in-flight ring, as if received: a worker
+   that dies holding them has them answered -EAGAIN by the front), then reads its
+   socket and drops every datagram whose seq is a leftover's (a copy queued in b-c;
+   counted in ``shardlog_datagrams_dropped_total{reason="duplicate"}``).  The kernel
+   sends one request at a time under one seq counter, so a socket queues seqs in
+   increasing order: once the worker reads a seq sent after its newest leftover
+   (serial arithmetic: the u32 wraps), no copy can follow and the seqs are forgotten.
+   A datagram that is not a request has no seq: it was dropped or answered -EINVAL
+   and nobody waits for it, so a copy of it is not looked for.
+e. As in step 4, each worker restores a log from its instance file and CTR record at its
+   first request, whichever old worker last had it (they all committed and exited in
+   step 2): no reconnect.  Steps 4-5 follow unchanged.
+
+Failure after c, where the leftovers live in the new server only: a new front that
+fails (a worker that cannot start, a pid file it cannot write) ends its workers as in
+the same-count case; they answer their leftovers first, then what is queued, and exit;
+the new sockets close, and the old server, seeing the connection close, rejoins group 7
+with its old sockets and serves on.  Between the new sockets' close and that rejoin the
+kernel finds no server (it reconnects: safe, merely slow), and a request queued in a new
+socket after its worker's last read is lost (the kernel re-sends it after its timeout).
+A new front killed between c and its workers' fork loses the leftovers the same way.  A
+new worker that dies still answering its leftovers loses the ones it had not taken into
+its ring yet; its successor is given the seqs only, so that nothing is answered twice.
+Nothing else differs: with the same count the sockets are inherited, as above.
 """
 
 from __future__ import annotations
