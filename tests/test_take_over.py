@@ -25,10 +25,12 @@ import pytest
 from shardlog.harness.kernelsim import Connector
 from shardlog.harness.kernelsim.connector import group7_listeners
 from shardlog.harness.kernelsim.serveprocess import ServeFailed
+from shardlog.log.logtable import LogTable
+from shardlog.observability.workerstats import Reporter
 from shardlog.server import control, handover, routing
-from shardlog.server.nlsocket import (
-    open_connector_socket,
-)
+from shardlog.server.inflight import InFlight
+from shardlog.server.nlsocket import open_connector_socket
+from shardlog.server.worker import Peer, ShardWorker
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
@@ -521,11 +523,6 @@ def test_a_switch_to_another_count_answers_every_request_once(monkeypatch, tmp_p
 
 
 def test_a_worker_answers_its_leftovers_first_and_drops_their_copies(tmp_path):
-    from shardlog.log.logtable import LogTable
-    from shardlog.observability.workerstats import Reporter
-    from shardlog.server.inflight import InFlight
-    from shardlog.server.worker import Peer, ShardWorker
-
     sock = open_connector_socket(join_group_7=True, shard=(0, 1))
     peer = RawPeer()
     try:

@@ -338,6 +338,7 @@ class ShardWorker:
                            "kernel may drive shardlog", port)
                 continue
             if leftovers is not None and leftovers.duplicate(entries[len(sizes)][:size]):
+                self.reporter.active = True
                 stats.dropped["duplicate"] += 1  # its leftover was answered
                 continue
             if not sizes:
