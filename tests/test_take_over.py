@@ -423,7 +423,8 @@ def test_leftovers_drop_each_copy_once_and_forget_after_a_later_seq():
     assert leftovers.duplicate(request_datagram(11, "log-a"))
     assert not leftovers.duplicate(request_datagram(11, "log-a"))  # one copy at most
     assert not leftovers.duplicate(b"not a request")
-    assert leftovers.duplicate(request_datagram(10, "log-b"))
+    assert not leftovers.duplicate(request_datagram(10, "log-b"))  # same seq, not a copy
+    assert leftovers.duplicate(memoryview(request_datagram(10, "log-a")))
     # A seq sent after the newest leftover: no copy can follow, the seqs are forgotten.
     assert not leftovers.duplicate(request_datagram(13, "log-a"))
     assert leftovers.done and not leftovers.duplicate(request_datagram(12, "log-a"))

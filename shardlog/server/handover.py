@@ -81,7 +81,7 @@ c. Every old socket leaves group 7 (NETLINK_DROP_MEMBERSHIP: nothing new is queu
 d. Each new worker is given its shard's :class:`Leftovers` at its fork and answers them
    before it reads its socket (through its in-flight ring, as if received: a worker
    that dies holding them has them answered -EAGAIN by the front), then reads its
-   socket and drops every datagram whose seq is a leftover's (a copy queued in b-c;
+   socket and drops every datagram with a leftover's seq and bytes (a copy queued in b-c;
    counted in ``shardlog_datagrams_dropped_total{reason="duplicate"}``).  The kernel
    sends one request at a time under one seq counter, so a socket queues seqs in
    increasing order: once the worker reads a seq sent after its newest leftover
@@ -356,66 +356,69 @@ def seq_after(seq: int, other: int) -> bool:
 class Leftovers:
     """One new worker's share of what the old sockets held: the datagrams it answers
     before it reads its own socket (in the order the kernel sent them: they came from
-    one old socket per log), and their seqs, to drop the copies of them that its socket
-    queued while both sets of sockets were in group 7.
+    one old socket per log), and, by seq, their bytes, to drop the copies of them that
+    its socket queued while both sets of sockets were in group 7.
 
-    The kernel sends one request at a time with one seq counter, so every socket queues
-    seqs in increasing order: once the worker's socket yields a seq sent after the
-    newest leftover, no copy can follow, and the seqs are forgotten (the check then
-    costs nothing)."""
+    A copy is the same multicast: same seq, same bytes.  Both are compared, so that a
+    peer that reused a seq (the kernel never does within 2**31 requests) loses nothing.
+    The kernel sends one request at a time under one seq counter, so every socket
+    queues seqs in increasing order: once the worker's socket yields a seq sent after
+    the newest leftover, no copy can follow, and the leftovers are forgotten (the check
+    then costs nothing)."""
 
     def __init__(self, datagrams: Iterable[bytes] = ()) -> None:
         self.datagrams: deque[bytes] = deque(datagrams)
-        self._seqs: set[int] | None = set()
+        self._by_seq: dict[int, bytes] | None = {}
         self._newest = 0
         for datagram in self.datagrams:
             self._remember(datagram)
-        if not self._seqs:
-            self._seqs = None
+        if not self._by_seq:
+            self._by_seq = None
 
     def _remember(self, datagram: bytes) -> None:
         peeked = protocol.peek_request(datagram)
         if peeked is None:
             return  # not a request: it gets no answer the kernel waits for
         seq = peeked[1]
-        assert self._seqs is not None
-        if not self._seqs or seq_after(seq, self._newest):
+        assert self._by_seq is not None
+        if not self._by_seq or seq_after(seq, self._newest):
             self._newest = seq
-        self._seqs.add(seq)
+        self._by_seq[seq] = datagram
 
     @property
     def seqs(self) -> frozenset[int]:
         """The seqs whose copies are still dropped (empty once forgotten)."""
-        return frozenset(self._seqs or ())
+        return frozenset(self._by_seq or ())
 
     @property
     def done(self) -> bool:
         """Nothing left to answer and nothing left to drop: the worker can forget it."""
-        return not self.datagrams and self._seqs is None
+        return not self.datagrams and self._by_seq is None
 
     def duplicate(self, datagram: bytes | memoryview) -> bool:
         """Whether ``datagram``, read from the worker's own socket, is a copy of a
         leftover (answered already: drop it)."""
-        if self._seqs is None:
+        if self._by_seq is None:
             return False
         peeked = protocol.peek_request(datagram)
         if peeked is None:
             return False
         seq = peeked[1]
-        if seq in self._seqs:
-            self._seqs.discard(seq)  # one copy at most: the kernel sent it once
-            if not self._seqs:
-                self._seqs = None
+        leftover = self._by_seq.get(seq)
+        if leftover is not None and leftover == datagram:
+            del self._by_seq[seq]  # one copy at most: the kernel sent it once
+            if not self._by_seq:
+                self._by_seq = None
             return True
         if seq_after(seq, self._newest):
-            self._seqs = None  # everything from here on was sent after the switch
+            self._by_seq = None  # everything from here on was sent after the switch
         return False
 
     def seqs_only(self) -> Leftovers:
-        """The same seqs to drop, with nothing to answer (for a successor worker)."""
+        """The same copies to drop, with nothing to answer (for a successor worker)."""
         successor = Leftovers()
-        if self._seqs:
-            successor._seqs, successor._newest = set(self._seqs), self._newest
+        if self._by_seq:
+            successor._by_seq, successor._newest = dict(self._by_seq), self._newest
         return successor
 
 
