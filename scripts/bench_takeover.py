@@ -20,8 +20,12 @@ from its files at the log's first request.  Reported per log count:
   start-up included: requests are served by the old server during most of it);
 - resends (a request unanswered for 5 s, re-sent: none expected) and error replies.
 
+With ``--switch-to M`` the take-overs alternate between 2 and M workers (2 → M → 2 ...):
+the new server switches to sockets of its own, the old sockets' leftovers handed across
+(handover.py), and every log moves to the shard of its new count.
+
     .venv/bin/python scripts/bench_takeover.py [--logs 10,1000,10000] [--rounds 3]
-                                               [--state-dir DIR]
+                                               [--switch-to M] [--state-dir DIR]
 
 Needs root (a private network namespace).  DIR (default: a temporary directory under the
 current one) should be on the filesystem the state directory would be on.  The exit code
@@ -42,6 +46,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from shardlog.harness.kernelsim import LoadResult, log_streams, run_load
+from shardlog.harness.kernelsim.connector import RawLink
 from shardlog.harness.kernelsim.serveprocess import ServeProcess
 from shardlog.harness.netns import enter_or_say_why
 from shardlog.server.nlsocket import GROUP_7_MASK, open_connector_socket
@@ -93,7 +98,7 @@ def longest_ms(result: LoadResult) -> float:
                default=0) / 1e6
 
 
-def one_size(base: Path, logs: int, rounds: int) -> dict:
+def one_size(base: Path, logs: int, rounds: int, switch_to: int | None = None) -> dict:
     run_dir = base / f"logs-{logs}"
     run_dir.mkdir()
     server = ServeProcess(run_dir / "state", workers=WORKERS, test_peer=LOAD_PORT,
@@ -108,14 +113,19 @@ def one_size(base: Path, logs: int, rounds: int) -> dict:
               flush=True)
         streams = log_streams([(uuid, 1) for uuid in uuids], "write")
         in_flight = min(IN_FLIGHT, logs)
-        baseline = run_load(sock, streams, in_flight=in_flight, duration=1.0)
+        # One seq counter for the whole run, as the kernel's: a take-over to another
+        # worker count drops a request whose seq repeats a leftover's as its copy.
+        link = RawLink(sock, 0)
+        baseline = run_load(link, streams, in_flight=in_flight, duration=1.0)
         waits, hand_overs, resends, errors = [], [], 0, 0
         for round_number in range(1, rounds + 1):
-            window = _LoadWindow(sock, streams, in_flight)
+            window = _LoadWindow(link, streams, in_flight)
             window.start()
             time.sleep(BEFORE)
             started = time.monotonic()
-            successor = server.take_over()
+            # With --switch-to, odd rounds go to the other count and even ones back.
+            workers = switch_to if switch_to is not None and round_number % 2 else WORKERS
+            successor = server.take_over(extra=("--workers", str(workers)))
             servers.append(successor)
             code = server.process.wait(60)
             hand_over = time.monotonic() - started
@@ -150,8 +160,8 @@ class _LoadWindow:
 
     SLICE = 0.2
 
-    def __init__(self, sock, streams, in_flight: int):
-        self.sock, self.streams, self.in_flight = sock, streams, in_flight
+    def __init__(self, link: RawLink, streams, in_flight: int):
+        self.link, self.streams, self.in_flight = link, streams, in_flight
         self.results: list[LoadResult] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -163,7 +173,7 @@ class _LoadWindow:
     def _run(self) -> None:
         try:
             while not self.stop.is_set():
-                self.results.append(run_load(self.sock, self.streams,
+                self.results.append(run_load(self.link, self.streams,
                                              in_flight=self.in_flight,
                                              duration=self.SLICE))
         except BaseException as exc:  # re-raised by finish()
@@ -192,6 +202,8 @@ def main() -> int:
                         help="log counts, comma-separated (default 10,1000,10000)")
     parser.add_argument("--rounds", type=int, default=3, help="take-overs per log count")
     parser.add_argument("--state-dir", type=Path, help="where the runs' directories go")
+    parser.add_argument("--switch-to", type=int, metavar="M",
+                        help=f"alternate between {WORKERS} and M workers at each take-over")
     args = parser.parse_args()
     if not enter_or_say_why("bench_takeover"):
         return 1
@@ -199,9 +211,11 @@ def main() -> int:
     rows = []
     try:
         for logs in (int(n) for n in args.logs.split(",")):
-            print(f"{logs} logs, {WORKERS} workers, write path, up to {IN_FLIGHT} in flight:",
+            counts = (f"{WORKERS} <-> {args.switch_to}" if args.switch_to is not None
+                      else f"{WORKERS}")
+            print(f"{logs} logs, {counts} workers, write path, up to {IN_FLIGHT} in flight:",
                   flush=True)
-            rows.append(one_size(base, logs, args.rounds))
+            rows.append(one_size(base, logs, args.rounds, args.switch_to))
     except BenchError as exc:
         print(f"bench_takeover: {exc}", file=sys.stderr)
         return 1

@@ -4,13 +4,15 @@ The simulated kernel drives mirrors of every kind through real sockets in a priv
 namespace while servers take each other over, and checks what the kernel would notice:
 a request unanswered (a 2 s retry here), one answered twice (a reply no waiter wants),
 a wait longer than the hand-over, a reconnect, or an acknowledged mark that is gone
-(each mirror's oracle).  Then every way a take-over must be refused or fail safely: the
-old server serves on, untouched.
+(each mirror's oracle) — with the same worker count, and switching between 2 and 3
+workers (the old sockets' leftovers handed across, their copies dropped).  Then every way
+a take-over must be refused or fail safely: the old server serves on, untouched.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -22,8 +24,12 @@ import pytest
 
 from shardlog.harness.kernelsim import Connector
 from shardlog.harness.kernelsim.serveprocess import ServeFailed
-from shardlog.server import control, handover
-from shardlog.server.nlsocket import group7_listeners
+from shardlog.log.logtable import LogTable
+from shardlog.observability.workerstats import Reporter
+from shardlog.server import control, handover, routing
+from shardlog.server.inflight import InFlight
+from shardlog.server.nlsocket import group7_listeners, open_connector_socket
+from shardlog.server.worker import Peer, ShardWorker
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
@@ -84,9 +90,29 @@ def assert_nothing_noticed(kernel: TimedConnector) -> None:
 
 
 def test_twenty_take_overs_under_load_lose_nothing(tmp_path, kernel, servers):
-    server = ServerProcess(tmp_path / "state", workers=2).start()
+    take_over_under_load(tmp_path, kernel, servers, [2] * (TAKE_OVERS + 1))
+
+
+def test_twenty_take_overs_between_2_and_3_workers_lose_nothing(tmp_path, kernel, servers):
+    counts = [2 + n % 2 for n in range(TAKE_OVERS + 1)]  # 2, 3, 2, 3, ...
+    take_over_under_load(tmp_path, kernel, servers, counts, extra_logs=6)
+    # Each take-over switched sockets and handed the old sockets' requests across.
+    for before, after, successor in zip(counts[:-1], counts[1:], servers[1:], strict=True):
+        assert f"switched from {before} shard sockets to {after}" in successor.log
+    handed_on = [int(found) for s in servers[1:]
+                 for found in re.findall(r"(\d+) requests handed on", s.log)]
+    print(f"requests handed on from the old sockets per take-over: {handed_on}")
+    assert len(group7_listeners(exclude_port=PEER_PORT)) == counts[-1]
+
+
+def take_over_under_load(tmp_path: Path, kernel: TimedConnector,
+                         servers: list[ServerProcess], counts: list[int],
+                         extra_logs: int = 0) -> None:
+    """Servers with ``counts[0]``, ``counts[1]``, ... workers take each other over while
+    mirrors are written: nothing is noticed, every acknowledged mark is there."""
+    server = ServerProcess(tmp_path / "state", workers=counts[0]).start()
     servers.append(server)
-    mirrors = [core_mirror(kernel, f"core-{n}", "nosync") for n in range(6)]
+    mirrors = [core_mirror(kernel, f"core-{n}", "nosync") for n in range(6 + extra_logs)]
     mirrors += [core_mirror(kernel, f"iflush-{n}", "nosync", integrated_flush=True)
                 for n in range(2)]
     mirrors += [disk_mirror(kernel, f"disk-{n}", scratch_device(tmp_path / f"dev{n}"),
@@ -94,9 +120,9 @@ def test_twenty_take_overs_under_load_lose_nothing(tmp_path, kernel, servers):
     writers = Writers(mirrors)
     writers.wait_for_rounds(10)
     hand_overs = []
-    for _ in range(TAKE_OVERS):
+    for workers in counts[1:]:
         started = time.monotonic()
-        successor = server.take_over()
+        successor = server.take_over(extra=("--workers", str(workers)))
         servers.append(successor)
         assert server.process.wait(30) == 0  # the old front exits 0 once the new serves
         hand_overs.append((started, time.monotonic()))
@@ -115,8 +141,8 @@ def test_twenty_take_overs_under_load_lose_nothing(tmp_path, kernel, servers):
     # No request waited longer than a hand-over (from asking for it to the old
     # server's exit), nor anywhere near the kernel's retry.
     longest_hand_over = max(end - start for start, end in hand_overs)
-    print(f"\n{TAKE_OVERS} take-overs: longest request wait {kernel.longest * 1e3:.1f} ms, "
-          f"longest hand-over {longest_hand_over * 1e3:.0f} ms")
+    print(f"\n{len(hand_overs)} take-overs: longest request wait "
+          f"{kernel.longest * 1e3:.1f} ms, longest hand-over {longest_hand_over * 1e3:.0f} ms")
     assert kernel.longest < longest_hand_over
 
 
@@ -179,12 +205,33 @@ def running(tmp_path: Path, peer: RawPeer, servers) -> ServerProcess:
     return server
 
 
-def test_another_worker_count_is_refused(running, peer):
-    with pytest.raises(ServeFailed, match="exited 1") as failed:
-        running.take_over(extra=("--workers", "3"))
-    assert "take-over refused, the running server serves on" in str(failed.value)
-    assert "another worker count is not supported" in str(failed.value)
-    old_server_serves(running, peer)
+def test_another_worker_count_takes_over_and_moves_the_logs(running, peer, servers):
+    # Logs on every shard of both counts, each with a mark acknowledged by the old server.
+    uuids = [f"log-{n}" for n in range(12)]
+    assert {routing.shard_of_uuid(uuid, 2) for uuid in uuids} == {0, 1}
+    assert {routing.shard_of_uuid(uuid, 3) for uuid in uuids} == {0, 1, 2}
+    for uuid in uuids:
+        peer.open_log(uuid)
+        peer.ok(T.FLUSH, protocol.pack_regions([3]), uuid=uuid)
+    successor = running.take_over(extra=("--workers", "3"))
+    servers.append(successor)
+    assert running.process.wait(30) == 0
+    assert "switched from 2 shard sockets to 3" in successor.log
+    assert len(group7_listeners(exclude_port=PEER_PORT)) == 3
+    # Every log restored from its files by its new shard's worker: no reconnect.
+    for uuid in [*uuids, "log-a"]:
+        assert peer.is_clean(3 if uuid != "log-a" else 7, uuid=uuid) == 0
+    status = control.ask(successor.control_socket, {"cmd": "status"})
+    assert len(status["workers"]) == 3
+    assert successor.metrics().get("shardlog_reconnect_ctrs_total", 0) == 0
+    back = successor.take_over(extra=("--workers", "2"))
+    servers.append(back)
+    assert successor.process.wait(30) == 0
+    assert "switched from 3 shard sockets to 2" in back.log
+    assert len(group7_listeners(exclude_port=PEER_PORT)) == 2
+    for uuid in uuids:
+        assert peer.is_clean(3, uuid=uuid) == 0
+    assert peer.quiet()  # nothing answered twice
 
 
 def test_another_state_dir_is_refused(running, peer, tmp_path):
@@ -247,6 +294,27 @@ def test_a_new_server_that_fails_after_the_hand_over_leaves_the_old_one_serving(
         assert peer.is_clean(8, uuid="log-a") == 0
     finally:
         successor.close()
+
+
+def test_a_new_server_of_another_count_that_fails_after_the_switch_leaves_the_old_one_serving(
+        running, peer, servers):
+    # It switches to 3 sockets of its own (the old ones left group 7 and were drained),
+    # starts its workers, then cannot write its pid file.
+    with pytest.raises(ServeFailed, match="exited 1") as failed:
+        running.take_over(extra=("--workers", "3", "--pid-file", "/nonexistent/x.pid"))
+    assert "switched from 2 shard sockets to 3" in str(failed.value)
+    assert "take-over abandoned: the old server" in str(failed.value)
+    deadline = time.monotonic() + 30
+    while "serving on" not in running.log:
+        assert time.monotonic() < deadline, running.log
+        time.sleep(0.05)
+    # The old server's sockets rejoined group 7: its 2, and none of the new server's.
+    assert len(group7_listeners(exclude_port=PEER_PORT)) == 2
+    old_server_serves(running, peer)
+    successor = running.take_over(extra=("--workers", "3"))
+    servers.append(successor)
+    assert running.process.wait(30) == 0
+    assert peer.is_clean(8, uuid="log-a") == 0
 
 
 def test_a_new_server_killed_during_the_take_over_leaves_the_old_one_serving(
@@ -321,6 +389,158 @@ def test_the_fingerprint_covers_routing_and_formats():
     assert handover.refusal({"fingerprint": mine, "workers": 2, "state_dir": "/x",
                              "test_peer": None}, workers=2, state_dir=Path("/x"),
                             test_peer=None) is None
-    assert "worker count" in handover.refusal(
-        {"fingerprint": mine, "workers": 3, "state_dir": "/x", "test_peer": None},
-        workers=2, state_dir=Path("/x"), test_peer=None)
+    # Another worker count is welcome (the logs move between shards); no count is not.
+    assert handover.refusal({"fingerprint": mine, "workers": 3, "state_dir": "/x",
+                             "test_peer": None}, workers=2, state_dir=Path("/x"),
+                            test_peer=None) is None
+    for nonsense in (0, None, "3", True):
+        assert "not a worker count" in handover.refusal(
+            {"fingerprint": mine, "workers": nonsense, "state_dir": "/x",
+             "test_peer": None}, workers=2, state_dir=Path("/x"), test_peer=None)
+
+
+# -- another worker count, in one process: the socket switch and the dedupe -----------------
+
+
+def request_datagram(seq: int, uuid: str) -> bytes:
+    return protocol.encode_request(T.IS_CLEAN, seq=seq, uuid=uuid, luid=1,
+                                   data=protocol.pack_u64(0))
+
+
+def seq_of(datagram: bytes) -> int:
+    peeked = protocol.peek_request(datagram)
+    assert peeked is not None
+    return peeked[1]
+
+
+def test_leftovers_drop_each_copy_once_and_forget_after_a_later_seq():
+    leftovers = handover.Leftovers([request_datagram(seq, "log-a")
+                                    for seq in (10, 12, 11)])
+    assert leftovers.seqs == {10, 11, 12} and not leftovers.done
+    assert len(leftovers.datagrams) == 3  # answered first, in this order
+    leftovers.datagrams.clear()
+    assert leftovers.duplicate(request_datagram(11, "log-a"))
+    assert not leftovers.duplicate(request_datagram(11, "log-a"))  # one copy at most
+    assert not leftovers.duplicate(b"not a request")
+    assert not leftovers.duplicate(request_datagram(10, "log-b"))  # same seq, not a copy
+    assert leftovers.duplicate(memoryview(request_datagram(10, "log-a")))
+    # A seq sent after the newest leftover: no copy can follow, the seqs are forgotten.
+    assert not leftovers.duplicate(request_datagram(13, "log-a"))
+    assert leftovers.done and not leftovers.duplicate(request_datagram(12, "log-a"))
+    # Across the wrap of the kernel's u32 seq: 2 was sent after 0xFFFFFFFE.
+    wrapped = handover.Leftovers([request_datagram(seq, "log-a")
+                                  for seq in (0xFFFFFFFE, 0xFFFFFFFF, 1)])
+    assert not wrapped.duplicate(request_datagram(0, "log-a"))  # never a leftover
+    assert not wrapped.done
+    assert wrapped.duplicate(request_datagram(0xFFFFFFFF, "log-a"))
+    assert not wrapped.duplicate(request_datagram(2, "log-a"))
+    assert wrapped.seqs == frozenset()
+    # A successor worker drops the same copies and answers nothing.
+    first = handover.Leftovers([request_datagram(5, "log-a")])
+    successor = first.seqs_only()
+    assert not successor.datagrams and successor.seqs == {5}
+    assert successor.duplicate(request_datagram(5, "log-a"))
+
+
+def test_leftovers_go_where_the_new_filters_send_them_in_arrival_order():
+    uuids = [f"log-{n}" for n in range(20)]
+    old_sockets = [[], []]
+    for seq in range(200):
+        uuid = uuids[seq % len(uuids)]
+        old_sockets[routing.shard_of_uuid(uuid, 2)].append(request_datagram(seq, uuid))
+    routed = handover.route_leftovers(old_sockets, 3)
+    assert sum(len(each.datagrams) for each in routed) == 200
+    for shard, leftovers in enumerate(routed):
+        by_log: dict[bytes, list[int]] = {}
+        for datagram in leftovers.datagrams:
+            assert routing.shard_of_datagram(datagram, 3) == shard
+            uuid, seq, _type = protocol.peek_request(datagram)
+            by_log.setdefault(uuid, []).append(seq)
+        assert all(seqs == sorted(seqs) for seqs in by_log.values())  # each log in order
+        assert leftovers.seqs == {seq_of(d) for d in leftovers.datagrams}
+
+
+def test_a_switch_to_another_count_answers_every_request_once(monkeypatch, tmp_path):
+    # The old server's 2 shard sockets, in group 7, holding what its stopped workers left.
+    old = [open_connector_socket(join_group_7=True, shard=(index, 2)) for index in (0, 1)]
+    peer = RawPeer()
+    uuids = [f"log-{n}" for n in range(24)]
+    sent: list[int] = []
+
+    def send(count: int) -> None:
+        for _ in range(count):
+            sent.append(peer.request(T.IS_CLEAN, protocol.pack_u64(0),
+                                     uuid=uuids[len(sent) % len(uuids)]))
+
+    send(40)  # before the switch: in the old sockets only
+    # Requests the kernel sends while both sets of sockets are in group 7 (between the
+    # new sockets' joins and the old ones' leaving): queued in one old and one new socket.
+    leave = handover.leave_group_7
+    in_both = []
+
+    def leave_after_sending(sock):
+        if not in_both:
+            before = len(sent)
+            send(30)
+            in_both.extend(sent[before:])
+        leave(sock)
+
+    monkeypatch.setattr(handover, "leave_group_7", leave_after_sending)
+    new, leftovers = handover.switch_sockets(old, 3, receive_buffer=None,
+                                             allowed_ports=frozenset({PEER_PORT}))
+    send(40)  # after it: in the new sockets only
+    try:
+        assert len(group7_listeners(exclude_port=PEER_PORT)) == 3
+        assert all(sock.fileno() == -1 for sock in old)  # drained and closed
+        answered: list[int] = []
+        duplicates = 0
+        seqs_of = {uuid: set(sent[n::len(uuids)]) for n, uuid in enumerate(uuids)}
+        for shard, sock in enumerate(new):
+            mine = leftovers[shard]
+            order = [seq_of(datagram) for datagram in mine.datagrams]
+            mine.datagrams.clear()
+            sock.setblocking(False)
+            while True:
+                try:
+                    datagram = sock.recv(1024)
+                except BlockingIOError:
+                    break
+                assert routing.shard_of_datagram(datagram, 3) == shard
+                if mine.duplicate(datagram):
+                    duplicates += 1
+                else:
+                    order.append(seq_of(datagram))
+            for uuid in uuids:  # the order each log's requests are answered in: sent's
+                of_log = [seq for seq in order if seq in seqs_of[uuid]]
+                assert of_log == sorted(of_log)
+            answered += order
+        assert sorted(answered) == sorted(sent)  # each once: none lost, none twice
+        assert duplicates == len(in_both) == 30
+    finally:
+        for sock in new:
+            sock.close()
+        peer.close()
+
+
+def test_a_worker_answers_its_leftovers_first_and_drops_their_copies(tmp_path):
+    sock = open_connector_socket(join_group_7=True, shard=(0, 1))
+    peer = RawPeer()
+    try:
+        left = [request_datagram(seq, "log-a") for seq in (100, 101)]
+        for datagram in left:  # their copies, queued in the worker's socket too
+            peer.send_raw(datagram)
+        peer.send_raw(request_datagram(102, "log-a"))  # sent after the switch
+        table = LogTable(tmp_path)
+        worker = ShardWorker(table, sock, InFlight(), Peer(PEER_PORT), Reporter())
+        worker.leftovers = handover.Leftovers(left)
+        assert worker.answer_batch() == 2  # the leftovers alone, the socket untouched
+        assert worker.answer_batch() == 1  # then the socket, copies dropped
+        assert worker.leftovers is not None and worker.leftovers.done
+        assert worker.reporter.requests.dropped["duplicate"] == 2
+        replies = [peer.receive(2.0) for _ in range(3)]
+        assert [reply.seq for reply in replies if reply is not None] == [100, 101, 102]
+        assert peer.quiet()
+        table.close()
+    finally:
+        sock.close()
+        peer.close()

@@ -33,8 +33,9 @@ LATENCY_BOUNDS = tuple(2 ** (LATENCY_SHIFT + i) / 1e9 for i in range(21))  # to 
 SLOTS = 64  # per type: room for any bit_length of a 64-bit count of nanoseconds
 
 # Why a datagram was dropped (or answered -EINVAL by the worker that received it)
-# instead of being answered as a request.
-DROP_REASONS = ("forged_sender", "malformed", "not_for_us")
+# instead of being answered as a request; "duplicate": a copy of a request answered
+# already, after a take-over from another worker count (handover.py).
+DROP_REASONS = ("forged_sender", "malformed", "not_for_us", "duplicate")
 
 # A re-send of a request answered -EAGAIN is recognised this long after the -EAGAIN (the
 # kernel re-sends at once), and at most this many are watched.

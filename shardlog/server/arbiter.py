@@ -296,12 +296,13 @@ class Arbiter:
         try:
             received = handover.request_sockets(
                 config.control_socket, workers=config.workers, state_dir=config.state_dir,
-                test_peer=config.test_peer)
+                test_peer=config.test_peer, receive_buffer=config.receive_buffer,
+                allowed_ports=self.peer.allowed_ports)
         except handover.TakeOverError as exc:
             raise ServeError(f"take-over refused, the running server serves on: {exc}") \
                 from exc
         log.info("pid %d handed %d shard sockets over %.1f ms after the request",
-                 received.old_pid, len(received.sockets),
+                 received.old_pid, received.handed,
                  (received.received_at - received.asked_at) * 1e3)
         return received
 
@@ -349,7 +350,8 @@ class Arbiter:
         process = multiprocess.get_context("fork").Process(
             target=worker.run, name=f"shardlog-worker-{index}",
             args=(index, sock, control_r, events_w, self.config.state_dir, in_flight,
-                  self.peer, self.stats.resend_watch, inherited, take_over_conn))
+                  self.peer, self.stats.resend_watch, inherited, take_over_conn,
+                  self.received.leftovers_for(index) if self.received is not None else None))
         process.start()
         os.close(control_r)
         os.close(events_w)

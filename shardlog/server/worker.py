@@ -43,6 +43,11 @@ How a worker ends is an order of the front's (frames.Kind), never a guess:
   which holds the same sockets, serves on once every holder of that connection is gone.
   TAKEN_OVER ends that state (the old server is gone; the connection is closed).
 
+A worker of a server that took over from one with another worker count starts with
+**leftovers** (handover.py: what the old sockets held, routed to this shard): it answers
+them before it reads its socket, and drops the copies of them its socket queued while
+both servers' sockets were in group 7 (same seq), counted as dropped "duplicate".
+
 It ignores SIGINT and SIGTERM: a terminal's Ctrl-C or systemd's stop reaches the whole
 process group, and the front orders the shutdown.
 """
@@ -74,6 +79,7 @@ from shardlog.observability.workercounters import (
     observe,
 )
 from shardlog.observability.workerstats import Reporter
+from shardlog.server.handover import Leftovers
 from shardlog.server.inflight import CAPACITY, InFlight
 from shardlog.server.nlsocket import leave_group_7
 from shardlog.wire import frames, protocol
@@ -103,7 +109,8 @@ class Peer:
 
 def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
         state_dir: Path, in_flight: InFlight, peer: Peer, resend_watch: dict[bytes, int],
-        inherited: list, take_over_conn: socket.socket | None = None) -> None:
+        inherited: list, take_over_conn: socket.socket | None = None,
+        leftovers: Leftovers | None = None) -> None:
     """The worker process's main function (the target of its multiprocess.Process).
 
     ``inherited`` are the front's descriptors (numbers, or objects with ``close()``) that
@@ -113,7 +120,8 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
     reconnecting; and the other workers' pipes, whose EOF would never come.
     ``resend_watch`` are the requests a dead predecessor held, answered -EAGAIN by the
     front: their re-sends are counted (requeststats.py).  ``take_over_conn``: the
-    connection to the server this one is taking over, held until TAKEN_OVER (module
+    connection to the server this one is taking over, held until TAKEN_OVER;
+    ``leftovers``: what to answer before reading the socket, and drop from it (module
     docstring)."""
     for item in inherited:
         _close_quietly(item)
@@ -128,8 +136,11 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
         reporter.requests.resend_until = max(resend_watch.values())
     worker = ShardWorker(table, shard, in_flight, peer, reporter)
     worker.take_over_conn = take_over_conn
+    worker.leftovers = leftovers
     try:
         _write(events_fd, frames.pack(Kind.READY))
+        while leftovers is not None and leftovers.datagrams:
+            worker.answer_batch()  # the leftovers, before anything of the socket
         worker.serve(control_fd, events_fd)
     finally:
         count = len(table.logs)
@@ -158,6 +169,8 @@ class ShardWorker:
         # Held while the front is taking over from another server: EOF then must not
         # take this shard's socket, which the old server still holds, out of group 7.
         self.take_over_conn: socket.socket | None = None
+        # After a take-over from another worker count: to answer first, then to drop.
+        self.leftovers: Leftovers | None = None
 
     def serve(self, control_fd: int, events_fd: int) -> None:
         """Answer the shard's requests until the front's STOP or HAND_OVER order, or EOF
@@ -295,6 +308,12 @@ class ShardWorker:
         entries, hold, poll = in_flight.entries, in_flight.hold, self._readable.poll
         stats = self.reporter.requests
         sizes: list[int] = []
+        leftovers = self.leftovers
+        if leftovers is not None:
+            if leftovers.datagrams:
+                return self._hold_leftovers(leftovers)
+            if leftovers.done:
+                self.leftovers = leftovers = None
         while len(sizes) < CAPACITY and (readable or poll(0)):
             readable = False
             try:
@@ -317,10 +336,27 @@ class ShardWorker:
                 self._warn("sender", "dropped a datagram from netlink port %d: only the "
                            "kernel may drive shardlog", port)
                 continue
+            if leftovers is not None and leftovers.duplicate(entries[len(sizes)][:size]):
+                self.reporter.active = True
+                stats.dropped["duplicate"] += 1  # its leftover was answered
+                continue
             if not sizes:
                 in_flight.begin_batch(time.monotonic_ns())
             hold(len(sizes), size)
             sizes.append(size)
+        return sizes
+
+    def _hold_leftovers(self, leftovers: Leftovers) -> list[int]:
+        """A batch of leftovers, put in the ring as if received (so that the front
+        answers -EAGAIN what a dying worker held of them)."""
+        entries, hold = self.in_flight.entries, self.in_flight.hold
+        sizes: list[int] = []
+        self.in_flight.begin_batch(time.monotonic_ns())
+        while leftovers.datagrams and len(sizes) < CAPACITY:
+            datagram = leftovers.datagrams.popleft()
+            entries[len(sizes)][:len(datagram)] = datagram
+            hold(len(sizes), len(datagram))
+            sizes.append(len(datagram))
         return sizes
 
     def _malformed(self, index: int, datagram: bytes, exc: ProtocolError) -> None:

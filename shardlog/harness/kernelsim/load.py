@@ -157,7 +157,7 @@ def percentile_us(ordered: Sequence[int], q: float) -> float:
     return ordered[rank - 1] / 1000
 
 
-def run_load(target: Connector | socket.socket, streams: Sequence[Stream], *,
+def run_load(target: Connector | socket.socket | RawLink, streams: Sequence[Stream], *,
              in_flight: int, count: int | None = None, duration: float | None = None,
              reply_timeout: float = 5.0, rate: float | None = None,
              cycles: int | None = None, resend: bool = True) -> LoadResult:
@@ -166,7 +166,8 @@ def run_load(target: Connector | socket.socket, streams: Sequence[Stream], *,
     than ``rate`` requests per second if given; wait for the last replies; return the
     latencies.  A request unanswered for ``reply_timeout`` is re-sent with a new seq, as
     the kernel does, or with ``resend=False`` ends the run (a tool that must not hang on
-    a server that is gone)."""
+    a server that is gone).  A bare socket's seqs start at 0 on every call; a RawLink
+    carries them from one call to the next, as the kernel's one counter does."""
     if sum(bound is not None for bound in (count, duration, cycles)) != 1:
         raise ValueError("give exactly one of count, duration and cycles")
     if not streams or in_flight < 1:
@@ -177,7 +178,8 @@ def run_load(target: Connector | socket.socket, streams: Sequence[Stream], *,
         with target.exclusive() as link:
             return _run(link, streams, in_flight, count, duration, reply_timeout, rate,
                         cycles, resend)
-    return _run(RawLink(target, 0), streams, in_flight, count, duration, reply_timeout,
+    link = target if isinstance(target, RawLink) else RawLink(target, 0)
+    return _run(link, streams, in_flight, count, duration, reply_timeout,
                 rate, cycles, resend)
 
 
