@@ -47,7 +47,9 @@ ring and current worker are its slot (slots.py).
   front passes the sockets and the control socket's listener with SCM_RIGHTS and exits 0
   once the new server says it serves — or, if the new one fails at any step, respawns
   its workers on the same sockets and serves on.  ``--take-over`` is the other side: a
-  front that starts from the sockets it is handed instead of opening its own.
+  front that starts from the sockets it is handed instead of opening its own — or, for
+  another worker count, switches from them to sockets of its own and hands what was
+  queued in them to its new shards (handover.py).
 
 The sockets are set up with the standard library: pyroute2 0.9's NetlinkSocket drives its
 file descriptor from an asyncio endpoint, while the workers need plain descriptors that
@@ -95,6 +97,7 @@ from shardlog.server.nlsocket import (
 )
 from shardlog.server.slots import WorkerSlot, exit_reason
 from shardlog.server.worker import Peer, decode_trace
+from shardlog.storage import statedir
 from shardlog.storage.statedir import write_atomically
 from shardlog.wire import frames, protocol
 from shardlog.wire.frames import FrameError, Kind
@@ -210,9 +213,9 @@ class Arbiter:
             raise ServeError("--test-peer is for a private network namespace (unshare -n): "
                              "here the real kernel would wait for replies sent to the peer")
         try:
-            (config.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+            statedir.logs_directory(config.state_dir).mkdir(parents=True, exist_ok=True)
             if config.take_over:
-                _probe_writable(config.state_dir / "logs")
+                _probe_writable(statedir.logs_directory(config.state_dir))
         except OSError as exc:
             raise ServeError(f"state directory {config.state_dir}: {exc.strerror}") from exc
         if config.take_over:
@@ -724,7 +727,8 @@ class Arbiter:
         log.error("take-over by pid %d failed (its connection closed %s): serving on",
                   giving.pid, "after the hand-over" if giving.sent else "before the hand-over")
         for slot in self.handed:
-            # A worker of the new server that left group 7 left it for this socket too.
+            # A worker of the new server that left group 7 left it for this socket too, and
+            # a new server switching to another worker count took it out of group 7.
             with contextlib.suppress(OSError):
                 slot.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
             self.slots.append(self._spawn(slot.index, slot.sock, slot.in_flight,
