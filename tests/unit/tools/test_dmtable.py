@@ -8,7 +8,7 @@ import pytest
 from shardlog.tools import dmtable
 from shardlog.tools.dmtable import Refusal, TableError
 
-from .conftest import FIXTURES
+from ...conftest import FIXTURES
 
 UUID = "LVM-8zqvGFtPR6y2rtgfMftXdOLIt1mfoCDtM40X8RJxLN1sFfq87nP3frY4f8kMu3BK"
 

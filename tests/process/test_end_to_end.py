@@ -27,7 +27,7 @@ from shardlog.storage.regionmap import instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType
 
-from .harness import PEER_PORT, ServerProcess
+from ..harness import PEER_PORT, ServerProcess
 
 pytestmark = pytest.mark.usefixtures("private_netns")
 

@@ -19,9 +19,9 @@ from shardlog.server import control
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .conftest import wait_until_blocked
-from .harness import ServerProcess, uuids_for_worker
-from .test_cli import shardlog
+from ..conftest import wait_until_blocked
+from ..harness import ServerProcess, uuids_for_worker
+from ..unit.cli.test_cli import shardlog
 
 pytestmark = pytest.mark.usefixtures("private_netns")
 

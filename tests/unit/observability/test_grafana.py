@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from pathlib import Path
 
 import pytest
 import yaml
@@ -21,9 +20,10 @@ from prometheus_client.core import CollectorRegistry
 
 from shardlog.observability.metrics import FrontCollector, FrontStats
 
-from .prometheus import promtool
+from ...conftest import PROJECT
+from ...prometheus import promtool
 
-GRAFANA = Path(__file__).parent.parent / "grafana"
+GRAFANA = PROJECT / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "shardlog.json"
 RULES = GRAFANA / "prometheus" / "shardlog-rules.yml"
 RULE_TESTS = GRAFANA / "prometheus" / "shardlog-rules.test.yml"

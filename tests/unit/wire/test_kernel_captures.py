@@ -12,7 +12,7 @@ import pytest
 from shardlog.wire import nlmessages, protocol
 from shardlog.wire.protocol import Request, RequestType
 
-from .conftest import FIXTURES
+from ...conftest import FIXTURES
 
 HARNESS_CAPTURES = ("reload", "reconnect")
 

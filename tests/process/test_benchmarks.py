@@ -7,11 +7,10 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
-from .conftest import requires_root
+from ..conftest import PROJECT, requires_root
 
-SCRIPTS = Path(__file__).parents[1] / "scripts"
+SCRIPTS = PROJECT / "scripts"
 
 
 def test_the_core_benchmark_runs(tmp_path):

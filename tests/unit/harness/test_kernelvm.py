@@ -16,6 +16,8 @@ from shardlog.storage.regionmap import BITMAP_OFFSET
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
+from ...conftest import PROJECT
+
 
 def test_modules_come_after_their_dependencies_and_built_ins_are_left_out(tmp_path):
     (tmp_path / "modules.dep").write_text(
@@ -109,8 +111,7 @@ def test_scenario_names_come_from_the_guest_test_files():
     names = scenario_names()
     assert "test_faults::test_a_forged_request_from_an_unprivileged_process_changes_nothing" \
         in names
-    assert all(Path(__file__).parent.joinpath("kernel", "guest",
-                                              n.split("::")[0] + ".py").exists()
+    assert all(PROJECT.joinpath("tests", "kernel", "guest", n.split("::")[0] + ".py").exists()
                for n in names)
 
 

@@ -21,8 +21,8 @@ from shardlog.server.routing import shard_of_uuid
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .conftest import requires_root
-from .harness import PEER_PORT, ServerProcess
+from ...conftest import PROJECT, requires_root
+from ...harness import PEER_PORT, ServerProcess
 
 PLOTS = ("throughput.png", "latency.png", "balance.png", "memory.png", "flush_latency.png")
 
@@ -210,7 +210,7 @@ def test_it_fails_loudly_when_the_load_cannot_be_delivered(private_netns, tmp_pa
 
 
 def test_the_script_is_the_command():
-    script = Path(__file__).parents[1] / "scripts" / "capacity.py"
+    script = PROJECT / "scripts" / "capacity.py"
     result = subprocess.run([sys.executable, script, "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import FIXTURES
+from ...conftest import FIXTURES, PROJECT
 
 
 def shardlog(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
@@ -87,7 +87,7 @@ def test_the_console_script_is_installed():
 
 
 def test_the_systemd_unit_starts_serve_with_options_it_has():
-    unit = (Path(__file__).parents[1] / "scripts" / "shardlog.service").read_text()
+    unit = (PROJECT / "scripts" / "shardlog.service").read_text()
     exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
     binary, *args = exec_start.removeprefix("ExecStart=").split()
     assert binary.endswith("/shardlog") and args[0] == "serve"

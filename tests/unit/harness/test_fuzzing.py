@@ -27,10 +27,10 @@ from shardlog.log.dirtylog import LogError
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .conftest import requires_root
-from .harness import RawPeer, ServerProcess
+from ...conftest import PROJECT, requires_root
+from ...harness import RawPeer, ServerProcess
 
-SCRIPTS = Path(__file__).parents[1] / "scripts"
+SCRIPTS = PROJECT / "scripts"
 FUZZ_SETTINGS = settings(max_examples=12, deadline=None, database=None,
                          suppress_health_check=list(HealthCheck))
 

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from shardlog.wire import nlmessages, protocol
 from shardlog.wire.protocol import MAX_PAYLOAD, MAX_REGIONS_PER_REQUEST, ProtocolError, RequestType
 
-CAPTURES = sorted((Path(__file__).parent / "fixtures" / "kernel-6.1").glob("capture-*.jsonl"))
+from ...conftest import FIXTURES
+
+CAPTURES = sorted(FIXTURES.glob("capture-*.jsonl"))
 
 ONE_REGION = {RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.IS_REMOTE_RECOVERING}
 REGION_LIST = {RequestType.MARK_REGION, RequestType.CLEAR_REGION, RequestType.FLUSH}

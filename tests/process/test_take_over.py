@@ -27,7 +27,7 @@ from shardlog.server import control, handover
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .harness import PEER_PORT, RawPeer, ServerProcess
+from ..harness import PEER_PORT, RawPeer, ServerProcess
 from .test_end_to_end import REGIONS, Writers, core_mirror, disk_mirror, scratch_device
 
 pytestmark = pytest.mark.usefixtures("private_netns")

@@ -29,10 +29,11 @@ from shardlog.server import worker
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .harness import PEER_PORT, RawPeer, ServerProcess
-from .prometheus import Prometheus, promtool
+from ..conftest import PROJECT
+from ..harness import PEER_PORT, RawPeer, ServerProcess
+from ..prometheus import Prometheus, promtool
 
-GRAFANA = Path(__file__).parent.parent / "grafana"
+GRAFANA = PROJECT / "grafana"
 RULES = GRAFANA / "prometheus" / "shardlog-rules.yml"
 
 REGION_SECTORS = 8

@@ -12,7 +12,6 @@ import errno
 import json
 import struct
 from functools import cache
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,8 +40,9 @@ from shardlog.wire.protocol import (
     peek_request,
 )
 
+from ...conftest import FIXTURES
+
 RT = RequestType
-FIXTURES = Path(__file__).parent / "fixtures" / "kernel-6.1"
 CAPTURES = sorted(FIXTURES.glob("capture-*.jsonl"))
 
 # --- wire layout, from protocol.md §1.2 (not from the module) ------------------------------

@@ -23,7 +23,7 @@ from shardlog.storage.regionmap import (
     uuid_of_key,
 )
 
-from .conftest import DISKLOG_IMAGES
+from ...conftest import DISKLOG_IMAGES
 
 KERNEL_REGIONS = 128  # the golden images: 131072 sectors, region size 1024
 

@@ -15,7 +15,7 @@ from shardlog.storage.regionmap import BITMAP_OFFSET, StoreError, instance_file_
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .conftest import Kernel, requires_root
+from ...conftest import Kernel, requires_root
 
 CORE = "131072 core 1024"  # 128 regions
 NOSYNC = "131072 core 1024 nosync"

@@ -28,8 +28,8 @@ from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .conftest import wait_until_blocked
-from .harness import PEER_PORT, RawPeer, ServerProcess, uuids_for_worker
+from ..conftest import wait_until_blocked
+from ..harness import PEER_PORT, RawPeer, ServerProcess, uuids_for_worker
 
 pytestmark = pytest.mark.usefixtures("private_netns")
 

@@ -17,7 +17,7 @@ from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import Request, RequestType
 
-from .conftest import DISKLOG_IMAGES, SCENARIOS, load_capture
+from ...conftest import DISKLOG_IMAGES, SCENARIOS, load_capture
 
 REGIONS = 128
 

@@ -13,6 +13,8 @@ import pytest
 
 from shardlog.tools import adopt, dmdevices, status, top
 
+from ...conftest import PROJECT
+
 UUID = "LVM-8zqvGFtPR6y2rtgfMftXdOLIt1mfoCDtM40X8RJxLN1sFfq87nP3frY4f8kMu3BK"
 
 
@@ -95,7 +97,7 @@ def test_without_device_mapper_there_is_no_device_column(tmp_path, monkeypatch):
 
 
 def test_the_boot_unit_adopts_after_lvm_and_releases_before_shardlog_stops():
-    unit = (Path(__file__).parents[1] / "scripts" / "shardlog-adopt.service").read_text()
+    unit = (PROJECT / "scripts" / "shardlog-adopt.service").read_text()
     lines = unit.splitlines()
     from shardlog.cli import _parser
 

@@ -39,7 +39,7 @@ from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .conftest import Kernel, requires_root
+from ..conftest import PROJECT, Kernel, requires_root
 
 REGIONS = 4096
 CHILD = textwrap.dedent(
@@ -233,7 +233,7 @@ def test_a_disk_flush_is_answered_after_the_write_and_flush_of_every_mark(
 def test_a_short_crash_durability_run_keeps_every_acknowledged_mark(tmp_path):
     requires_root("the crash durability script (a private network namespace)")
     result = subprocess.run(
-        [sys.executable, Path(__file__).parents[1] / "scripts" / "crash_durability.py",
+        [sys.executable, PROJECT / "scripts" / "crash_durability.py",
          "--kills", "3", "--logs", "4", "--max-load-seconds", "0.5",
          "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr

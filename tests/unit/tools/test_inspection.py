@@ -15,9 +15,9 @@ from shardlog.tools.inspection import compact, ranges
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
-from .conftest import DISKLOG_IMAGES, Kernel
-from .harness import RawPeer, ServerProcess
-from .test_cli import shardlog
+from ...conftest import DISKLOG_IMAGES, Kernel
+from ...harness import RawPeer, ServerProcess
+from ..cli.test_cli import shardlog
 
 
 def inspect_json(path: Path) -> dict:
