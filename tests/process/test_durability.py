@@ -4,9 +4,10 @@ Two kinds of proof:
 
 - the syncs themselves: for a log device, spies on ``os.pwritev`` and ``os.fdatasync``
   show each mark written and then flushed before the reply; a FLUSH with nothing new
-  syncs nothing.  A core log syncs nothing at all (design.md): the kernel's own dirty
-  flag of the page holding a mark (``/proc/self/pagemap`` + ``/proc/kpageflags``, root
-  only) is still set when the FLUSH is answered, and the file already holds the mark;
+  syncs nothing (both in process: tests/unit/log/test_durability.py).  A core log syncs
+  nothing at all (design.md): the kernel's own dirty flag of the page holding a mark
+  (``/proc/self/pagemap`` + ``/proc/kpageflags``, root only) is still set when the FLUSH
+  is answered, and the file already holds the mark;
 - a process killed for real: a child serves one log through the real codec and log table
   and reports each FLUSH it answered; the parent SIGKILLs it while it keeps marking, then
   reads the instance file or log device as a restarted server would
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from shardlog.harness.kernelsim.crashload import CrashCampaign, dirty_regions
+from shardlog.harness.kernelsim.crashload import dirty_regions
 from shardlog.log.logtable import LogTable
 from shardlog.storage import records
 from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
@@ -40,8 +41,8 @@ from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
 from ..conftest import PROJECT, Kernel, requires_root
+from ..unit.log.test_durability import REGIONS
 
-REGIONS = 4096
 CHILD = textwrap.dedent(
     """
     import sys
@@ -130,24 +131,6 @@ def test_a_killed_disk_log_server_loses_no_acknowledged_mark(state_dir, loop_dev
     assert acknowledged and acknowledged <= dirty_regions(loop_device)
 
 
-def test_a_flush_that_changed_nothing_does_not_sync(kernel, state_dir):
-    kernel.ctr("131072 core 1024 nosync")
-    kernel.ok(T.RESUME)
-    log = kernel.table.logs[(kernel.uuid, kernel.luid)]
-    before = log.region_map.commits
-    kernel.ok(T.FLUSH)
-    kernel.ok(T.CLEAR_REGION, protocol.pack_regions([1]))  # clean already: no change
-    kernel.ok(T.FLUSH)
-    assert log.region_map.commits == before
-    kernel.ok(T.FLUSH, protocol.pack_regions([1]))
-    assert log.region_map.commits == before + 1
-    kernel.ok(T.CLEAR_REGION, protocol.pack_regions([1]))
-    kernel.ok(T.FLUSH)  # only a clear: committed lazily
-    assert log.region_map.commits == before + 1
-    kernel.ok(T.POSTSUSPEND)  # but written at suspend
-    assert log.region_map.commits == before + 2
-
-
 # -- the syncs, watched ------------------------------------------------------------------------
 
 
@@ -194,39 +177,6 @@ def test_a_core_flush_writes_nothing_back_and_its_marks_are_in_the_file_at_once(
             assert not image[BITMAP_OFFSET + region // 8] >> (region & 7) & 1  # marked
 
 
-def test_a_disk_flush_is_answered_after_the_write_and_flush_of_every_mark(
-        kernel, tmp_path, monkeypatch):
-    device = tmp_path / "logdev"
-    with open(device, "wb") as f:
-        f.truncate(1 << 20)
-    kernel.ctr(f"{REGIONS * 8} disk {device} 8 nosync")
-    kernel.ok(T.RESUME)
-    events: list[tuple] = []
-    real_pwritev, real_fdatasync = os.pwritev, os.fdatasync
-
-    def watched_pwritev(fd, buffers, offset):
-        written = real_pwritev(fd, buffers, offset)
-        events.append(("write", offset, offset + written))
-        return written
-
-    def watched_fdatasync(fd):
-        real_fdatasync(fd)
-        events.append(("flush",))
-
-    monkeypatch.setattr(os, "pwritev", watched_pwritev)
-    monkeypatch.setattr(os, "fdatasync", watched_fdatasync)
-    kernel.ok(T.FLUSH, protocol.pack_regions([3, REGIONS - 1]))
-    for region in (3, REGIONS - 1):
-        byte = BITMAP_OFFSET + region // 8
-        written_at = [i for i, e in enumerate(events)
-                      if e[0] == "write" and e[1] <= byte < e[2]]
-        assert written_at, (region, events)
-        assert ("flush",) in events[written_at[-1]:], events  # then a cache flush
-    events.clear()
-    kernel.ok(T.FLUSH)
-    assert events == []
-
-
 # -- the whole server, killed at random moments under load --------------------------------------
 
 
@@ -241,18 +191,3 @@ def test_a_short_crash_durability_run_keeps_every_acknowledged_mark(tmp_path):
     assert summary.startswith("3 SIGKILLs of the whole server") and "; 0 problems" in summary
     acknowledged = int(summary.split(" marks acknowledged")[0].split()[-1].replace(",", ""))
     assert acknowledged > 0
-
-
-def test_the_crash_check_sees_an_acknowledged_mark_that_is_clean(tmp_path):
-    campaign = CrashCampaign(tmp_path, logs=1, regions=64)
-    log = campaign.logs[0]
-    path = instance_file_path(campaign.server.state_dir, log.uuid, log.luid)
-    kernel = Kernel(LogTable(campaign.server.state_dir), uuid=log.uuid, luid=log.luid)
-    assert kernel.ctr(log.ctr) == (0, b"")
-    kernel.ok(T.RESUME)
-    kernel.ok(T.FLUSH, protocol.pack_regions([3]))
-    log.promised = {3, 4}  # 4 was never marked: a lost mark
-    campaign._check_files()
-    assert campaign.result.checked_in_files == 1
-    assert len(campaign.result.problems) == 1 and "[4] are clean" in campaign.result.problems[0]
-    assert dirty_regions(path) == {3}

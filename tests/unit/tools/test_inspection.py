@@ -12,11 +12,9 @@ import pytest
 
 from shardlog.storage.regionmap import BITMAP_OFFSET, instance_file_path
 from shardlog.tools.inspection import compact, ranges
-from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
 from ...conftest import DISKLOG_IMAGES, Kernel
-from ...harness import RawPeer, ServerProcess
 from ..cli.test_cli import shardlog
 
 
@@ -64,28 +62,6 @@ def test_the_uuid_of_a_hashed_file_name_comes_from_its_ctr_record(table, state_d
     assert uuid not in path.name and path.exists()
     summary = inspect_json(path)
     assert summary["uuid"] == uuid and summary["luid"] == "0x0000000000000007"
-
-
-def test_inspect_reads_a_running_servers_files_and_its_log_device(
-        tmp_path, private_netns, loop_device):
-    server = ServerProcess(tmp_path / "state").start()
-    peer = RawPeer()
-    try:
-        peer.open_log("core-log", "2048 core 8 nosync")
-        peer.open_log("disk-log", f"2048 disk {loop_device} 8 nosync")
-        for uuid in ("core-log", "disk-log"):
-            peer.ok(T.MARK_REGION, protocol.pack_regions([1, 2, 200]), uuid=uuid)
-            peer.ok(T.FLUSH, uuid=uuid)
-        core = inspect_json(instance_file_path(server.state_dir, "core-log", 1))
-        assert core["dirty_ranges"] == [[1, 2], [200, 200]] and core["region_count"] == 256
-        # The device itself, with O_DIRECT: what the server wrote, not a stale cache.
-        device = inspect_json(loop_device)
-        assert device["kind"] == "disk log image" and device["region_count"] == 256
-        assert device["dirty_ranges"] == [[1, 2], [200, 200]]
-        assert server.stop() == 0
-    finally:
-        peer.close()
-        server.close()
 
 
 # -- what it refuses -----------------------------------------------------------------------
