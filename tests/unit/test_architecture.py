@@ -127,6 +127,9 @@ def test_private_names_reached_every_way_are_reported(tmp_path):
         "storage/c.py": "from fakepkg.wire import codec\n\ncodec._HIDDEN\n",
         "storage/d.py": "import fakepkg.wire.codec as wc\nprint(wc._HIDDEN, wc.__name__)\n",
         "storage/e.py": "import fakepkg.wire.codec\n\n\nfakepkg.wire.codec._HIDDEN = 2\n",
+        "storage/f.py": "from fakepkg.wire import _impl\n",
+        "wire/_impl.py": "",
+        "wire/frames.py": "from . import _impl\n",  # its own package's private module
     })
     assert check(package) == [
         "fakepkg/storage/a.py:1: fakepkg.storage.a imports private name _HIDDEN from "
@@ -139,6 +142,8 @@ def test_private_names_reached_every_way_are_reported(tmp_path):
         "fakepkg.wire.codec._HIDDEN",
         "fakepkg/storage/e.py:4: fakepkg.storage.e reads private name "
         "fakepkg.wire.codec._HIDDEN",
+        "fakepkg/storage/f.py:1: fakepkg.storage.f imports private module "
+        "fakepkg.wire._impl of another package",
     ]
 
 
