@@ -17,9 +17,32 @@ from shardlog.wire.protocol import Request, RequestType
 
 from .harness import RawPeer, ServerProcess
 
+# The checkout (scripts/, grafana/), whichever directory a test module sits in.
+PROJECT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "kernel-6.1"
 DISKLOG_IMAGES = FIXTURES / "disklog"
 SCENARIOS = ("plain", "iflush", "resync", "disklog", "badcount")
+
+
+# The layer markers, one per directory under tests/ (registered in pyproject.toml):
+# ``pytest -m unit`` runs the fast tests that need no root.
+LAYER_MARKERS = ("unit", "process", "kernel")
+TESTS = Path(__file__).parent
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by these very markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not item.path.is_relative_to(TESTS):
+            continue  # a file named on the command line from elsewhere: left unmarked
+        directory = item.path.relative_to(TESTS).parts[0]
+        if directory in LAYER_MARKERS:
+            item.add_marker(directory)
+
+
+def layer_markers_of(item: pytest.Item) -> list[str]:
+    """The layer markers a collected test carries: exactly one, if it is where it belongs."""
+    return [mark.name for mark in item.iter_markers() if mark.name in LAYER_MARKERS]
 
 
 def load_capture(scenario: str) -> list[dict]:

@@ -6,7 +6,7 @@ net/netlink/af_netlink.c).  So the front opens one group-7 socket per shard and 
 classic BPF program that hashes the request's uuid field and accepts only its own shard's
 requests: each request wakes exactly one worker, with no process hop in between.
 
-The hash exists twice, and the two must agree bit for bit (tests/test_routing.py sends
+The hash exists twice, and the two must agree bit for bit (tests/process/test_routing.py sends
 datagrams through the real kernel's filters to prove it):
 
 - :func:`route_hash` / :func:`shard_of_datagram`, in Python, for status, capacity's

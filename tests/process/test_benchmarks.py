@@ -1,0 +1,76 @@
+"""The benchmark scripts still run, end to end (a smoke run: their numbers go in the
+README, from full runs; nothing here is timed)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+from ..conftest import PROJECT, requires_root
+
+SCRIPTS = PROJECT / "scripts"
+
+
+def test_the_core_benchmark_runs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_core.py", "--seconds", "0.05",
+         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "FLUSH with a new mark" in result.stdout
+
+
+def test_the_server_benchmark_runs_both_servers_and_reports_every_target(tmp_path):
+    requires_root("the server benchmark (a private network namespace)")
+    report = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_server.py", "--rounds", "1", "--seconds", "0.3",
+         "--flushes", "50", "--logs", "70", "--state-dir", str(tmp_path),
+         "--json", str(report), "--trace"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "shardlog traced by `shardlog trace`" in result.stdout  # (its attach is checked)
+    for line in ("(a) IN_SYNC, serial", "(b) write path, 64 in flight",
+                 "(d) core FLUSH + new mark", "(e) disk FLUSH + new mark"):
+        assert line in result.stdout
+    verdicts = json.loads(report.read_text())["verdicts"]
+    assert {v["load"] for v in verdicts} == {"serial", "write64", "read64", "flush",
+                                             "diskflush"}
+    # Both servers answered every load.  (The disk FLUSH figure is a difference of two
+    # p50s, which a noisy machine can make negative: it only has to be there.)
+    assert all(v["value"] > 0 for v in verdicts if v["load"] != "diskflush")
+    assert all(math.isfinite(v["value"]) for v in verdicts)
+
+
+def test_the_metrics_benchmark_runs_both_modes_and_gives_a_verdict(tmp_path):
+    requires_root("the metrics benchmark (a private network namespace)")
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_metrics.py", "--quick", "--logs", "64",
+         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 1/1 metrics off" in result.stdout
+    assert "round 1/1 metrics on" in result.stdout
+    assert "(c) read path, 64 in flight" in result.stdout
+    assert "of the request path (target <= +5%)" in result.stdout
+
+
+def test_the_routing_balance_script_compares_the_hash_with_an_ideal_one():
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "routing_balance.py", "--logs", "200", "--samples", "2",
+         "--shards", "2,8"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()[1:]
+    assert [row.split()[:2] for row in rows] == [
+        ["lvm_uuids", "route_hash"], ["lvm_uuids", "blake2b"],
+        ["random_uuids", "route_hash"], ["random_uuids", "blake2b"]]
+    assert all("8: " in row and "/2" in row for row in rows)
+
+
+def test_the_take_over_benchmark_runs_and_reports_the_longest_wait(tmp_path):
+    requires_root("the take-over benchmark (a private network namespace)")
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_takeover.py", "--logs", "10", "--rounds", "1",
+         "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 1/1: longest wait" in result.stdout
+    assert "0 resends, 0 errors" in result.stdout

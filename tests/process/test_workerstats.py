@@ -1,0 +1,117 @@
+"""The worker → front stats channel in a served worker (a private network namespace:
+root): reports of a worker's logs and counters."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+
+import pytest
+
+from shardlog.log.logtable import LogTable
+from shardlog.observability.workercounters import key
+from shardlog.observability.workerstats import Reporter, WorkerReport
+from shardlog.server import worker
+from shardlog.server.inflight import InFlight
+from shardlog.server.nlsocket import open_connector_socket
+from shardlog.wire import frames, protocol
+from shardlog.wire.frames import FrameReader, Kind
+from shardlog.wire.protocol import RequestType as T
+
+UUID = "LVM-stats"
+PEER_PORT = 0x7E58
+CTR = b"2048 core 256 nosync"  # 8 regions of 256 sectors, in sync
+
+
+class ServedWorker:
+    """A worker's loop (worker.ShardWorker) in a thread, on a real connector socket in the
+    private namespace and real pipes, with a LogTable in a temporary directory; the test
+    plays the kernel from a peer socket."""
+
+    def __init__(self, state_dir, interval: float) -> None:
+        self.control_r, self.control_w = os.pipe()
+        self.events_r, self.events_w = os.pipe()
+        self.peer = open_connector_socket(PEER_PORT)
+        self.shard = open_connector_socket()
+        self.in_flight = InFlight()
+        self.table = LogTable(state_dir)
+        self.reader = FrameReader()
+        self.seq = 0
+        shard_worker = worker.ShardWorker(self.table, self.shard, self.in_flight,
+                                          worker.Peer(PEER_PORT), Reporter(interval))
+        self.thread = threading.Thread(target=shard_worker.serve,
+                                       args=(self.control_r, self.events_w))
+        self.thread.start()
+
+    def send(self, kind: Kind, payload: bytes = b"") -> None:
+        os.write(self.control_w, frames.pack(kind, 0, payload))
+
+    def request(self, request_type: T, data: bytes = b"") -> None:
+        self.seq += 1
+        self.peer.sendto(protocol.encode_request(
+            request_type, seq=self.seq, uuid=UUID, luid=7, data=data),
+            (self.shard.getsockname()[0], 0))
+
+    def next_frame(self, kind: Kind, timeout: float = 10.0) -> bytes | None:
+        """The payload of the next frame of ``kind`` within ``timeout`` (None: none came)."""
+        while select.select([self.events_r], [], [], timeout)[0]:
+            for got, _tag, payload in self.reader.read(self.events_r):
+                if got == kind:
+                    return payload
+        return None
+
+    def close(self) -> None:
+        os.close(self.control_w)
+        self.thread.join(10)
+        self.table.close()
+        for fd in (self.control_r, self.events_r, self.events_w):
+            os.close(fd)
+        self.peer.close()
+        self.shard.close()
+        self.in_flight.close()
+
+
+@pytest.fixture
+def served(tmp_path, private_netns):
+    served = ServedWorker(tmp_path, interval=0.2)
+    yield served
+    served.close()
+
+
+def test_a_report_asked_for_describes_every_log(served):
+    served.request(T.CTR, CTR)
+    served.request(T.RESUME)
+    served.request(T.MARK_REGION, protocol.pack_regions([1, 5]))
+    served.request(T.FLUSH)
+    served.request(T.GET_RESYNC_WORK)
+    served.send(Kind.SEND_REPORT)
+    report = WorkerReport.decode(served.next_frame(Kind.WORKER_REPORT))
+    (status,) = report.logs
+    assert (status.uuid, status.luid, status.log_type, status.state) == (
+        UUID, 7, "core", "resumed")
+    assert (status.region_size, status.region_count) == (256, 8)
+    # In sync from the start: the marks are the only dirty regions, recovery has nothing.
+    assert (status.in_sync, status.dirty, status.recovering, status.sync_search) == (
+        8, 2, None, 8)
+    assert status.requests == 4  # the CTR is not an instance's request
+    assert status.health == "A"
+    # And the requests it answered, by type, for the front's metrics.
+    received = dict(report.requests["received"])
+    assert received == {T.CTR: 1, T.RESUME: 1, T.MARK_REGION: 1, T.FLUSH: 1,
+                        T.GET_RESYNC_WORK: 1}
+    assert dict(report.requests["ok"]) == received
+    assert sum(count for _bucket, count in report.requests["latency"]) == 5
+    # And the sizes of the batches they came in (however the socket grouped them).
+    assert report.counters[key("worker_batch_size", bucket="sum")] == 5
+
+
+def test_a_worker_that_goes_idle_reports_its_last_activity_unasked(served):
+    served.request(T.CTR, CTR)
+    first = WorkerReport.decode(served.next_frame(Kind.WORKER_REPORT))
+    assert [status.state for status in first.logs] == ["pending"]
+    served.request(T.RESUME)
+    second = WorkerReport.decode(served.next_frame(Kind.WORKER_REPORT))
+    assert [status.state for status in second.logs] == ["resumed"]
+    # Nothing happened since: no more reports.
+    assert served.next_frame(Kind.WORKER_REPORT, timeout=0.6) is None
