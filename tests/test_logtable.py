@@ -10,6 +10,7 @@ import pytest
 
 from shardlog.log.dirtylog import LogState
 from shardlog.log.logtable import LogTable
+from shardlog.log.outcome import answered, encode
 from shardlog.storage import records, regionmap
 from shardlog.storage.regionmap import BITMAP_OFFSET, StoreError, instance_file_path
 from shardlog.wire import protocol
@@ -403,7 +404,8 @@ def test_an_incompatible_device_version_reads_as_failed_with_everything_out_of_s
 def test_a_bug_in_a_handler_is_answered_eio_not_raised(kernel, monkeypatch, caplog):
     resumed(kernel)
     log = kernel.table.logs[(kernel.uuid, kernel.luid)]
-    monkeypatch.setattr(log, "handle", lambda request: 1 / 0)
+    monkeypatch.setattr(log, "handlers", {**log.handlers,
+                                          T.GET_SYNC_COUNT: lambda log, request: 1 / 0})
     assert kernel.send(T.GET_SYNC_COUNT) == (-errno.EIO, b"")
     assert "ZeroDivisionError" in caplog.text
 
@@ -515,7 +517,8 @@ def test_a_repeated_resume_restarts_recovery_stopped_by_an_aborted_suspend(kerne
 def test_a_reply_of_the_wrong_size_still_answers_the_kernel(kernel, monkeypatch, caplog):
     resumed(kernel)
     log = kernel.table.logs[(kernel.uuid, kernel.luid)]
-    monkeypatch.setattr(log, "handle", lambda request: b"\0" * 3)
+    monkeypatch.setattr(log, "handlers", {**log.handlers,
+                                          T.IN_SYNC: lambda log, request: answered(b"\0" * 3)})
     assert kernel.send(T.IN_SYNC, protocol.pack_u64(0)) == (-errno.EIO, b"")
     assert "bad reply payload" in caplog.text
 
@@ -618,14 +621,15 @@ def test_deferred_flushes_are_committed_together_before_any_reply(state_dir):
     flushes = [k.request(T.FLUSH, protocol.pack_regions([n])) for n, k in enumerate(kernels)]
     again = kernels[0].request(T.FLUSH)  # a log staged twice is committed once
     for request in (*flushes, again):
-        assert table.answer(request, defer_commit=True) is None
+        assert table.decide(request) is None
     assert [m.commits for m in maps] == before  # marked, nothing synced yet
-    replies = [protocol.decode_reply(r) for r in table.commit_deferred()]
+    replies = [protocol.decode_reply(encode(q, o))
+               for q, o in zip((*flushes, again), table.commit_staged(), strict=True)]
     assert [(r.seq, r.error) for r in replies] == [(q.seq, 0) for q in (*flushes, again)]
     assert [m.commits for m in maps] == [n + 1 for n in before]
-    assert table.commit_deferred() == []
+    assert table.commit_staged() == []
     # Anything but FLUSH is answered at once, deferral or not.
-    assert table.answer(kernels[1].request(T.GET_SYNC_COUNT), defer_commit=True)
+    assert table.decide(kernels[1].request(T.GET_SYNC_COUNT))
 
 
 def test_a_failed_group_commit_fails_only_that_logs_flush(state_dir, monkeypatch):
@@ -639,14 +643,16 @@ def test_a_failed_group_commit_fails_only_that_logs_flush(state_dir, monkeypatch
     monkeypatch.setattr(bad_map, "commit", failing_commit)
     requests = [k.request(T.FLUSH, protocol.pack_regions([1])) for k in (bad, good)]
     for request in requests:
-        table.answer(request, defer_commit=True)
-    errors = [protocol.decode_reply(r).error for r in table.commit_deferred()]
+        table.decide(request)
+    errors = [protocol.decode_reply(encode(q, o)).error
+              for q, o in zip(requests, table.commit_staged(), strict=True)]
     assert errors == [-errno.EIO, 0]
 
 
 def test_a_deferred_flush_for_an_unknown_log_is_answered_at_once(table):
     kernel = Kernel(table, uuid="nobody")
-    reply = table.answer(kernel.request(T.FLUSH), defer_commit=True)
+    request = kernel.request(T.FLUSH)
+    reply = encode(request, table.decide(request))
     assert protocol.decode_reply(reply).error == -errno.ESRCH
 
 
@@ -659,12 +665,13 @@ def test_a_flush_then_dtr_in_one_batch_commits_the_flush_first(state_dir, tmp_pa
     commits = [table.logs[(k.uuid, k.luid)].region_map.commits for k in (core, disk)]
     flushes = [k.request(T.FLUSH, protocol.pack_regions([5])) for k in (core, disk)]
     for kernel, flush in zip((core, disk), flushes, strict=True):
-        assert table.answer(flush, defer_commit=True) is None
+        assert table.decide(flush) is None
         maps = table.logs[(kernel.uuid, kernel.luid)].region_map
-        dtr = table.answer(kernel.request(T.DTR), defer_commit=True)
-        assert protocol.decode_reply(dtr).error == 0
+        dtr = kernel.request(T.DTR)
+        assert protocol.decode_reply(encode(dtr, table.decide(dtr))).error == 0
         assert maps.commits == commits.pop(0) + 1  # committed before the DTR closed it
-    replies = [protocol.decode_reply(r) for r in table.commit_deferred()]
+    replies = [protocol.decode_reply(encode(f, o))
+               for f, o in zip(flushes, table.commit_staged(), strict=True)]
     assert [(r.seq, r.error) for r in replies] == [(f.seq, 0) for f in flushes]
     assert not device.read_bytes()[BITMAP_OFFSET] & 1 << 5  # the mark reached the device
 
@@ -674,12 +681,12 @@ def test_a_flush_then_a_replacing_ctr_in_one_batch_commits_the_flush_first(state
     kernel = resumed(Kernel(table), NOSYNC)
     old_map = table.logs[(kernel.uuid, kernel.luid)].region_map
     flush = kernel.request(T.FLUSH, protocol.pack_regions([5]))
-    assert table.answer(flush, defer_commit=True) is None
-    ctr = table.answer(kernel.request(T.CTR, CORE.encode()), defer_commit=True)
-    assert protocol.decode_reply(ctr).error == 0
+    assert table.decide(flush) is None
+    ctr = kernel.request(T.CTR, CORE.encode())
+    assert protocol.decode_reply(encode(ctr, table.decide(ctr))).error == 0
     assert old_map.commits == 2  # its creation, then the staged FLUSH
-    (reply,) = table.commit_deferred()
-    assert protocol.decode_reply(reply).error == 0
+    (outcome,) = table.commit_staged()
+    assert protocol.decode_reply(encode(flush, outcome)).error == 0
     assert "Traceback" not in caplog.text and "failed" not in caplog.text
 
 

@@ -71,6 +71,7 @@ from pathlib import Path
 import multiprocess
 
 from shardlog.harness.netns import kernel_connector_reachable
+from shardlog.log.outcome import LOST_WITH_WORKER, lost_with_worker
 from shardlog.observability.metrics import FrontCollector, FrontStats, serve_metrics
 from shardlog.observability.workerstats import LogStatus, WorkerReport
 from shardlog.server import handover, worker
@@ -738,7 +739,7 @@ class Front:
             if routing is None:
                 continue  # not a request: nobody waits for it
             _uuid, seq, request_type = routing
-            ack = protocol.encode_ack(seq, errno.EAGAIN)
+            ack = lost_with_worker(seq)
             try:
                 slot.sock.sendto(ack, self.peer.reply_address)
             except OSError as exc:
@@ -751,7 +752,7 @@ class Front:
                 self.tracer.traced(slot.index, time.time() - (now_ns - arrived) / 1e9,
                                    (now_ns - arrived) / 1e9, datagram, ack,
                                    note=tracing.NOTE_WORKER_DIED)
-        self.stats.lost(lost, -errno.EAGAIN, now_ns)
+        self.stats.lost(lost, LOST_WITH_WORKER, now_ns)
         slot.in_flight.reset()
         return len(lost)
 

@@ -62,25 +62,16 @@ from collections import Counter
 from pathlib import Path
 
 from shardlog.log.logtable import LogTable
-from shardlog.observability.workercounters import (
-    RECONNECT_CTRS,
-    RECOVERY_COMPLETED,
-    RECOVERY_HANDED_OUT,
-    REGION_CLEARS,
-    REGION_MARKS,
-    Count,
-    count_nothing,
-    key,
-    observe,
-)
+from shardlog.log.outcome import encode
+from shardlog.observability.workercounters import Count, count_nothing, key, observe
 from shardlog.observability.workerstats import Reporter
 from shardlog.server.inflight import CAPACITY, InFlight
 from shardlog.server.nlsocket import leave_group_7
 from shardlog.storage.regionmap import take_failures
-from shardlog.wire import frames, protocol
+from shardlog.wire import frames
 from shardlog.wire.frames import FrameReader, Kind
-from shardlog.wire.protocol import REPLY_DATA_OFFSET, REPLY_ERROR_OFFSET, ProtocolError
-from shardlog.wire.protocol import RequestType as T
+from shardlog.wire.protocol import ProtocolError
+from shardlog.wire.protocol import decode_datagram as decode
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +113,8 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    table = LogTable(state_dir)
     reporter = Reporter()
+    table = LogTable(state_dir, reporter.count)
     if resend_watch:
         reporter.requests.resend_watch = dict(resend_watch)
         reporter.requests.resend_until = max(resend_watch.values())
@@ -152,7 +143,6 @@ class ShardWorker:
         self._traced = bytearray()  # this batch's TRACE entries, while tracing
         self._batch_sizes: Counter[int] = Counter()  # since the last report
         self._last_warning: dict[str, float] = {}
-        table.count = reporter.count
         sock.setblocking(False)
         self._readable = select.poll()  # whether the socket holds a datagram now
         self._readable.register(sock, select.POLLIN)
@@ -244,15 +234,15 @@ class ShardWorker:
             return 0
         arrived = time.monotonic_ns()
         self.reporter.active = True
-        table, count, send = self.table, self.reporter.count, self._send
+        decide, count, send = self.table.decide, self.reporter.count, self._send
         requests_seen, resend_watch = stats.requests, stats.resend_watch
-        entries = in_flight.entries
-        sent = []  # (type, arrival, reply): counted once the batch is answered
+        entries, tracing = in_flight.entries, self.tracing
+        sent = []  # (type, arrival, error): counted once the batch is answered
         deferred = []  # (entry, request): FLUSHes staged, answered after the commit
         for index, size in enumerate(held):
             datagram = bytes(entries[index][:size])
             try:
-                request = protocol.decode_datagram(datagram)
+                request = decode(datagram)
             except ProtocolError as exc:
                 self._malformed(index, datagram, exc)
                 continue
@@ -260,25 +250,33 @@ class ShardWorker:
             requests_seen[request_type] += 1
             if resend_watch:
                 stats.check_resend(datagram, arrived)
-            reply = answer_request(table, request, count)
-            if reply is None:
+            outcome = decide(request)
+            if outcome is None:
                 deferred.append((index, request))
                 continue
+            reply = encode(request, outcome)
             send(reply)
             in_flight.answered(index)
-            sent.append((request_type, arrived, reply))
-            if self.tracing:
+            error, _payload, counted, amount = outcome
+            sent.append((request_type, arrived, error))
+            if counted is not None:
+                count(counted, amount)
+            if tracing:
                 self._trace(datagram, reply, arrived)
         if sent:
             stats.answered(sent, time.monotonic_ns())
         if deferred:
             sent = []
-            for (index, request), reply in zip(deferred, self.table.commit_deferred(),
-                                               strict=True):
+            for (index, request), outcome in zip(deferred, self.table.commit_staged(),
+                                                 strict=True):
+                reply = encode(request, outcome)
                 send(reply)
                 in_flight.answered(index)
-                sent.append((request.request_type, arrived, reply))
-                if self.tracing:
+                error, _payload, counted, amount = outcome
+                sent.append((request.request_type, arrived, error))
+                if counted is not None:
+                    count(counted, amount)
+                if tracing:
                     self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
             stats.answered(sent, time.monotonic_ns())
         in_flight.batch_done()
@@ -385,49 +383,21 @@ def decode_trace(payload: bytes) -> list[tuple[float, float, bytes, bytes]]:
     return entries
 
 
-def answer(table: LogTable, datagram: bytes, count: Count = count_nothing) -> bytes | None:
-    """The reply to one datagram, or None for a FLUSH whose commit is deferred (empty:
-    a datagram that gets no reply); what it did is counted with ``count``."""
+def answer(table: LogTable, datagram: bytes, count: Count = count_nothing) -> bytes:
+    """The reply to one datagram answered on its own, as a batch of one (a FLUSH is
+    committed first; empty: a datagram that gets no reply); what it did is counted with
+    ``count`` (workercounters.py), from its outcome."""
     try:
-        request = protocol.decode_datagram(datagram)
+        request = decode(datagram)
     except ProtocolError as exc:
         log.warning("malformed request: %s", exc.reason)
         return exc.reply or b""
-    return answer_request(table, request, count)
-
-
-def answer_request(table: LogTable, request: protocol.Request,
-                   count: Count = count_nothing) -> bytes | None:
-    """The reply to a decoded request, or None for a FLUSH whose commit is deferred; what
-    it did is counted with ``count`` (workercounters.py)."""
-    reply = table.answer(request, defer_commit=True)
-    if request.request_type in _COUNTED and (
-            reply is None or not _reply_error(reply, REPLY_ERROR_OFFSET)[0]):
-        _count(count, request, reply)
-    return reply
-
-
-# What the metrics count of a request that succeeded (a deferred FLUSH staged its marks).
-_COUNTED = frozenset({T.MARK_REGION, T.FLUSH, T.CLEAR_REGION, T.GET_RESYNC_WORK,
-                      T.SET_REGION_SYNC, T.CTR})
-_reply_error = protocol.REPLY_ERROR.unpack_from
-
-
-def _count(count: Count, request: protocol.Request, reply: bytes | None) -> None:
-    request_type = request.request_type
-    if request_type is T.MARK_REGION or request_type is T.FLUSH:
-        if request.regions:
-            count(REGION_MARKS, len(request.regions))
-    elif request_type is T.CLEAR_REGION:
-        count(REGION_CLEARS, len(request.regions))
-    elif request_type is T.GET_RESYNC_WORK:
-        if reply is not None and protocol.S64.unpack_from(reply, REPLY_DATA_OFFSET)[0] == 1:
-            count(RECOVERY_HANDED_OUT, 1)
-    elif request_type is T.SET_REGION_SYNC:
-        if request.in_sync:
-            count(RECOVERY_COMPLETED, 1)
-    elif request.reconnect:  # a CTR
-        count(RECONNECT_CTRS, 1)
+    outcome = table.decide(request)
+    if outcome is None:
+        (outcome,) = table.commit_staged()
+    if outcome.counted is not None:
+        count(outcome.counted, outcome.amount)
+    return encode(request, outcome)
 
 
 def _write(fd: int, data: bytes | bytearray) -> None:
