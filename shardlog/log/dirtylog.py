@@ -385,14 +385,17 @@ class DirtyLog:
         mark ride in the FLUSH itself, and its reply promises they are durable like any
         other mark).  A FLUSH's commit is the log table's: it commits the FLUSHes of a
         batch's logs together (:meth:`commit_flush`) before any of their replies goes out."""
-        regions = self._regions(request)
-        mark = self.region_map.mark
-        for region in regions:
-            mark(region)
+        regions = request.regions
+        if regions:  # an empty FLUSH is the most frequent request of all
+            self._check_range(request, regions)
+            mark = self.region_map.mark
+            for region in regions:
+                mark(region)
         return MARKED[len(regions)]
 
     def _clear_region(self, request: Request) -> Outcome:
-        regions = self._regions(request)
+        regions = request.regions
+        self._check_range(request, regions)
         sync_bits, clear = self.region_map.sync_bits, self.region_map.clear
         for region in regions:
             if sync_bits[region]:  # the invariant: clean only when in sync
@@ -402,7 +405,8 @@ class DirtyLog:
     def _clear_region_suspended(self, request: Request) -> Outcome:
         # dm-raid1's last pass over completed writes can run after POSTSUSPEND; the bits
         # were committed then, so the region stays dirty: a resync, not a risk.
-        return CLEARED[len(self._regions(request))]
+        self._check_range(request, request.regions)
+        return CLEARED[len(request.regions)]
 
     def _flush_suspended(self, request: Request) -> Outcome:
         if request.regions:
@@ -467,12 +471,9 @@ class DirtyLog:
             self._out_of_range(request, region)
         return region
 
-    def _regions(self, request: Request) -> tuple[int, ...]:
-        """The request's regions, once every one is in range."""
-        regions = request.regions
+    def _check_range(self, request: Request, regions: tuple[int, ...]) -> None:
         if regions and max(regions) >= self.region_count:
             self._out_of_range(request, next(r for r in regions if r >= self.region_count))
-        return regions
 
     def _out_of_range(self, request: Request, region: int) -> None:
         raise LogError(errno.EINVAL, f"{request.name}: region {region} out of range "

@@ -112,10 +112,13 @@ class LogTable:
         try:
             dirty_log = self.logs.get((request.uuid, request.luid))
             request_type = request.request_type
-            if dirty_log is None or request_type in _TABLE_REQUESTS:
-                return self._decide_for_table(request, dirty_log)
-            dirty_log.requests += 1
-            return dirty_log.handlers[request_type](dirty_log, request)
+            if dirty_log is not None:
+                if request_type not in _TABLE_REQUESTS:
+                    dirty_log.requests += 1
+                    return dirty_log.handlers[request_type](dirty_log, request)
+                if request_type is RequestType.FLUSH:
+                    return self._flush(request, dirty_log)
+            return self._decide_for_table(request, dirty_log)
         except Exception as exc:
             return self._refusal(request, exc)
 
@@ -160,18 +163,25 @@ class LogTable:
                 log.info("%s for unknown log %s (luid %#x): -ESRCH, the kernel will "
                          "reconnect", request.name, request.uuid, request.luid)
                 return UNKNOWN_LOG
+        if request_type is RequestType.FLUSH:
+            return self._flush(request, dirty_log)
         dirty_log.requests += 1
         first_resume = (request_type is RequestType.RESUME
                         and dirty_log.state is LogState.PENDING)
         outcome = dirty_log.handlers[request_type](dirty_log, request)
-        if request_type is RequestType.FLUSH:
-            if dirty_log.region_map.needs_commit:
-                # Committed with the batch's other logs before any of their replies; a
-                # FLUSH with nothing to commit is answered at once.
-                self._staged.append((request, dirty_log, outcome))
-                return None
-        elif first_resume:
+        if first_resume:
             self._remove_stale_instances(request.uuid)
+        return outcome
+
+    def _flush(self, request: Request, dirty_log: DirtyLog) -> Outcome | None:
+        """A FLUSH makes its marks (the log's function for its state) and, if anything is
+        left to commit, is staged: committed with the batch's other logs before any of
+        their replies goes out.  A FLUSH with nothing to commit is answered at once."""
+        dirty_log.requests += 1
+        outcome = dirty_log.handlers[RequestType.FLUSH](dirty_log, request)
+        if dirty_log.region_map.needs_commit:
+            self._staged.append((request, dirty_log, outcome))
+            return None
         return outcome
 
     def _commit(self, request: Request, dirty_log: DirtyLog) -> int:
