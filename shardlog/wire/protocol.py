@@ -363,6 +363,11 @@ def _one_region(request_type: RequestType, version: int, data: bytes) -> _Payloa
 
 def _region_list(request_type: RequestType, version: int, data: bytes) -> _PayloadFields:
     size = len(data)
+    if not size:
+        return _NO_FIELDS  # an empty FLUSH, the most frequent request of all
+    unpack = _REGION_LISTS_BY_SIZE.get(size)
+    if unpack is not None and (version >= 3 or request_type is not RequestType.FLUSH):
+        return unpack(data), False, "", False
     if size % 8:
         raise ValueError(f"region payload of {size} bytes is not a multiple of 8")
     count = size // 8
@@ -389,6 +394,8 @@ def _ignored_payload(request_type: RequestType, version: int,
 
 
 _REGION_LISTS = [struct.Struct(f"={count}Q") for count in range(MAX_REGIONS_PER_REQUEST + 1)]
+# The well-formed region lists' unpackers by payload size: one lookup on the hot path.
+_REGION_LISTS_BY_SIZE = {s.size: s.unpack for s in _REGION_LISTS}
 
 
 def _decode_ctr(request_type: RequestType, version: int, data: bytes) -> _PayloadFields:
