@@ -127,7 +127,7 @@ class LogTable:
         FLUSH is committed before its reply is made."""
         outcome = self.decide(request)
         if outcome is None:
-            (outcome,) = self.commit_staged()
+            outcome = self.commit_staged()[-1]  # staged last
         return encode(request, outcome)
 
     def commit_staged(self) -> list[Outcome]:

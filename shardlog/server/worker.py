@@ -394,7 +394,7 @@ def answer(table: LogTable, datagram: bytes, count: Count = count_nothing) -> by
         return exc.reply or b""
     outcome = table.decide(request)
     if outcome is None:
-        (outcome,) = table.commit_staged()
+        outcome = table.commit_staged()[-1]  # staged last
     if outcome.counted is not None:
         count(outcome.counted, outcome.amount)
     return encode(request, outcome)
