@@ -335,7 +335,11 @@ class DirtyLog:
         return ANSWER_BOOL[self.region_map.clean_bits[self._one_region(request)]]
 
     def _in_sync(self, request: Request) -> Outcome:
-        return ANSWER_BOOL[self.region_map.sync_bits[self._one_region(request)]]
+        # The kernel asks before every read: the range check is inlined.
+        (region,) = request.regions
+        if region >= self.region_count:
+            self._out_of_range(request, region)
+        return ANSWER_BOOL[self.region_map.sync_bits[region]]
 
     def _get_sync_count(self, request: Request) -> Outcome:
         return answered(protocol.pack_u64(self.sync_count))
