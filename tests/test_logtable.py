@@ -8,9 +8,11 @@ import subprocess
 
 import pytest
 
+from shardlog.log import dirtylog
 from shardlog.log.dirtylog import LogState
 from shardlog.log.logtable import LogTable
-from shardlog.log.outcome import answered, encode
+from shardlog.log.outcome import MARKED, OK, answered, encode
+from shardlog.observability.workercounters import key
 from shardlog.storage import records, regionmap
 from shardlog.storage.regionmap import BITMAP_OFFSET, StoreError, instance_file_path
 from shardlog.wire import protocol
@@ -630,6 +632,37 @@ def test_deferred_flushes_are_committed_together_before_any_reply(state_dir):
     assert table.commit_staged() == []
     # Anything but FLUSH is answered at once, deferral or not.
     assert table.decide(kernels[1].request(T.GET_SYNC_COUNT))
+
+
+def test_a_flush_with_nothing_to_commit_is_answered_at_once(state_dir):
+    table = LogTable(state_dir)
+    kernel = resumed(Kernel(table), NOSYNC)
+    region_map = table.logs[(kernel.uuid, kernel.luid)].region_map
+    assert table.decide(kernel.request(T.FLUSH, protocol.pack_regions([3]))) is None
+    assert table.commit_staged() == [MARKED[1]]
+    commits = region_map.commits
+    # Marked and committed already: nothing to stage, no commit.
+    assert table.decide(kernel.request(T.FLUSH, protocol.pack_regions([3]))) == MARKED[1]
+    assert table.decide(kernel.request(T.FLUSH)) == OK
+    assert table.commit_staged() == [] and region_map.commits == commits
+
+
+def test_an_outcome_says_what_the_metrics_count(state_dir):
+    table = LogTable(state_dir)
+    kernel = resumed(Kernel(table), "1024 core 8")  # every region to recover
+    outcome = table.decide(kernel.request(T.MARK_REGION, protocol.pack_regions([1, 2])))
+    assert (outcome.error, outcome.counted, outcome.amount) == (0, key("region_marks"), 2)
+    outcome = table.decide(kernel.request(T.GET_RESYNC_WORK))
+    assert (outcome.counted, outcome.amount) == (key("recovery_handed_out"), 1)
+    assert outcome.payload == protocol.pack_resync_work(True, 0)
+    refused = table.decide(kernel.request(T.MARK_REGION, protocol.pack_regions([4096])))
+    assert (refused.error, refused.payload, refused.counted) == (-errno.EINVAL, b"", None)
+
+
+def test_each_state_has_a_function_for_every_request_of_a_log():
+    for state, handlers in dirtylog.HANDLERS.items():
+        assert set(handlers) == set(T) - {T.CTR, T.DTR}, state
+    assert dirtylog.TRANSITIONS[LogState.PENDING] == {T.RESUME: LogState.RESUMED}
 
 
 def test_a_failed_group_commit_fails_only_that_logs_flush(state_dir, monkeypatch):

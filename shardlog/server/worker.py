@@ -14,12 +14,15 @@ into its :class:`~shardlog.server.inflight.InFlight` ring, which the front can r
 worker dies, drops whatever does not come from the kernel's port (or the test peer's),
 and answers the batch:
 
-1. every request is decoded and applied; every reply but a FLUSH's is sent at once;
-2. the FLUSHes only staged their marks: the batch's logs are then committed one after
+1. every request is decoded and its outcome decided by the log table
+   (:meth:`LogTable.decide <shardlog.log.logtable.LogTable.decide>`), encoded once and
+   sent at once — all but a FLUSH that left something to commit;
+2. those FLUSHes only staged their marks: the batch's logs are then committed one after
    another (a disk log's device write + fdatasync; a core log needs none: design.md)
    and only then are their replies sent.  Under load a batch holds the FLUSHes of many
    logs, and none waits for a commit it does not need: a reply never precedes its own
-   log's commit;
+   log's commit.  What the metrics count of a request (its result, the regions it
+   marked...) is read from its outcome, never from the reply's bytes;
 3. at most once a second while it is busy, and at once when the front asks, it sends the
    front a report of its logs and its counters, requests included (workerstats.py), on
    its events pipe; while someone traces, one TRACE frame per batch (tracing.py).
