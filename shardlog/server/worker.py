@@ -237,7 +237,8 @@ class ShardWorker:
             return 0
         arrived = time.monotonic_ns()
         self.reporter.active = True
-        decide, count, send = self.table.decide, self.reporter.count, self._send
+        decide, count = self.table.decide, self.reporter.count
+        sendto, address = self.sock.sendto, self.peer.reply_address
         requests_seen, resend_watch = stats.requests, stats.resend_watch
         entries, tracing = in_flight.entries, self.tracing
         sent = []  # (type, arrival, error): counted once the batch is answered
@@ -258,7 +259,10 @@ class ShardWorker:
                 deferred.append((index, request))
                 continue
             reply = encode(request, outcome)
-            send(reply)
+            try:  # inline: a call less per request
+                sendto(reply, address)
+            except OSError as exc:
+                self._send_refused(exc)
             in_flight.answered(index)
             error, _payload, counted, amount = outcome
             sent.append((request_type, arrived, error))
@@ -273,7 +277,10 @@ class ShardWorker:
             for (index, request), outcome in zip(deferred, self.table.commit_staged(),
                                                  strict=True):
                 reply = encode(request, outcome)
-                send(reply)
+                try:
+                    sendto(reply, address)
+                except OSError as exc:
+                    self._send_refused(exc)
                 in_flight.answered(index)
                 error, _payload, counted, amount = outcome
                 sent.append((request.request_type, arrived, error))
@@ -343,10 +350,13 @@ class ShardWorker:
         try:
             self.sock.sendto(reply, self.peer.reply_address)
         except OSError as exc:
-            stats = self.reporter.requests
-            stats.send_errors += 1
-            self._warn("send", "a reply was refused: %s (%d so far)", exc.strerror,
-                       stats.send_errors)
+            self._send_refused(exc)
+
+    def _send_refused(self, exc: OSError) -> None:
+        stats = self.reporter.requests
+        stats.send_errors += 1
+        self._warn("send", "a reply was refused: %s (%d so far)", exc.strerror,
+                   stats.send_errors)
 
     def _trace(self, datagram: bytes, reply: bytes, arrived_ns: int) -> None:
         latency = (time.monotonic_ns() - arrived_ns) / 1e9
