@@ -3,8 +3,10 @@
 
 The baseline, measured in the same run, is the least any responder must do: split the
 datagram's headers with one ``struct`` call and echo the 160-byte request header back
-with an 8-byte answer.  shardlog's path is the real one minus the sockets: decode and
-validate the datagram, run it through the log table and a log, encode the exact reply.
+with an 8-byte answer.  shardlog's path is a worker's (worker.py) minus the sockets and
+the counting: decode and validate the datagram, decide its outcome in the log table
+(a FLUSH that stages a commit is a batch of one: committed at once), encode the exact
+reply.
 The FLUSH with a new mark is a core log's, which commits with no syscall (design.md).
 
     .venv/bin/python scripts/bench_core.py [--seconds S] [--state-dir DIR]
@@ -24,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shardlog.log.logtable import LogTable
+from shardlog.log.outcome import encode
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
@@ -70,8 +73,14 @@ def run(state_dir: Path, seconds: float) -> None:
         headers.unpack_from(raw, 0)
         return raw[:16] + raw[16:36] + raw[36:196] + answer
 
+    decode, decide, commit_staged = protocol.decode_datagram, table.decide, table.commit_staged
+
     def shardlog_path(raw: bytes) -> bytes:
-        return table.answer(protocol.decode_datagram(raw))
+        request = decode(raw)
+        outcome = decide(request)
+        if outcome is None:
+            (outcome,) = commit_staged()
+        return encode(request, outcome)
 
     in_sync = request(T.IN_SYNC, protocol.pack_u64(77))
     mark = request(T.MARK_REGION, protocol.pack_regions([77]))

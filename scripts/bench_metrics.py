@@ -208,10 +208,12 @@ def bookkeeping_ns(kinds: tuple[T, ...], repeat: int = 15) -> dict[str, float]:
         reporter = Reporter()
         stats = RequestStats()
         types = [kind.value for kind in kinds] * 64
-        batch = list(zip(types, requests, replies, strict=True))
+        # The worker counts each reply's result from its outcome's error.
+        errors = [protocol.decode_reply(reply).error for reply in replies]
+        batch = list(zip(types, requests, replies, errors, strict=True))
 
         def requests_off() -> None:  # the worker's loop over a batch, without counting
-            for _request_type, _datagram, reply in batch:
+            for _request_type, _datagram, reply, _error in batch:
                 if reply:
                     pass
 
@@ -219,12 +221,12 @@ def bookkeeping_ns(kinds: tuple[T, ...], repeat: int = 15) -> dict[str, float]:
             now = time.monotonic_ns()
             seen, resend_watch = stats.requests, stats.resend_watch
             sent = []
-            for request_type, datagram, reply in batch:
+            for request_type, datagram, reply, error in batch:
                 seen[request_type] += 1
                 if resend_watch:
                     stats.check_resend(datagram, now)
                 if reply:
-                    sent.append((request_type, now, reply))
+                    sent.append((request_type, now, error))
             stats.answered(sent, time.monotonic_ns())
 
         def worker_off() -> None:

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardlog.log.logtable import LogKey, LogTable
+from shardlog.log.outcome import encode
 from shardlog.server.nlsocket import GROUP_7_MASK
 from shardlog.wire import protocol
 from shardlog.wire.ctrargs import CtrArgsError, parse_ctr_string
@@ -325,7 +326,7 @@ class TableFuzzer:
         for uuid, luid in list(self.table.logs):
             if (uuid, luid) not in self.inputs.keys:
                 self.inputs.seq = (self.inputs.seq + 1) & 0xFFFFFFFF
-                self.table.handle(protocol.decode_datagram(protocol.encode_request(
+                self.table.answer(protocol.decode_datagram(protocol.encode_request(
                     T.DTR, seq=self.inputs.seq, uuid=uuid, luid=luid)))
 
     def batch(self, datagrams: list[bytes], tracebacks: Tracebacks) -> None:
@@ -339,23 +340,23 @@ class TableFuzzer:
                 continue
             before = table_state(self.table) if self.check_state else None
             seen = len(tracebacks.records)
-            reply = self.table.answer(request, defer_commit=True)
-            if reply is None:
+            outcome = self.table.decide(request)
+            if outcome is None:
                 staged.append((datagram, request))
             else:
-                error = self._check_reply(datagram, request, reply)
+                error = self._check_reply(datagram, request, encode(request, outcome))
                 if error and before is not None and table_state(self.table) != before:
                     tally.defect(f"refused {request.name} ({errno_name(error)}) changed "
                                  "a log's state or files", datagram)
             self._check_tracebacks(datagram, tracebacks, seen)
         if staged:
             seen = len(tracebacks.records)
-            replies = self.table.commit_deferred()
-            if len(replies) != len(staged):
-                tally.defect(f"{len(staged)} FLUSHes staged, {len(replies)} answered",
+            outcomes = self.table.commit_staged()
+            if len(outcomes) != len(staged):
+                tally.defect(f"{len(staged)} FLUSHes staged, {len(outcomes)} answered",
                              staged[0][0])
-            for (datagram, request), reply in zip(staged, replies, strict=False):
-                self._check_reply(datagram, request, reply)
+            for (datagram, request), outcome in zip(staged, outcomes, strict=False):
+                self._check_reply(datagram, request, encode(request, outcome))
             self._check_tracebacks(staged[0][0], tracebacks, seen)
 
     def _check_reply(self, datagram: bytes, request: Request | None, reply: bytes,

@@ -1,4 +1,4 @@
-"""One dirty log's state machine: everything that decides an answer to the kernel lives here.
+"""One dirty log's state machine: how each request changes one log, and what it answers.
 
 Theory of operation
 -------------------
@@ -47,9 +47,18 @@ out-of-sync region out once per pass, in order, and the same region again until 
 SET_REGION_SYNC; the sync count is kept incrementally; MARK, CLEAR and SET_REGION_SYNC are
 idempotent; FLUSH with regions (integrated flush) marks them and then commits.
 
-Errors leave as :class:`LogError` (a positive errno, negated for the kernel, and the
-reason).  I/O happens only in the RegionMap (and, at CTR, in resolving a log device);
-its failures arrive as StoreError.
+Each request type is one function (dm-log.c's ops), and each state has its own table of
+them (:data:`HANDLERS`): what a request may do before the first RESUME or after
+POSTSUSPEND is decided by which table the log is on, not by tests on every request.
+:data:`TRANSITIONS` says which request moves a log to which state.  A function answers
+with an :class:`~shardlog.log.outcome.Outcome` (the common ones are shared constants);
+refusals leave as :class:`LogError` (a positive errno, negated for the kernel, and the
+reason), which the log table turns into the outcome.  The log table
+(:meth:`LogTable.decide <shardlog.log.logtable.LogTable.decide>`) is the one entry: it
+owns CTR, DTR, unknown logs and a FLUSH's commit, and calls these functions for the rest.
+
+I/O happens only in the RegionMap (and, at CTR, in resolving a log device); its failures
+arrive as StoreError.
 """
 
 from __future__ import annotations
@@ -59,8 +68,10 @@ import logging
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import ClassVar
 
+from shardlog.log.outcome import ANSWER_BOOL, CLEARED, MARKED, OK, Outcome, answered, counted
+from shardlog.observability.workercounters import RECOVERY_COMPLETED, RECOVERY_HANDED_OUT
+from shardlog.observability.workerstats import LogStatus
 from shardlog.storage.devices import resolve_device
 from shardlog.storage.errors import FailureTally, StoreError
 from shardlog.storage.regionmap import RegionMap
@@ -116,6 +127,8 @@ class DirtyLog:
         self.region_map = region_map
         self.device_name = device_name  # "major:minor" handed back to the kernel at CTR
         self.state = LogState.PENDING
+        # What each request does in this state (HANDLERS): changes with the state.
+        self.handlers: dict[RequestType, Handler] = HANDLERS[LogState.PENDING]
         # The kernel's disk log never clears these once set (dm-log.c).
         self.device_failed = False
         self.flush_failed = False
@@ -255,21 +268,32 @@ class DirtyLog:
         """The disk log's status character: F(lush failed) over D(evice failed) over A."""
         return "F" if self.flush_failed else "D" if self.device_failed else "A"
 
-    # -- dispatch ---------------------------------------------------------------------------
-
-    def handle(self, request: Request) -> bytes:
-        """Apply one request (anything but CTR and DTR) and return the reply payload."""
-        return self._HANDLERS[request.request_type](self, request)
+    def status(self) -> LogStatus:
+        """This log as the worker reports it to the front (status, top, metrics)."""
+        count = self.region_count
+        return LogStatus(
+            uuid=self.uuid, luid=self.luid, log_type=self.config.log_type,
+            state=self.state.value, region_size=self.config.region_size,
+            region_count=count, in_sync=self.sync_count,
+            dirty=count - self.region_map.clean_bits.count(1, 0, count),
+            recovering=self.recovering, sync_search=self.sync_search,
+            requests=self.requests, health=self.health)
 
     # -- life cycle -------------------------------------------------------------------------
 
-    def _resume(self, request: Request | None) -> bytes:
+    def _enter(self, state: LogState) -> None:
+        self.state = state
+        self.handlers = HANDLERS[state]
+
+    def _transition(self, request_type: RequestType) -> None:
+        """Move to the state :data:`TRANSITIONS` names for this request (if any)."""
+        new_state = TRANSITIONS[self.state].get(request_type)
+        if new_state is not None:
+            self._enter(new_state)
+
+    def _resume(self, request: Request | None) -> Outcome:
         # RESUME restarts recovery (dm_rh_start_recovery), whatever else it does.
         self.recovery_halted = False
-        if self.state is LogState.RESUMED:
-            # A second RESUME without a suspend (cmirrord: "Additional resume issued before
-            # suspend"): reloading now would forget marks of writes in flight.
-            return b""
         if self._resume_from is ResumeFrom.INSTANCE:
             self._storage_step("writing the restored image back", self.region_map.push)
         elif self._resume_from is not ResumeFrom.MEMORY:
@@ -277,7 +301,7 @@ class DirtyLog:
         self.sync_count = self.region_map.sync_bits.count(1)
         self.sync_search = 0
         self.recovering = None
-        self.state = LogState.RESUMED
+        self._transition(RequestType.RESUME)
         self.region_map.resumed = True
         # From now on: a disk log re-reads its device at every resume (disk_resume); a core
         # log keeps its bits across a suspend (core_resume), as does one held in memory.
@@ -287,7 +311,13 @@ class DirtyLog:
             self._resume_from = ResumeFrom.MEMORY
         # dm-raid1 only warns when a resume fails; a failed device shows in the status and
         # fails the next FLUSH, as with the kernel's disk log.  So RESUME succeeds.
-        return b""
+        return OK
+
+    def _resume_again(self, request: Request) -> Outcome:
+        # A second RESUME without a suspend (cmirrord: "Additional resume issued before
+        # suspend"): reloading now would forget marks of writes in flight.
+        self.recovery_halted = False
+        return OK
 
     def _load(self) -> None:
         sync_mode = self.config.sync_mode
@@ -305,39 +335,42 @@ class DirtyLog:
         log.info("%s: resumed from %s: %s", self.name, self.region_map.store_path,
                  outcome.reason)
 
-    def _presuspend(self, request: Request) -> bytes:
+    def _presuspend(self, request: Request) -> Outcome:
         # dm-raid1 has stopped recovery; hand out no more work until RESUME.
         self.recovery_halted = True
-        return b""
+        return OK
 
-    def _postsuspend(self, request: Request) -> bytes:
-        if self.state is LogState.PENDING:
-            return b""
+    def _postsuspend(self, request: Request) -> Outcome:
         try:
             self._commit(everything=True)
         finally:
             # Suspended even if the commit failed: the next RESUME must be a real one.
-            self.state = LogState.SUSPENDED
+            self._transition(RequestType.POSTSUSPEND)
             self.recovering = None
-        return b""
+        return OK
+
+    def _nothing(self, request: Request) -> Outcome:
+        return OK
 
     # -- queries ----------------------------------------------------------------------------
 
-    def _get_region_size(self, request: Request) -> bytes:
-        return protocol.pack_u64(self.config.region_size)
+    def _get_region_size(self, request: Request) -> Outcome:
+        return answered(protocol.pack_u64(self.config.region_size))
 
-    def _is_clean(self, request: Request) -> bytes:
-        (region,) = self._checked(request)
-        return protocol.pack_bool(self.region_map.clean_bits[region])
+    def _is_clean(self, request: Request) -> Outcome:
+        return ANSWER_BOOL[self.region_map.clean_bits[self._one_region(request)]]
 
-    def _in_sync(self, request: Request) -> bytes:
-        (region,) = self._checked(request)
-        return protocol.pack_bool(self.region_map.sync_bits[region])
+    def _in_sync(self, request: Request) -> Outcome:
+        # The kernel asks before every read: the range check is inlined.
+        (region,) = request.regions
+        if region >= self.region_count:
+            self._out_of_range(request, region)
+        return ANSWER_BOOL[self.region_map.sync_bits[region]]
 
-    def _get_sync_count(self, request: Request) -> bytes:
-        return protocol.pack_u64(self.sync_count)
+    def _get_sync_count(self, request: Request) -> Outcome:
+        return answered(protocol.pack_u64(self.sync_count))
 
-    def _status_info(self, request: Request) -> bytes:
+    def _status_info(self, request: Request) -> Outcome:
         # The in-kernel logs' format, whatever the type was called (clustered-*): LVM's
         # status parser reads the device and health only after exactly "disk", and the
         # device as major:minor (0:0 for a regular file standing in for a device).
@@ -347,16 +380,16 @@ class DirtyLog:
             text = "1 core"
         # NUL included: the kernel copies the reply over the NUL that ended the status so
         # far, and the ioctl reads the status up to the next NUL.
-        return protocol.pack_string(text)
+        return answered(protocol.pack_string(text))
 
-    def _status_table(self, request: Request) -> bytes:
-        return protocol.pack_string(self.config.table_args())
+    def _status_table(self, request: Request) -> Outcome:
+        return answered(protocol.pack_string(self.config.table_args()))
 
-    def _is_remote_recovering(self, request: Request) -> bytes:
-        self._checked(request)
+    def _is_remote_recovering(self, request: Request) -> Outcome:
+        self._one_region(request)
         # One host: nothing is recovered remotely, and dm-raid1's region hash holds writes
         # back from the region it recovers itself, so the answer is always 0.
-        return protocol.pack_remote_recovering(False, self.in_sync_hint())
+        return answered(protocol.pack_remote_recovering(False, self.in_sync_hint()))
 
     def in_sync_hint(self) -> int:
         """The hint for IS_REMOTE_RECOVERING: below it the kernel does not ask.
@@ -377,56 +410,63 @@ class DirtyLog:
 
     # -- changes ----------------------------------------------------------------------------
 
-    def _mark_region(self, request: Request) -> bytes:
-        for region in self._checked(request, marks=True):
-            self.region_map.mark(region)
-        return b""
+    def _mark_region(self, request: Request) -> Outcome:
+        """MARK_REGION, and a FLUSH's marks (integrated flush, version 3: the regions to
+        mark ride in the FLUSH itself, and its reply promises they are durable like any
+        other mark).  A FLUSH's commit is the log table's: it commits the FLUSHes of a
+        batch's logs together (:meth:`commit_flush`) before any of their replies goes out."""
+        regions = request.regions
+        if regions:  # an empty FLUSH is the most frequent request of all
+            self._check_range(request, regions)
+            mark = self.region_map.mark
+            for region in regions:
+                mark(region)
+        return MARKED[len(regions)]
 
-    def _clear_region(self, request: Request) -> bytes:
-        regions = self._checked(request)
-        if self.state is LogState.SUSPENDED:
-            # dm-raid1's last pass over completed writes can run after POSTSUSPEND; the
-            # bits were committed then, so the region stays dirty: a resync, not a risk.
-            return b""
-        sync_bits = self.region_map.sync_bits
+    def _clear_region(self, request: Request) -> Outcome:
+        regions = request.regions
+        self._check_range(request, regions)
+        sync_bits, clear = self.region_map.sync_bits, self.region_map.clear
         for region in regions:
             if sync_bits[region]:  # the invariant: clean only when in sync
-                self.region_map.clear(region)
-        return b""
+                clear(region)
+        return CLEARED[len(regions)]
 
-    def _flush(self, request: Request) -> bytes:
-        self.stage_flush(request)
-        self.commit_flush()
-        return b""
+    def _clear_region_suspended(self, request: Request) -> Outcome:
+        # dm-raid1's last pass over completed writes can run after POSTSUSPEND; the bits
+        # were committed then, so the region stays dirty: a resync, not a risk.
+        self._check_range(request, request.regions)
+        return CLEARED[len(request.regions)]
 
-    def stage_flush(self, request: Request) -> None:
-        """A FLUSH's marks, without its commit: a server committing several logs' FLUSHes
-        together calls :meth:`commit_flush` before any of their replies goes out."""
-        # Integrated flush (version 3): the regions to mark ride in the FLUSH itself, and
-        # the reply promises they are durable like any other mark.
-        for region in self._checked(request, marks=bool(request.regions)):
-            self.region_map.mark(region)
+    def _flush_suspended(self, request: Request) -> Outcome:
+        if request.regions:
+            return self._marks_after_postsuspend(request)
+        return OK  # what is left to commit, the log table commits
 
     def commit_flush(self) -> None:
         """Make every mark so far durable (LogError EIO if the store fails)."""
         self._commit(everything=False)
 
-    def _get_resync_work(self, request: Request) -> bytes:
-        if self.state is not LogState.RESUMED or self.recovery_halted:
-            return protocol.pack_resync_work(False, 0)
+    def _get_resync_work(self, request: Request) -> Outcome:
+        if self.recovery_halted:
+            return NO_RESYNC_WORK
         if self.recovering is None:
             region = self.region_map.sync_bits.find(0, self.sync_search, self.region_count)
             if region < 0:
                 self.sync_search = self.region_count
-                return protocol.pack_resync_work(False, 0)
+                return NO_RESYNC_WORK
             self.sync_search = region + 1
             self.recovering = region
         # Asked again before SET_REGION_SYNC: the answer was lost or the kernel retried;
         # dm-raid1 recovers one region at a time (MAX_RECOVERY = 1), so it is the same one.
-        return protocol.pack_resync_work(True, self.recovering)
+        return counted(RECOVERY_HANDED_OUT, 1,
+                       protocol.pack_resync_work(True, self.recovering))
 
-    def _set_region_sync(self, request: Request) -> bytes:
-        (region,) = self._checked(request)
+    def _no_resync_work(self, request: Request) -> Outcome:
+        return NO_RESYNC_WORK
+
+    def _set_region_sync(self, request: Request) -> Outcome:
+        region = self._one_region(request)
         if self.recovering == region:
             self.recovering = None
         sync_bits = self.region_map.sync_bits
@@ -434,32 +474,40 @@ class DirtyLog:
             if not sync_bits[region]:
                 sync_bits[region] = 1
                 self.sync_count += 1
-        else:
-            if sync_bits[region]:
-                sync_bits[region] = 0
-                self.sync_count -= 1
-            self.region_map.mark(region)  # the invariant: never clean while out of sync
-            # Durable now, not at the next FLUSH (which may never come, e.g. after
-            # POSTSUSPEND): a region known to differ between the legs must not be
-            # forgotten.  Rare (a failed leg write or recovery), so the sync costs nothing.
-            self._commit(everything=False)
-        return b""
+            return RECOVERED
+        if sync_bits[region]:
+            sync_bits[region] = 0
+            self.sync_count -= 1
+        self.region_map.mark(region)  # the invariant: never clean while out of sync
+        # Durable now, not at the next FLUSH (which may never come, e.g. after
+        # POSTSUSPEND): a region known to differ between the legs must not be
+        # forgotten.  Rare (a failed leg write or recovery), so the sync costs nothing.
+        self._commit(everything=False)
+        return OK
+
+    # -- refusals -----------------------------------------------------------------------------
+
+    def _before_resume(self, request: Request) -> Outcome:
+        raise LogError(errno.EINVAL, f"{request.name} before the log was resumed")
+
+    def _marks_after_postsuspend(self, request: Request) -> Outcome:
+        raise LogError(errno.EINVAL, f"{request.name}: new marks after POSTSUSPEND")
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _checked(self, request: Request, marks: bool = False) -> tuple[int, ...]:
-        """The request's regions, once the log can take it and every region is in range."""
-        if self.state is LogState.PENDING:
-            raise LogError(errno.EINVAL, f"{request.name} before the log was resumed")
-        if marks and self.state is LogState.SUSPENDED:
-            raise LogError(errno.EINVAL, f"{request.name}: new marks after POSTSUSPEND")
-        for region in request.regions:
-            if region >= self.region_count:
-                raise LogError(
-                    errno.EINVAL,
-                    f"{request.name}: region {region} out of range (0-{self.region_count - 1})",
-                )
-        return request.regions
+    def _one_region(self, request: Request) -> int:
+        (region,) = request.regions
+        if region >= self.region_count:
+            self._out_of_range(request, region)
+        return region
+
+    def _check_range(self, request: Request, regions: tuple[int, ...]) -> None:
+        if regions and max(regions) >= self.region_count:
+            self._out_of_range(request, next(r for r in regions if r >= self.region_count))
+
+    def _out_of_range(self, request: Request, region: int) -> None:
+        raise LogError(errno.EINVAL, f"{request.name}: region {region} out of range "
+                       f"(0-{self.region_count - 1})")
 
     def _commit(self, everything: bool) -> None:
         try:
@@ -485,24 +533,64 @@ class DirtyLog:
         else:
             self.flush_failed = self.device_failed = True
 
-    _HANDLERS: ClassVar[dict[RequestType, Callable[[DirtyLog, Request], bytes]]] = {
-        RequestType.PRESUSPEND: _presuspend,
-        RequestType.POSTSUSPEND: _postsuspend,
-        RequestType.RESUME: _resume,
-        RequestType.GET_REGION_SIZE: _get_region_size,
-        RequestType.IS_CLEAN: _is_clean,
-        RequestType.IN_SYNC: _in_sync,
-        RequestType.FLUSH: _flush,
-        RequestType.MARK_REGION: _mark_region,
-        RequestType.CLEAR_REGION: _clear_region,
-        RequestType.GET_RESYNC_WORK: _get_resync_work,
-        RequestType.SET_REGION_SYNC: _set_region_sync,
-        RequestType.GET_SYNC_COUNT: _get_sync_count,
-        RequestType.STATUS_INFO: _status_info,
-        RequestType.STATUS_TABLE: _status_table,
-        RequestType.IS_REMOTE_RECOVERING: _is_remote_recovering,
-    }
-
 
 def _name(uuid: str, luid: int) -> str:
     return f"log {uuid} (luid {luid:#x})"
+
+
+Handler = Callable[[DirtyLog, Request], Outcome]
+NO_RESYNC_WORK = answered(protocol.pack_resync_work(False, 0))
+RECOVERED = counted(RECOVERY_COMPLETED, 1)
+
+# What each request does to a log in each state: one function per request type, one
+# table per state (dm-log.c's ops table), so that the hot path asks no state questions.
+# CTR and DTR are the log table's (logtable.py), as is a FLUSH's commit.
+_RESUMED: dict[RequestType, Handler] = {
+    RequestType.PRESUSPEND: DirtyLog._presuspend,
+    RequestType.POSTSUSPEND: DirtyLog._postsuspend,
+    RequestType.RESUME: DirtyLog._resume_again,
+    RequestType.GET_REGION_SIZE: DirtyLog._get_region_size,
+    RequestType.IS_CLEAN: DirtyLog._is_clean,
+    RequestType.IN_SYNC: DirtyLog._in_sync,
+    RequestType.FLUSH: DirtyLog._mark_region,
+    RequestType.MARK_REGION: DirtyLog._mark_region,
+    RequestType.CLEAR_REGION: DirtyLog._clear_region,
+    RequestType.GET_RESYNC_WORK: DirtyLog._get_resync_work,
+    RequestType.SET_REGION_SYNC: DirtyLog._set_region_sync,
+    RequestType.GET_SYNC_COUNT: DirtyLog._get_sync_count,
+    RequestType.STATUS_INFO: DirtyLog._status_info,
+    RequestType.STATUS_TABLE: DirtyLog._status_table,
+    RequestType.IS_REMOTE_RECOVERING: DirtyLog._is_remote_recovering,
+}
+HANDLERS: dict[LogState, dict[RequestType, Handler]] = {
+    # No bits loaded yet: nothing to answer about regions, nothing to commit.
+    LogState.PENDING: {
+        **_RESUMED,
+        RequestType.POSTSUSPEND: DirtyLog._nothing,
+        RequestType.RESUME: DirtyLog._resume,
+        RequestType.GET_RESYNC_WORK: DirtyLog._no_resync_work,
+        **dict.fromkeys((RequestType.IS_CLEAN, RequestType.IN_SYNC, RequestType.FLUSH,
+                         RequestType.MARK_REGION, RequestType.CLEAR_REGION,
+                         RequestType.SET_REGION_SYNC, RequestType.IS_REMOTE_RECOVERING),
+                        DirtyLog._before_resume),
+    },
+    LogState.RESUMED: _RESUMED,
+    # Everything committed at POSTSUSPEND: no new marks until RESUME, no recovery.
+    LogState.SUSPENDED: {
+        **_RESUMED,
+        RequestType.RESUME: DirtyLog._resume,
+        RequestType.MARK_REGION: DirtyLog._marks_after_postsuspend,
+        RequestType.FLUSH: DirtyLog._flush_suspended,
+        RequestType.CLEAR_REGION: DirtyLog._clear_region_suspended,
+        RequestType.GET_RESYNC_WORK: DirtyLog._no_resync_work,
+    },
+}
+assert all(set(table) == set(RequestType) - {RequestType.CTR, RequestType.DTR}
+           for table in HANDLERS.values())
+
+# The life cycle: which request moves a log from which state to which (module docstring).
+TRANSITIONS: dict[LogState, dict[RequestType, LogState]] = {
+    LogState.PENDING: {RequestType.RESUME: LogState.RESUMED},
+    LogState.RESUMED: {RequestType.POSTSUSPEND: LogState.SUSPENDED},
+    LogState.SUSPENDED: {RequestType.RESUME: LogState.RESUMED},
+}

@@ -1,4 +1,4 @@
-"""The logs one process serves, and the rule for every request's answer.
+"""The logs one process serves, and the one place every request's answer is decided.
 
 A :class:`LogTable` maps ``(uuid, luid)`` to a :class:`~shardlog.log.dirtylog.DirtyLog`.  It
 owns what is not one log's business:
@@ -13,15 +13,22 @@ owns what is not one log's business:
 - DTR forgets a log.
 - A request for a log it does not know, but whose CTR it recorded before a restart
   (records.py), re-creates that log as the kernel's reconnect would, and is answered.
-- With ``defer_commit``, FLUSHes only stage their marks, and :meth:`LogTable.commit_deferred`
-  commits every staged log before any of their replies goes out (group commit).  A staged
-  log that a DTR or a replacing CTR is about to close is committed first, then and there:
-  its FLUSH came first, and a commit must never outlive the mapping it writes from.
+- A FLUSH that leaves something to commit only stages it: :meth:`LogTable.commit_staged`,
+  run once per batch, commits every staged log before any of their replies goes out
+  (group commit; a FLUSH with nothing to commit is answered at once).  A staged log that
+  a DTR or a replacing CTR is about to close is committed first, then and there: its
+  FLUSH came first, and a commit must never outlive the mapping it writes from.
 - A request for a log it does not know is answered -ESRCH, never -EINVAL: -ESRCH makes the
   kernel re-send CTR + RESUME and retry (§1.6b), while -EINVAL would fail a FLUSH (the
   mirror's log is marked failed) or an IN_SYNC (writes then go to one leg only).
-- Nothing escapes :meth:`LogTable.handle`: every request gets an answer, with an exact
-  payload size or a negative errno, and every refusal is logged with its reason.
+- Nothing escapes :meth:`LogTable.decide`: every request gets an
+  :class:`~shardlog.log.outcome.Outcome` (an error or an exact payload, and what the
+  metrics count), and every refusal is logged with its reason.  The reply bytes are made
+  from the outcome once (:func:`~shardlog.log.outcome.encode`); a request on its own
+  (tools, tests) is answered by :meth:`LogTable.answer`, a batch of one.
+
+The hot path is short: a known log's request other than CTR, DTR, RESUME and FLUSH goes
+from :meth:`LogTable.decide` straight to the log's function for its state (dirtylog.py).
 
 Two live instances of one uuid (a table reload: new luid, same uuid) are two entries, each
 with its own instance file; a disk log's instances also share the device, which the new
@@ -33,12 +40,28 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 from shardlog.log.dirtylog import DirtyLog, LogError, LogState
-from shardlog.observability.workercounters import LOGS_RESTORED, Count, count_nothing, observe
+from shardlog.log.outcome import (
+    BROKEN,
+    OK,
+    UNKNOWN_LOG,
+    Outcome,
+    answered,
+    counted,
+    encode,
+    failed,
+    refused,
+)
+from shardlog.observability.workercounters import (
+    LOGS_RESTORED,
+    RECONNECT_CTRS,
+    Count,
+    count_nothing,
+    observe,
+)
+from shardlog.observability.workerstats import LogStatus
 from shardlog.storage import records
 from shardlog.storage.errors import FailureTally, StoreError
 from shardlog.storage.statedir import (
@@ -55,74 +78,77 @@ log = logging.getLogger(__name__)
 
 LogKey = tuple[str, int]
 _RESERVED_ERRNOS = frozenset({errno.EAGAIN, errno.ESRCH})
-_T = TypeVar("_T")
+# The requests the table decides itself, with the log's help or without a log: the rest
+# go straight to the log's function for its state.
+_TABLE_REQUESTS = frozenset({RequestType.CTR, RequestType.DTR, RequestType.RESUME,
+                             RequestType.FLUSH})
+RECONNECTED = counted(RECONNECT_CTRS, 1)
 
 
 class LogTable:
-    """Every log instance this process serves, keyed by ``(uuid, luid)``."""
+    """Every log instance this process serves, keyed by ``(uuid, luid)``.
 
-    def __init__(self, state_dir: Path):
+    ``count`` is where the metrics' counts of what only the table sees go (logs restored,
+    commit times): a worker's reporter's count; nothing outside a worker."""
+
+    def __init__(self, state_dir: Path, count: Count = count_nothing):
         self.state_dir = Path(state_dir)
         self.logs: dict[LogKey, DirtyLog] = {}
-        self._deferred: list[tuple[Request, DirtyLog]] = []
-        # Outcomes of staged logs committed early (before a DTR or a replacing CTR closed
-        # them), by id of the log, which stays in _deferred until its reply is made.
-        self._settled: dict[int, tuple[int, bytes]] = {}
+        self.count = count
+        # The FLUSHes staged in this batch: (request, log, the outcome of its marks).
+        self._staged: list[tuple[Request, DirtyLog, Outcome]] = []
+        # Logs of staged FLUSHes committed early (before a DTR or a replacing CTR closed
+        # them), by id of the log, which stays in _staged until its outcome is made: the
+        # error of their commit, 0 if it succeeded.
+        self._settled: dict[int, int] = {}
         # The instance files on disk before any new instance here was resumed, by uuid key
         # (listed once, when the first one is): the only files that can be stale.
         self._files_found: dict[str, dict[int, Path]] | None = None
-        # Where the metrics' counts go (a worker sets its reporter's count here).
-        self.count: Count = count_nothing
         # The storage failures its logs handled, by source: the worker reports them.
         self.storage_failures = FailureTally()
 
-    def answer(self, request: Request, *, defer_commit: bool = False) -> bytes | None:
-        """The reply datagram for a decoded request.
+    def decide(self, request: Request) -> Outcome | None:
+        """What to answer to a decoded request: every answer the kernel gets is decided
+        here.  None for a FLUSH whose marks wait for a commit: its outcome comes from
+        :meth:`commit_staged`, which the caller runs once per batch, before it sends any
+        of their replies.  Nothing escapes: any failure is an errno in the outcome."""
+        try:
+            dirty_log = self.logs.get((request.uuid, request.luid))
+            request_type = request.request_type
+            if dirty_log is not None:
+                if request_type not in _TABLE_REQUESTS:
+                    dirty_log.requests += 1
+                    return dirty_log.handlers[request_type](dirty_log, request)
+                if request_type is RequestType.FLUSH:
+                    return self._flush(request, dirty_log)
+            return self._decide_for_table(request, dirty_log)
+        except Exception as exc:
+            return self._refusal(request, exc)
 
-        With ``defer_commit`` a FLUSH only stages its marks and answers None; its reply
-        comes from :meth:`commit_deferred`, which commits every staged log at once.
-        """
-        if defer_commit and request.request_type is RequestType.FLUSH:
-            outcome = self._guarded(request, self._stage_flush)
-            if outcome is None:
-                return None
-            return self._encode(request, *outcome)
-        return self._encode(request, *self.handle(request))
+    def answer(self, request: Request) -> bytes:
+        """The reply datagram to one request decided on its own (a batch of one): a
+        FLUSH is committed before its reply is made."""
+        outcome = self.decide(request)
+        if outcome is None:
+            outcome = self.commit_staged()[-1]  # staged last
+        return encode(request, outcome)
 
-    def commit_deferred(self) -> list[bytes]:
-        """Commit every log with a staged FLUSH, then return the replies of those FLUSHes
-        (a log staged twice is committed once)."""
-        deferred, self._deferred = self._deferred, []
-        outcomes, self._settled = self._settled, {}
-        replies = []
-        for request, dirty_log in deferred:
-            outcome = outcomes.get(id(dirty_log))
-            if outcome is None:
-                outcome = self._guarded(request, lambda _request, log=dirty_log: (
-                    self._commit_staged(log)))
-                outcomes[id(dirty_log)] = outcome
-            replies.append(self._encode(request, *outcome))
-        return replies
+    def commit_staged(self) -> list[Outcome]:
+        """Commit every log with a staged FLUSH, then return the outcomes of those
+        FLUSHes in the order they were staged (a log staged twice is committed once)."""
+        staged, self._staged = self._staged, []
+        errors, self._settled = self._settled, {}
+        outcomes = []
+        for request, dirty_log, marked in staged:
+            error = errors.get(id(dirty_log))
+            if error is None:
+                error = errors[id(dirty_log)] = self._commit(request, dirty_log)
+            outcomes.append(marked if not error else failed(marked, -error))
+        return outcomes
 
-    def _settle(self, dirty_log: DirtyLog) -> None:
-        """Commit a log whose FLUSH is staged in this batch now, before it is closed: its
-        FLUSH's reply is this commit's outcome."""
-        if id(dirty_log) in self._settled:
-            return
-        for request, staged in self._deferred:
-            if staged is dirty_log:
-                self._settled[id(dirty_log)] = self._guarded(
-                    request, lambda _request: self._commit_staged(dirty_log))
-                return
-
-    def _commit_staged(self, dirty_log: DirtyLog) -> tuple[int, bytes]:
-        syncs = dirty_log.region_map.needs_commit  # else nothing is written: not a commit
-        started = time.perf_counter()
-        dirty_log.commit_flush()
-        if syncs:
-            observe(self.count, "flush_commit_seconds", time.perf_counter() - started,
-                    log_type=dirty_log.config.log_type)
-        return 0, b""
+    def statuses(self) -> list[LogStatus]:
+        """A snapshot of every log, for the worker's report to the front."""
+        return [dirty_log.status() for dirty_log in self.logs.values()]
 
     def close(self) -> None:
         """The server stops: every log commits everything and keeps its files."""
@@ -130,65 +156,79 @@ class LogTable:
             dirty_log.shutdown()
         self.logs.clear()
 
-    def handle(self, request: Request) -> tuple[int, bytes]:
-        """Apply a request; return ``(error, payload)``, error 0 or a negative errno."""
-        return self._guarded(request, self._apply)
+    # -- the table's own requests ------------------------------------------------------------
 
-    def _apply(self, request: Request) -> tuple[int, bytes]:
-        if request.request_type is RequestType.CTR:
-            return 0, self._construct(request)
-        key = (request.uuid, request.luid)
-        dirty_log = self.logs.get(key)
-        if request.request_type is RequestType.DTR:
-            return self._destroy(key, dirty_log)
+    def _decide_for_table(self, request: Request, dirty_log: DirtyLog | None) -> Outcome | None:
+        request_type = request.request_type
+        if request_type is RequestType.CTR:
+            return self._construct(request)
+        if request_type is RequestType.DTR:
+            return self._destroy(request, dirty_log)
         if dirty_log is None:
             dirty_log = self._restore(request)
             if dirty_log is None:
                 log.info("%s for unknown log %s (luid %#x): -ESRCH, the kernel will "
                          "reconnect", request.name, request.uuid, request.luid)
-                return -errno.ESRCH, b""
+                return UNKNOWN_LOG
+        if request_type is RequestType.FLUSH:
+            return self._flush(request, dirty_log)
         dirty_log.requests += 1
-        first_resume = (request.request_type is RequestType.RESUME
+        first_resume = (request_type is RequestType.RESUME
                         and dirty_log.state is LogState.PENDING)
-        data = dirty_log.handle(request)
+        outcome = dirty_log.handlers[request_type](dirty_log, request)
         if first_resume:
             self._remove_stale_instances(request.uuid)
-        return 0, data
+        return outcome
 
-    def _stage_flush(self, request: Request) -> tuple[int, bytes] | None:
-        dirty_log = self.logs.get((request.uuid, request.luid))
-        if dirty_log is None:
-            return self._apply(request)  # restored, or -ESRCH: answered at once
+    def _flush(self, request: Request, dirty_log: DirtyLog) -> Outcome | None:
+        """A FLUSH makes its marks (the log's function for its state) and, if anything is
+        left to commit, is staged: committed with the batch's other logs before any of
+        their replies goes out.  A FLUSH with nothing to commit is answered at once."""
         dirty_log.requests += 1
-        dirty_log.stage_flush(request)
-        self._deferred.append((request, dirty_log))
-        return None
+        outcome = dirty_log.handlers[RequestType.FLUSH](dirty_log, request)
+        if dirty_log.region_map.needs_commit:
+            self._staged.append((request, dirty_log, outcome))
+            return None
+        return outcome
 
-    def _guarded(self, request: Request, step: Callable[[Request], _T]) -> _T | tuple[int, bytes]:
-        """Run a step for a request; any failure becomes the errno the kernel gets."""
+    def _commit(self, request: Request, dirty_log: DirtyLog) -> int:
+        """Commit a staged log: 0, or the negative errno its FLUSH gets."""
+        syncs = dirty_log.region_map.needs_commit  # else nothing is written: not a commit
+        started = time.perf_counter()
         try:
-            return step(request)
-        except LogError as exc:
+            dirty_log.commit_flush()
+        except Exception as exc:
+            return self._refusal(request, exc).error
+        if syncs:
+            observe(self.count, "flush_commit_seconds", time.perf_counter() - started,
+                    log_type=dirty_log.config.log_type)
+        return 0
+
+    def _settle(self, dirty_log: DirtyLog) -> None:
+        """Commit a log whose FLUSH is staged in this batch now, before it is closed: its
+        FLUSH's reply is this commit's outcome."""
+        if id(dirty_log) in self._settled:
+            return
+        for request, staged, _marked in self._staged:
+            if staged is dirty_log:
+                self._settled[id(dirty_log)] = self._commit(request, dirty_log)
+                return
+
+    @staticmethod
+    def _refusal(request: Request, exc: Exception) -> Outcome:
+        """The outcome of a request whose step failed: the errno the kernel gets."""
+        if isinstance(exc, LogError):
             log.warning("%s %s (luid %#x): %s", request.name, request.uuid, request.luid, exc)
             # -EAGAIN would make the kernel re-send at once, in a loop; -ESRCH would start
             # its reconnect: neither may come from a failing file or device by chance.
-            return -(errno.EIO if exc.errno in _RESERVED_ERRNOS else exc.errno), b""
-        except Exception:
-            # A bug must not leave the kernel waiting 15 s and retrying for ever.
-            log.exception("%s %s (luid %#x) failed", request.name, request.uuid, request.luid)
-            return -errno.EIO, b""
+            return BROKEN if exc.errno in _RESERVED_ERRNOS else refused(exc.errno)
+        # A bug must not leave the kernel waiting 15 s and retrying for ever.
+        log.error("%s %s (luid %#x) failed", request.name, request.uuid, request.luid,
+                  exc_info=exc)
+        return BROKEN
 
-    @staticmethod
-    def _encode(request: Request, error: int, data: bytes) -> bytes:
-        try:
-            return protocol.encode_reply(request, error, data)
-        except ValueError:
-            # A payload of the wrong size is a bug here; the kernel still gets an answer.
-            log.exception("%s %s: bad reply payload", request.name, request.uuid)
-            return protocol.encode_reply_raw(request.header, -errno.EIO, b"")
-
-    def _destroy(self, key: LogKey, dirty_log: DirtyLog | None) -> tuple[int, bytes]:
-        uuid, luid = key
+    def _destroy(self, request: Request, dirty_log: DirtyLog | None) -> Outcome:
+        uuid, luid = key = (request.uuid, request.luid)
         record = records.record_path(self.state_dir, uuid, luid)
         if dirty_log is not None:
             self._settle(dirty_log)
@@ -196,12 +236,12 @@ class LogTable:
             dirty_log.destroy()
         elif not record.exists():
             log.info("DTR for unknown log %s (luid %#x)", uuid, luid)
-            return -errno.ESRCH, b""  # ignored by the kernel
+            return UNKNOWN_LOG  # ignored by the kernel
         else:
             # A log of a server before a restart, gone before any other request came.
             remove_state_file(instance_file_path(self.state_dir, uuid, luid))
         remove_state_file(record)
-        return 0, b""
+        return OK
 
     def _restore(self, request: Request) -> DirtyLog | None:
         """Re-create a live log from its CTR record (records.py): what the kernel's
@@ -223,15 +263,15 @@ class LogTable:
         log.info("%s: restored from its CTR record (%s)", dirty_log.name, dirty_log.state.value)
         return dirty_log
 
-    def _construct(self, request: Request) -> bytes:
+    def _construct(self, request: Request) -> Outcome:
         key = (request.uuid, request.luid)
         existing = self.logs.get(key)
         if existing is not None:
             if request.reconnect:
-                return b""  # the kernel's reconnect loop: we never lost this log
+                return RECONNECTED  # the kernel's reconnect loop: we never lost this log
             if (existing.state is LogState.PENDING
                     and existing.config.ctr_string == request.ctr_string):
-                return existing.ctr_reply(request.version)  # a re-sent CTR
+                return answered(existing.ctr_reply(request.version))  # a re-sent CTR
         # Everything that can refuse the CTR comes before anything changes: a refused CTR
         # for a live instance must leave it serving, with its bits, files and record.
         try:
@@ -269,7 +309,9 @@ class LogTable:
         log.info("%s: constructed (%s%s), %d regions of %d sectors", dirty_log.name,
                  config.log_type, ", reconnect" if request.reconnect else "",
                  config.region_count, config.region_size)
-        return b"" if request.reconnect else dirty_log.ctr_reply(request.version)
+        if request.reconnect:
+            return RECONNECTED
+        return answered(dirty_log.ctr_reply(request.version))
 
     def _remove_stale_instances(self, uuid: str) -> None:
         """Instance files of this uuid that no instance here owns, removed when a new

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from shardlog.wire.protocol import REPLY_ERROR, REPLY_ERROR_OFFSET
-
 TYPE_COUNT = 256  # raw types are counted by their low byte
 # Request latency: a reply to anything but a committing FLUSH takes tens of microseconds,
 # a FLUSH of a disk log an fdatasync (milliseconds), and the kernel gives up after 15 s.
@@ -42,9 +40,6 @@ DROP_REASONS = ("forged_sender", "malformed", "not_for_us", "duplicate")
 RESEND_WINDOW_NS = 5_000_000_000
 RESEND_WATCH_LIMIT = 65536
 
-_reply_error = REPLY_ERROR.unpack_from
-_ERROR_AT = slice(REPLY_ERROR_OFFSET, REPLY_ERROR_OFFSET + REPLY_ERROR.size)
-_NO_ERROR = bytes(REPLY_ERROR.size)
 _SCALARS = ("enobufs", "send_errors", "resent_requests")
 
 
@@ -72,16 +67,16 @@ class RequestStats:
 
     # -- counting ------------------------------------------------------------------------------
 
-    def answered(self, sent: Iterable[tuple[int, int, bytes]], now_ns: int) -> None:
-        """Count replies that left at ``now_ns``: ``(raw type, arrival ns, reply)``, a
-        reply being a full reply datagram (its error field is read here)."""
+    def answered(self, sent: Iterable[tuple[int, int, int]], now_ns: int) -> None:
+        """Count replies that left at ``now_ns``: ``(raw type, arrival ns, error)``, the
+        error of the request's outcome (0 or a negative errno)."""
         ok, buckets, sums = self.ok, self.latency_buckets, self.latency_sum_ns
-        error_at, no_error, results = _ERROR_AT, _NO_ERROR, self.results
-        for request_type, arrived, reply in sent:
-            if reply[error_at] == no_error:
+        results = self.results
+        for request_type, arrived, error in sent:
+            if not error:
                 ok[request_type] += 1
             else:
-                key = request_type << 12 | -_reply_error(reply, REPLY_ERROR_OFFSET)[0]
+                key = request_type << 12 | -error
                 results[key] = results.get(key, 0) + 1
             elapsed = now_ns - arrived
             buckets[request_type << 6 | (elapsed >> LATENCY_SHIFT).bit_length()] += 1

@@ -31,12 +31,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
-from typing import TYPE_CHECKING
 
 from shardlog.observability.requeststats import RequestStats
-
-if TYPE_CHECKING:
-    from shardlog.log.logtable import LogTable
 
 REPORT_INTERVAL = 1.0  # seconds between reports of a busy worker
 
@@ -102,29 +98,6 @@ class WorkerReport:
         return cls(logs, counters, requests)
 
 
-def log_statuses(table: LogTable) -> list[LogStatus]:
-    """A snapshot of every log in a worker's table."""
-    statuses = []
-    for dirty_log in table.logs.values():
-        config = dirty_log.config
-        count = dirty_log.region_count
-        statuses.append(LogStatus(
-            uuid=dirty_log.uuid,
-            luid=dirty_log.luid,
-            log_type=config.log_type,
-            state=dirty_log.state.value,
-            region_size=config.region_size,
-            region_count=count,
-            in_sync=dirty_log.sync_count,
-            dirty=count - dirty_log.region_map.clean_bits.count(1, 0, count),
-            recovering=dirty_log.recovering,
-            sync_search=dirty_log.sync_search,
-            requests=dirty_log.requests,
-            health=dirty_log.health,
-        ))
-    return statuses
-
-
 class Reporter:
     """A worker's side of the channel: the counters since the last report, and when the
     next one is due."""
@@ -151,11 +124,10 @@ class Reporter:
             return None
         return max(0.0, self.interval - (self._clock() - self._last))
 
-    def report(self, table: LogTable, with_logs: bool = True) -> WorkerReport:
-        """The report to send now (its logs listed only ``with_logs``); the counters
-        start again from zero."""
-        report = WorkerReport(log_statuses(table) if with_logs else None,
-                              dict(self.counters), self.requests.take_deltas())
+    def report(self, logs: list[LogStatus] | None) -> WorkerReport:
+        """The report to send now, with the worker's logs (None: a periodic report that
+        leaves them out); the counters start again from zero."""
+        report = WorkerReport(logs, dict(self.counters), self.requests.take_deltas())
         self.counters.clear()
         self.active = False
         self._last = self._clock()

@@ -75,6 +75,7 @@ from pathlib import Path
 
 import multiprocess
 
+from shardlog.log.outcome import LOST_WITH_WORKER, lost_with_worker
 from shardlog.observability.metrics import FrontCollector, FrontStats, serve_metrics
 from shardlog.observability.workerstats import WorkerReport
 from shardlog.server import handover, statustext, worker
@@ -759,7 +760,7 @@ class Arbiter:
             if routing is None:
                 continue  # not a request: nobody waits for it
             _uuid, seq, request_type = routing
-            ack = protocol.encode_ack(seq, errno.EAGAIN)
+            ack = lost_with_worker(seq)
             try:
                 slot.sock.sendto(ack, self.peer.reply_address)
             except OSError as exc:
@@ -772,7 +773,7 @@ class Arbiter:
                 self.tracer.traced(slot.index, time.time() - (now_ns - arrived) / 1e9,
                                    (now_ns - arrived) / 1e9, datagram, ack,
                                    note=NOTE_WORKER_DIED)
-        self.stats.lost(lost, -errno.EAGAIN, now_ns)
+        self.stats.lost(lost, LOST_WITH_WORKER, now_ns)
         slot.in_flight.reset()
         return len(lost)
 

@@ -14,12 +14,15 @@ into its :class:`~shardlog.server.inflight.InFlight` ring, which the front can r
 worker dies, drops whatever does not come from the kernel's port (or the test peer's),
 and answers the batch:
 
-1. every request is decoded and applied; every reply but a FLUSH's is sent at once;
-2. the FLUSHes only staged their marks: the batch's logs are then committed one after
+1. every request is decoded and its outcome decided by the log table
+   (:meth:`LogTable.decide <shardlog.log.logtable.LogTable.decide>`), encoded once and
+   sent at once — all but a FLUSH that left something to commit;
+2. those FLUSHes only staged their marks: the batch's logs are then committed one after
    another (a disk log's device write + fdatasync; a core log needs none: design.md)
    and only then are their replies sent.  Under load a batch holds the FLUSHes of many
    logs, and none waits for a commit it does not need: a reply never precedes its own
-   log's commit;
+   log's commit.  What the metrics count of a request (its result, the regions it
+   marked...) is read from its outcome, never from the reply's bytes;
 3. at most once a second while it is busy, and at once when the front asks, it sends the
    front a report of its logs and its counters, requests included (workerstats.py), on
    its events pipe; while someone traces, one TRACE frame per batch (commands.py).
@@ -67,25 +70,16 @@ from collections import Counter
 from pathlib import Path
 
 from shardlog.log.logtable import LogTable
-from shardlog.observability.workercounters import (
-    RECONNECT_CTRS,
-    RECOVERY_COMPLETED,
-    RECOVERY_HANDED_OUT,
-    REGION_CLEARS,
-    REGION_MARKS,
-    Count,
-    count_nothing,
-    key,
-    observe,
-)
+from shardlog.log.outcome import encode
+from shardlog.observability.workercounters import Count, count_nothing, key, observe
 from shardlog.observability.workerstats import Reporter
 from shardlog.server.handover import Leftovers
 from shardlog.server.inflight import CAPACITY, InFlight
 from shardlog.server.nlsocket import leave_group_7
-from shardlog.wire import frames, protocol
+from shardlog.wire import frames
 from shardlog.wire.frames import FrameReader, Kind
-from shardlog.wire.protocol import REPLY_DATA_OFFSET, REPLY_ERROR_OFFSET, ProtocolError
-from shardlog.wire.protocol import RequestType as T
+from shardlog.wire.protocol import ProtocolError
+from shardlog.wire.protocol import decode_datagram as decode
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +123,8 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    table = LogTable(state_dir)
     reporter = Reporter()
+    table = LogTable(state_dir, reporter.count)
     if resend_watch:
         reporter.requests.resend_watch = dict(resend_watch)
         reporter.requests.resend_until = max(resend_watch.values())
@@ -162,7 +156,6 @@ class ShardWorker:
         self._traced = bytearray()  # this batch's TRACE entries, while tracing
         self._batch_sizes: Counter[int] = Counter()  # since the last report
         self._last_warning: dict[str, float] = {}
-        table.count = reporter.count
         sock.setblocking(False)
         self._readable = select.poll()  # whether the socket holds a datagram now
         self._readable.register(sock, select.POLLIN)
@@ -256,15 +249,16 @@ class ShardWorker:
             return 0
         arrived = time.monotonic_ns()
         self.reporter.active = True
-        table, count, send = self.table, self.reporter.count, self._send
+        decide, count = self.table.decide, self.reporter.count
+        sendto, address = self.sock.sendto, self.peer.reply_address
         requests_seen, resend_watch = stats.requests, stats.resend_watch
-        entries = in_flight.entries
-        sent = []  # (type, arrival, reply): counted once the batch is answered
+        entries, tracing = in_flight.entries, self.tracing
+        sent = []  # (type, arrival, error): counted once the batch is answered
         deferred = []  # (entry, request): FLUSHes staged, answered after the commit
         for index, size in enumerate(held):
             datagram = bytes(entries[index][:size])
             try:
-                request = protocol.decode_datagram(datagram)
+                request = decode(datagram)
             except ProtocolError as exc:
                 self._malformed(index, datagram, exc)
                 continue
@@ -272,25 +266,39 @@ class ShardWorker:
             requests_seen[request_type] += 1
             if resend_watch:
                 stats.check_resend(datagram, arrived)
-            reply = answer_request(table, request, count)
-            if reply is None:
+            outcome = decide(request)
+            if outcome is None:
                 deferred.append((index, request))
                 continue
-            send(reply)
+            reply = encode(request, outcome)
+            try:  # inline: a call less per request
+                sendto(reply, address)
+            except OSError as exc:
+                self._send_refused(exc)
             in_flight.answered(index)
-            sent.append((request_type, arrived, reply))
-            if self.tracing:
+            error, _payload, counted, amount = outcome
+            sent.append((request_type, arrived, error))
+            if counted is not None:
+                count(counted, amount)
+            if tracing:
                 self._trace(datagram, reply, arrived)
         if sent:
             stats.answered(sent, time.monotonic_ns())
         if deferred:
             sent = []
-            for (index, request), reply in zip(deferred, self.table.commit_deferred(),
-                                               strict=True):
-                send(reply)
+            for (index, request), outcome in zip(deferred, self.table.commit_staged(),
+                                                 strict=True):
+                reply = encode(request, outcome)
+                try:
+                    sendto(reply, address)
+                except OSError as exc:
+                    self._send_refused(exc)
                 in_flight.answered(index)
-                sent.append((request.request_type, arrived, reply))
-                if self.tracing:
+                error, _payload, counted, amount = outcome
+                sent.append((request.request_type, arrived, error))
+                if counted is not None:
+                    count(counted, amount)
+                if tracing:
                     self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
             stats.answered(sent, time.monotonic_ns())
         in_flight.batch_done()
@@ -377,10 +385,13 @@ class ShardWorker:
         try:
             self.sock.sendto(reply, self.peer.reply_address)
         except OSError as exc:
-            stats = self.reporter.requests
-            stats.send_errors += 1
-            self._warn("send", "a reply was refused: %s (%d so far)", exc.strerror,
-                       stats.send_errors)
+            self._send_refused(exc)
+
+    def _send_refused(self, exc: OSError) -> None:
+        stats = self.reporter.requests
+        stats.send_errors += 1
+        self._warn("send", "a reply was refused: %s (%d so far)", exc.strerror,
+                   stats.send_errors)
 
     def _trace(self, datagram: bytes, reply: bytes, arrived_ns: int) -> None:
         latency = (time.monotonic_ns() - arrived_ns) / 1e9
@@ -396,7 +407,7 @@ class ShardWorker:
         for size, batches in self._batch_sizes.items():
             observe(count, "worker_batch_size", size, batches)
         self._batch_sizes.clear()
-        report = self.reporter.report(self.table, with_logs)
+        report = self.reporter.report(self.table.statuses() if with_logs else None)
         return frames.pack(Kind.WORKER_REPORT, 0, report.encode())
 
     def _warn(self, kind: str, message: str, *args) -> None:
@@ -420,49 +431,21 @@ def decode_trace(payload: bytes) -> list[tuple[float, float, bytes, bytes]]:
     return entries
 
 
-def answer(table: LogTable, datagram: bytes, count: Count = count_nothing) -> bytes | None:
-    """The reply to one datagram, or None for a FLUSH whose commit is deferred (empty:
-    a datagram that gets no reply); what it did is counted with ``count``."""
+def answer(table: LogTable, datagram: bytes, count: Count = count_nothing) -> bytes:
+    """The reply to one datagram answered on its own, as a batch of one (a FLUSH is
+    committed first; empty: a datagram that gets no reply); what it did is counted with
+    ``count`` (workercounters.py), from its outcome."""
     try:
-        request = protocol.decode_datagram(datagram)
+        request = decode(datagram)
     except ProtocolError as exc:
         log.warning("malformed request: %s", exc.reason)
         return exc.reply or b""
-    return answer_request(table, request, count)
-
-
-def answer_request(table: LogTable, request: protocol.Request,
-                   count: Count = count_nothing) -> bytes | None:
-    """The reply to a decoded request, or None for a FLUSH whose commit is deferred; what
-    it did is counted with ``count`` (workercounters.py)."""
-    reply = table.answer(request, defer_commit=True)
-    if request.request_type in _COUNTED and (
-            reply is None or not _reply_error(reply, REPLY_ERROR_OFFSET)[0]):
-        _count(count, request, reply)
-    return reply
-
-
-# What the metrics count of a request that succeeded (a deferred FLUSH staged its marks).
-_COUNTED = frozenset({T.MARK_REGION, T.FLUSH, T.CLEAR_REGION, T.GET_RESYNC_WORK,
-                      T.SET_REGION_SYNC, T.CTR})
-_reply_error = protocol.REPLY_ERROR.unpack_from
-
-
-def _count(count: Count, request: protocol.Request, reply: bytes | None) -> None:
-    request_type = request.request_type
-    if request_type is T.MARK_REGION or request_type is T.FLUSH:
-        if request.regions:
-            count(REGION_MARKS, len(request.regions))
-    elif request_type is T.CLEAR_REGION:
-        count(REGION_CLEARS, len(request.regions))
-    elif request_type is T.GET_RESYNC_WORK:
-        if reply is not None and protocol.S64.unpack_from(reply, REPLY_DATA_OFFSET)[0] == 1:
-            count(RECOVERY_HANDED_OUT, 1)
-    elif request_type is T.SET_REGION_SYNC:
-        if request.in_sync:
-            count(RECOVERY_COMPLETED, 1)
-    elif request.reconnect:  # a CTR
-        count(RECONNECT_CTRS, 1)
+    outcome = table.decide(request)
+    if outcome is None:
+        outcome = table.commit_staged()[-1]  # staged last
+    if outcome.counted is not None:
+        count(outcome.counted, outcome.amount)
+    return encode(request, outcome)
 
 
 def _write(fd: int, data: bytes | bytearray) -> None:

@@ -55,7 +55,7 @@ ULOG_HEADER = struct.Struct(f"=Q{DM_UUID_LEN}s3xIiIII")  # luid uuid version err
 assert NLMSGHDR.size == 16 and CN_MSG.size == 20 and ULOG_HEADER.size == 160
 _NL_CN_HEADERS = struct.Struct("=IHHII" "IIIIHH")  # both at once: one call on the hot path
 # Every header field a request's decoding checks, in one call (the well-formed path).
-_ALL_HEADERS = struct.Struct(f"=4xH10xII8xH2xQ{DM_UUID_LEN}s3xIiIII")
+_ALL_HEADERS = struct.Struct(f"=IH10xII8xH2xQ{DM_UUID_LEN}s3xIiIII")
 assert _ALL_HEADERS.size == 196
 
 _NL_CN = NLMSGHDR.size + CN_MSG.size  # 36: where dm_ulog_request starts in a datagram
@@ -198,20 +198,21 @@ def decode_datagram(buf: bytes | bytearray | memoryview) -> Request:
     Raises :class:`ProtocolError` (and nothing else) for anything malformed.  Up to three
     pad bytes after ``nlmsg_len`` (netlink alignment, seen from real kernels) are ignored.
     """
-    buf = bytes(buf)
+    if type(buf) is not bytes:
+        buf = bytes(buf)
     # The well-formed request, checked with one unpack and one test; anything else takes
     # the careful path below, which says what is wrong.
     if len(buf) >= _HEADERS_END:
-        (nlmsg_type, idx, val, cn_len, luid, raw_uuid, version, _error, seq, raw_type,
-         data_size) = _ALL_HEADERS.unpack_from(buf)
+        (nlmsg_len, nlmsg_type, idx, val, cn_len, luid, raw_uuid, version, _error, seq,
+         raw_type, data_size) = _ALL_HEADERS.unpack_from(buf)
         end = _HEADERS_END + data_size
         uuid = _uuid_cache.get(raw_uuid)
-        if (nlmsg_type == NLMSG_DONE and idx == CN_IDX_DM and val == CN_VAL_DM_USERSPACE_LOG
-                and cn_len == ULOG_HEADER.size + data_size and data_size <= MAX_PAYLOAD
-                and end <= len(buf) <= end + 3 and version in SUPPORTED_VERSIONS
-                and uuid is not None and raw_type in _TYPES_BY_VALUE
-                and NLMSGHDR.unpack_from(buf)[0] == end):
-            request_type = _TYPES_BY_VALUE[raw_type]
+        request_type = _TYPES_BY_VALUE.get(raw_type)
+        if (nlmsg_len == end and nlmsg_type == NLMSG_DONE and idx == CN_IDX_DM
+                and val == CN_VAL_DM_USERSPACE_LOG and cn_len == ULOG_HEADER.size + data_size
+                and data_size <= MAX_PAYLOAD and end <= len(buf) <= end + 3
+                and version in SUPPORTED_VERSIONS and uuid is not None
+                and request_type is not None):
             data = buf[_HEADERS_END:end]
             try:
                 fields = _PAYLOAD_DECODERS[request_type](request_type, version, data)
@@ -362,6 +363,11 @@ def _one_region(request_type: RequestType, version: int, data: bytes) -> _Payloa
 
 def _region_list(request_type: RequestType, version: int, data: bytes) -> _PayloadFields:
     size = len(data)
+    if not size:
+        return _NO_FIELDS  # an empty FLUSH, the most frequent request of all
+    unpack = _REGION_LISTS_BY_SIZE.get(size)
+    if unpack is not None and (version >= 3 or request_type is not RequestType.FLUSH):
+        return unpack(data), False, "", False
     if size % 8:
         raise ValueError(f"region payload of {size} bytes is not a multiple of 8")
     count = size // 8
@@ -388,6 +394,8 @@ def _ignored_payload(request_type: RequestType, version: int,
 
 
 _REGION_LISTS = [struct.Struct(f"={count}Q") for count in range(MAX_REGIONS_PER_REQUEST + 1)]
+# The well-formed region lists' unpackers by payload size: one lookup on the hot path.
+_REGION_LISTS_BY_SIZE = {s.size: s.unpack for s in _REGION_LISTS}
 
 
 def _decode_ctr(request_type: RequestType, version: int, data: bytes) -> _PayloadFields:
@@ -428,6 +436,9 @@ def encode_reply(request: Request, error: int, data: bytes = b"") -> bytes:
     no data from a failed request).  The payload size is checked against what the kernel's
     buffer for this request type holds.
     """
+    if not error and len(data) == _FIXED_REPLY_SIZES.get(request.request_type):
+        # The common answer (a success of a fixed size), checked with one lookup.
+        return _encode(request.header, request.seq, request.request_type, 0, data)
     if not -4095 <= error <= 0:
         raise ValueError(f"error must be 0 or a negative errno, not {error}")
     if error:
@@ -453,19 +464,20 @@ def encode_reply_raw(header: bytes, error: int, data: bytes) -> bytes:
     return _encode(header, seq, request_type, error, data)
 
 
-# nlmsghdr and cn_msg of a reply, at once.
-_REPLY_HEADERS = struct.Struct("=IHHII" "IIIIHH")
+# A reply's headers at once: nlmsghdr, cn_msg, then the request's dm_ulog_request echoed
+# up to its error field (the ``s`` field takes the first bytes of the whole header) and
+# the rewritten error, seq, type and size.
+_REPLY_HEADERS = struct.Struct(f"=IHHIIIIIIHH{_ULOG_OFFSET_ERROR}s" + _ULOG_TAIL.format[1:])
+assert _REPLY_HEADERS.size == _HEADERS_END
+# Request types whose successful reply always has one size (not CTR, not the statuses).
+_FIXED_REPLY_SIZES = {t: size for t, size in REPLY_SIZES.items() if size is not None}
 
 
 def _encode(header: bytes, seq: int, request_type: int, error: int, data: bytes) -> bytes:
     cn_len = ULOG_HEADER.size + len(data)
-    return b"".join((
-        _REPLY_HEADERS.pack(_NL_CN + cn_len, NLMSG_DONE, 0, 0, 0,
-                            CN_IDX_DM, CN_VAL_DM_USERSPACE_LOG, seq, 0, cn_len, 0),
-        header[:_ULOG_OFFSET_ERROR],
-        _ULOG_TAIL.pack(error, seq, request_type, len(data)),
-        data,
-    ))
+    return _REPLY_HEADERS.pack(_NL_CN + cn_len, NLMSG_DONE, 0, 0, 0, CN_IDX_DM,
+                               CN_VAL_DM_USERSPACE_LOG, seq, 0, cn_len, 0, header, error,
+                               seq, request_type, len(data)) + data
 
 
 def encode_ack(seq: int, positive_errno: int = 0) -> bytes:

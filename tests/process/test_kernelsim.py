@@ -513,9 +513,9 @@ def test_run_load_on_a_raw_socket(serve):
     server = serve(sim_port=port)
     with open_connector_socket(port) as sock:
         uuid = new_uuid()
-        server.table.handle(protocol.decode_datagram(protocol.encode_request(
+        server.table.answer(protocol.decode_datagram(protocol.encode_request(
             T.CTR, seq=0, uuid=uuid, luid=1, data=b"800 core 8 nosync")))
-        server.table.handle(protocol.decode_datagram(protocol.encode_request(
+        server.table.answer(protocol.decode_datagram(protocol.encode_request(
             T.RESUME, seq=0, uuid=uuid, luid=1)))
         result = run_load(sock, log_streams([(uuid, 1)], "read"), in_flight=1, duration=0.2)
     assert result.requests > 0 and not result.errors

@@ -115,7 +115,8 @@ def test_the_contract_catches_a_refusal_that_changed_a_bit(tmp_path, monkeypatch
         self.region_map.mark(request.regions[0])
         raise LogError(errno.EINVAL, "planted")
 
-    monkeypatch.setitem(dirtylog.DirtyLog._HANDLERS, T.IS_CLEAN, is_clean_that_marks)
+    monkeypatch.setitem(dirtylog.HANDLERS[dirtylog.LogState.RESUMED], T.IS_CLEAN,
+                        is_clean_that_marks)
     fuzzer = fuzzer_in(tmp_path, random.Random(3))
     try:
         tally = fuzzer.run(800)
@@ -128,7 +129,8 @@ def test_the_contract_catches_an_answer_from_a_swallowed_exception(tmp_path, mon
     def status_that_breaks(self, request):
         raise KeyError("planted")
 
-    monkeypatch.setitem(dirtylog.DirtyLog._HANDLERS, T.STATUS_INFO, status_that_breaks)
+    monkeypatch.setitem(dirtylog.HANDLERS[dirtylog.LogState.RESUMED], T.STATUS_INFO,
+                        status_that_breaks)
     fuzzer = fuzzer_in(tmp_path, random.Random(4))
     try:
         tally = fuzzer.run(800)

@@ -7,8 +7,11 @@ import os
 
 import pytest
 
+from shardlog.log import dirtylog
 from shardlog.log.dirtylog import LogState
 from shardlog.log.logtable import LogTable
+from shardlog.log.outcome import MARKED, OK, answered, encode
+from shardlog.observability.workercounters import key
 from shardlog.storage import records, regionmap
 from shardlog.storage.errors import LOG_DEVICE, StoreError
 from shardlog.storage.layout import BITMAP_OFFSET
@@ -374,7 +377,8 @@ def test_an_incompatible_device_version_reads_as_failed_with_everything_out_of_s
 def test_a_bug_in_a_handler_is_answered_eio_not_raised(kernel, monkeypatch, caplog):
     resumed(kernel)
     log = kernel.table.logs[(kernel.uuid, kernel.luid)]
-    monkeypatch.setattr(log, "handle", lambda request: 1 / 0)
+    monkeypatch.setattr(log, "handlers", {**log.handlers,
+                                          T.GET_SYNC_COUNT: lambda log, request: 1 / 0})
     assert kernel.send(T.GET_SYNC_COUNT) == (-errno.EIO, b"")
     assert "ZeroDivisionError" in caplog.text
 
@@ -475,7 +479,8 @@ def test_a_repeated_resume_restarts_recovery_stopped_by_an_aborted_suspend(kerne
 def test_a_reply_of_the_wrong_size_still_answers_the_kernel(kernel, monkeypatch, caplog):
     resumed(kernel)
     log = kernel.table.logs[(kernel.uuid, kernel.luid)]
-    monkeypatch.setattr(log, "handle", lambda request: b"\0" * 3)
+    monkeypatch.setattr(log, "handlers", {**log.handlers,
+                                          T.IN_SYNC: lambda log, request: answered(b"\0" * 3)})
     assert kernel.send(T.IN_SYNC, protocol.pack_u64(0)) == (-errno.EIO, b"")
     assert "bad reply payload" in caplog.text
 
@@ -578,14 +583,46 @@ def test_deferred_flushes_are_committed_together_before_any_reply(state_dir):
     flushes = [k.request(T.FLUSH, protocol.pack_regions([n])) for n, k in enumerate(kernels)]
     again = kernels[0].request(T.FLUSH)  # a log staged twice is committed once
     for request in (*flushes, again):
-        assert table.answer(request, defer_commit=True) is None
+        assert table.decide(request) is None
     assert [m.commits for m in maps] == before  # marked, nothing synced yet
-    replies = [protocol.decode_reply(r) for r in table.commit_deferred()]
+    replies = [protocol.decode_reply(encode(q, o))
+               for q, o in zip((*flushes, again), table.commit_staged(), strict=True)]
     assert [(r.seq, r.error) for r in replies] == [(q.seq, 0) for q in (*flushes, again)]
     assert [m.commits for m in maps] == [n + 1 for n in before]
-    assert table.commit_deferred() == []
+    assert table.commit_staged() == []
     # Anything but FLUSH is answered at once, deferral or not.
-    assert table.answer(kernels[1].request(T.GET_SYNC_COUNT), defer_commit=True)
+    assert table.decide(kernels[1].request(T.GET_SYNC_COUNT))
+
+
+def test_a_flush_with_nothing_to_commit_is_answered_at_once(state_dir):
+    table = LogTable(state_dir)
+    kernel = resumed(Kernel(table), NOSYNC)
+    region_map = table.logs[(kernel.uuid, kernel.luid)].region_map
+    assert table.decide(kernel.request(T.FLUSH, protocol.pack_regions([3]))) is None
+    assert table.commit_staged() == [MARKED[1]]
+    commits = region_map.commits
+    # Marked and committed already: nothing to stage, no commit.
+    assert table.decide(kernel.request(T.FLUSH, protocol.pack_regions([3]))) == MARKED[1]
+    assert table.decide(kernel.request(T.FLUSH)) == OK
+    assert table.commit_staged() == [] and region_map.commits == commits
+
+
+def test_an_outcome_says_what_the_metrics_count(state_dir):
+    table = LogTable(state_dir)
+    kernel = resumed(Kernel(table), "1024 core 8")  # every region to recover
+    outcome = table.decide(kernel.request(T.MARK_REGION, protocol.pack_regions([1, 2])))
+    assert (outcome.error, outcome.counted, outcome.amount) == (0, key("region_marks"), 2)
+    outcome = table.decide(kernel.request(T.GET_RESYNC_WORK))
+    assert (outcome.counted, outcome.amount) == (key("recovery_handed_out"), 1)
+    assert outcome.payload == protocol.pack_resync_work(True, 0)
+    refused = table.decide(kernel.request(T.MARK_REGION, protocol.pack_regions([4096])))
+    assert (refused.error, refused.payload, refused.counted) == (-errno.EINVAL, b"", None)
+
+
+def test_each_state_has_a_function_for_every_request_of_a_log():
+    for state, handlers in dirtylog.HANDLERS.items():
+        assert set(handlers) == set(T) - {T.CTR, T.DTR}, state
+    assert dirtylog.TRANSITIONS[LogState.PENDING] == {T.RESUME: LogState.RESUMED}
 
 
 def test_a_failed_group_commit_fails_only_that_logs_flush(state_dir, monkeypatch):
@@ -599,8 +636,9 @@ def test_a_failed_group_commit_fails_only_that_logs_flush(state_dir, monkeypatch
     monkeypatch.setattr(bad_map, "commit", failing_commit)
     requests = [k.request(T.FLUSH, protocol.pack_regions([1])) for k in (bad, good)]
     for request in requests:
-        table.answer(request, defer_commit=True)
-    errors = [protocol.decode_reply(r).error for r in table.commit_deferred()]
+        table.decide(request)
+    errors = [protocol.decode_reply(encode(q, o)).error
+              for q, o in zip(requests, table.commit_staged(), strict=True)]
     assert errors == [-errno.EIO, 0]
 
 
@@ -622,7 +660,8 @@ def test_each_storage_failure_a_log_handles_is_counted_once_in_its_table(state_d
 
 def test_a_deferred_flush_for_an_unknown_log_is_answered_at_once(table):
     kernel = Kernel(table, uuid="nobody")
-    reply = table.answer(kernel.request(T.FLUSH), defer_commit=True)
+    request = kernel.request(T.FLUSH)
+    reply = encode(request, table.decide(request))
     assert protocol.decode_reply(reply).error == -errno.ESRCH
 
 
@@ -635,12 +674,13 @@ def test_a_flush_then_dtr_in_one_batch_commits_the_flush_first(state_dir, tmp_pa
     commits = [table.logs[(k.uuid, k.luid)].region_map.commits for k in (core, disk)]
     flushes = [k.request(T.FLUSH, protocol.pack_regions([5])) for k in (core, disk)]
     for kernel, flush in zip((core, disk), flushes, strict=True):
-        assert table.answer(flush, defer_commit=True) is None
+        assert table.decide(flush) is None
         maps = table.logs[(kernel.uuid, kernel.luid)].region_map
-        dtr = table.answer(kernel.request(T.DTR), defer_commit=True)
-        assert protocol.decode_reply(dtr).error == 0
+        dtr = kernel.request(T.DTR)
+        assert protocol.decode_reply(encode(dtr, table.decide(dtr))).error == 0
         assert maps.commits == commits.pop(0) + 1  # committed before the DTR closed it
-    replies = [protocol.decode_reply(r) for r in table.commit_deferred()]
+    replies = [protocol.decode_reply(encode(f, o))
+               for f, o in zip(flushes, table.commit_staged(), strict=True)]
     assert [(r.seq, r.error) for r in replies] == [(f.seq, 0) for f in flushes]
     assert not device.read_bytes()[BITMAP_OFFSET] & 1 << 5  # the mark reached the device
 
@@ -650,12 +690,12 @@ def test_a_flush_then_a_replacing_ctr_in_one_batch_commits_the_flush_first(state
     kernel = resumed(Kernel(table), NOSYNC)
     old_map = table.logs[(kernel.uuid, kernel.luid)].region_map
     flush = kernel.request(T.FLUSH, protocol.pack_regions([5]))
-    assert table.answer(flush, defer_commit=True) is None
-    ctr = table.answer(kernel.request(T.CTR, CORE.encode()), defer_commit=True)
-    assert protocol.decode_reply(ctr).error == 0
+    assert table.decide(flush) is None
+    ctr = kernel.request(T.CTR, CORE.encode())
+    assert protocol.decode_reply(encode(ctr, table.decide(ctr))).error == 0
     assert old_map.commits == 2  # its creation, then the staged FLUSH
-    (reply,) = table.commit_deferred()
-    assert protocol.decode_reply(reply).error == 0
+    (outcome,) = table.commit_staged()
+    assert protocol.decode_reply(encode(flush, outcome)).error == 0
     assert "Traceback" not in caplog.text and "failed" not in caplog.text
 
 

@@ -20,11 +20,11 @@ def test_counters_are_increments_since_the_previous_report():
     assert not reporter.due() and reporter.wait() == 1.0
     clock[0] = 1.0
     assert reporter.due()
-    periodic = reporter.report(table, with_logs=False)
+    periodic = reporter.report(None)  # a busy worker's periodic report
     assert periodic.counters == {"flushes": 2} and periodic.logs is None
     assert reporter.wait() is None  # nothing new: the worker may sleep for ever
     reporter.count("flushes", 3)
-    assert reporter.report(table).counters == {"flushes": 3}
+    assert reporter.report(table.statuses()).counters == {"flushes": 3}
 
 
 def test_a_report_survives_its_encoding():
