@@ -235,7 +235,13 @@ def test_a_worker_killed_under_load_loses_nothing(server, kernel):
     # in its ring (inflight.py), which the kernel, no longer waiting, ignores.
     eagain = metrics["shardlog_eagain_replies_total"]
     assert kernel.stats.eagain_resends <= eagain <= kernel.stats.eagain_resends + 1
-    assert metrics["shardlog_resent_requests_total"] == kernel.stats.eagain_resends
+    # A re-send is recognised by its bytes (all but the seqs), so that one extra -EAGAIN's
+    # request, if the same request is sent again (the next IN_SYNC of a region), is
+    # counted as re-sent too: never more re-sends than -EAGAIN answers.
+    resent = metrics["shardlog_resent_requests_total"]
+    assert kernel.stats.eagain_resends <= resent <= eagain
+    if eagain == kernel.stats.eagain_resends:
+        assert resent == kernel.stats.eagain_resends
     assert sum(value for name, value in metrics.items()
                if name.startswith("shardlog_requests_total{")
                and 'result="eagain"' in name) == eagain
