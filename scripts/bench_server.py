@@ -519,6 +519,7 @@ def main() -> int:
     if not enter_or_say_why("bench_server"):
         return 2
     host = machine()
+    args.state_dir.mkdir(parents=True, exist_ok=True)  # its filesystem is what is measured
     filesystem = filesystem_of(args.state_dir)
     print(f"machine: {describe(host)}")
     print(f"command: {shlex.join(sys.orig_argv)}")
