@@ -75,7 +75,6 @@ import signal
 import socket
 import struct
 import time
-from collections import Counter
 from pathlib import Path
 
 from shardlog.log.logtable import LogTable
@@ -167,7 +166,8 @@ class ShardWorker:
         self.reporter = reporter
         self.tracing = False
         self._traced = bytearray()  # this batch's TRACE entries, while tracing
-        self._batch_sizes: Counter[int] = Counter()  # since the last report
+        # Batches by size since the last report: a list, one add per batch.
+        self._batch_sizes = [0] * (CAPACITY + 1)
         self._drain = True  # look for more after the first datagram of a wakeup
         self._lone_batches = 0  # batches of one in a row
         self._arrived = 0  # when the batch held now was read (monotonic ns)
@@ -338,13 +338,14 @@ class ShardWorker:
             stats.answered(sent, now)
         self.replied = now
         self.in_flight.counters[PROGRESS] += 1  # the batch is done (the hang check)
-        self._batch_sizes[len(held)] += 1  # a histogram of them at the next report
-        if len(held) > 1:
+        held_count = len(held)
+        self._batch_sizes[held_count] += 1  # a histogram of them at the next report
+        if held_count > 1:
             self._drain, self._lone_batches = True, 0
         else:
-            self._lone_batches += 1
-            self._drain = self._lone_batches % PROBE_EVERY == 0
-        return len(held)
+            self._lone_batches = lone = self._lone_batches + 1
+            self._drain = not lone % PROBE_EVERY
+        return held_count
 
     def _receive(self, sizes: list[int], readable: bool) -> bool:
         """Read the socket into the ring's next entries, appending the sizes of the
@@ -366,12 +367,13 @@ class ShardWorker:
                 return True
             if leftovers.done:
                 self.leftovers = leftovers = None
+        held = len(sizes)
         # Only a wakeup's first read may stop after one datagram: the others drain.
-        drain = self._drain or bool(sizes) or not readable
-        while len(sizes) < CAPACITY and (readable or poll(0)):
+        drain = self._drain or held or not readable
+        while held < CAPACITY and (readable or poll(0)):
             readable = False
             try:
-                size, (port, _groups) = sock.recvfrom_into(entries[len(sizes)])
+                size, (port, _groups) = sock.recvfrom_into(entries[held])
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -390,14 +392,15 @@ class ShardWorker:
                 self._warn("sender", "dropped a datagram from netlink port %d: only the "
                            "kernel may drive shardlog", port)
                 continue
-            if leftovers is not None and leftovers.duplicate(entries[len(sizes)][:size]):
+            if leftovers is not None and leftovers.duplicate(entries[held][:size]):
                 self.reporter.active = True
                 stats.dropped["duplicate"] += 1  # its leftover was answered
                 continue
-            if not sizes:
+            if not held:
                 in_flight.counters[STARTED] = self._arrived = time.monotonic_ns()
-            lengths[len(sizes)] = size
+            lengths[held] = size
             sizes.append(size)
+            held += 1
             if not drain:
                 return False
         return True
@@ -450,9 +453,11 @@ class ShardWorker:
         count = self.reporter.count
         for source, failures in self.table.storage_failures.take().items():
             count(key("storage_errors", kind=source), failures)
-        for size, batches in self._batch_sizes.items():
-            observe(count, "worker_batch_size", size, batches)
-        self._batch_sizes.clear()
+        sizes = self._batch_sizes
+        for size, batches in enumerate(sizes):
+            if batches:
+                observe(count, "worker_batch_size", size, batches)
+        sizes[:] = [0] * len(sizes)
         report = self.reporter.report(self.table.statuses() if with_logs else None)
         return frames.pack(Kind.WORKER_REPORT, 0, report.encode())
 

@@ -436,9 +436,15 @@ def encode_reply(request: Request, error: int, data: bytes = b"") -> bytes:
     no data from a failed request).  The payload size is checked against what the kernel's
     buffer for this request type holds.
     """
-    if not error and len(data) == _FIXED_REPLY_SIZES.get(request.request_type):
-        # The common answer (a success of a fixed size), checked with one lookup.
-        return _encode(request.header, request.seq, request.request_type, 0, data)
+    size = len(data)
+    if not error and size == _FIXED_REPLY_SIZES.get(request.request_type):
+        # The common answer (a success of a fixed size), checked with one lookup and
+        # packed here: a call less per request (_encode's pack, inline).
+        seq = request.seq
+        return _REPLY_HEADERS.pack(_HEADERS_END + size, NLMSG_DONE, 0, 0, 0, CN_IDX_DM,
+                                   CN_VAL_DM_USERSPACE_LOG, seq, 0, _ULOG_SIZE + size, 0,
+                                   request.header, 0, seq, request.request_type,
+                                   size) + data
     if not -4095 <= error <= 0:
         raise ValueError(f"error must be 0 or a negative errno, not {error}")
     if error:
@@ -471,6 +477,7 @@ _REPLY_HEADERS = struct.Struct(f"=IHHIIIIIIHH{_ULOG_OFFSET_ERROR}s" + _ULOG_TAIL
 assert _REPLY_HEADERS.size == _HEADERS_END
 # Request types whose successful reply always has one size (not CTR, not the statuses).
 _FIXED_REPLY_SIZES = {t: size for t, size in REPLY_SIZES.items() if size is not None}
+_ULOG_SIZE = ULOG_HEADER.size
 
 
 def _encode(header: bytes, seq: int, request_type: int, error: int, data: bytes) -> bytes:
