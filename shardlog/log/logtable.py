@@ -133,6 +133,12 @@ class LogTable:
             outcome = self.commit_staged()[-1]  # staged last
         return encode(request, outcome)
 
+    def staged_writes_device(self) -> bool:
+        """Whether committing what is staged writes and syncs a log device (a disk log's
+        commit), rather than nothing but memory (a core log's: design.md): only then is
+        it worth sharing with FLUSHes still queued."""
+        return any(dirty_log.config.is_disk for _request, dirty_log, _marked in self._staged)
+
     def commit_staged(self) -> list[Outcome]:
         """Commit every log with a staged FLUSH, then return the outcomes of those
         FLUSHes in the order they were staged (a log staged twice is committed once)."""

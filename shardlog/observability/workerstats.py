@@ -114,15 +114,20 @@ class Reporter:
     def count(self, name: str, amount: float = 1) -> None:
         self.counters[name] += amount
 
-    def due(self) -> bool:
-        return self.active and self._clock() - self._last >= self.interval
+    # ``now``: the clock's time if the caller has just read it (a worker reads it for its
+    # requests' latency anyway, and a clock read is not free under emulation).
 
-    def wait(self) -> float | None:
+    def due(self, now: float | None = None) -> bool:
+        if not self.active:
+            return False
+        return (self._clock() if now is None else now) - self._last >= self.interval
+
+    def wait(self, now: float | None = None) -> float | None:
         """How long the worker may block for requests before a report is due (None:
         for ever, there is nothing to report)."""
         if not self.active:
             return None
-        return max(0.0, self.interval - (self._clock() - self._last))
+        return max(0.0, self.interval - ((self._clock() if now is None else now) - self._last))
 
     def report(self, logs: list[LogStatus] | None) -> WorkerReport:
         """The report to send now, with the worker's logs (None: a periodic report that

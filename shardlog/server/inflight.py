@@ -23,7 +23,10 @@ would be worse: a request noted as answered whose reply never left waits 15 s.
 
 Writes are single aligned stores of 4 or 8 bytes.  The front reads the entries only once
 the worker is dead, so nothing is ever read half-written; a hang check that reads the
-counters mid-update is at worst one check late.
+counters mid-update is at worst one check late.  The worker makes those stores through
+typed views of the mapping (:attr:`InFlight.lengths`, :attr:`InFlight.counters`): an
+item assignment, where a method and a ``struct`` call would cost several times more per
+request.
 """
 
 from __future__ import annotations
@@ -39,12 +42,13 @@ CAPACITY = 512
 # longer datagram is cut here and answered as malformed.
 ENTRY_SIZE = 1024
 _LENGTHS = struct.Struct(f"={CAPACITY}I")  # one per entry: 0 when it holds nothing
-_LENGTH = struct.Struct("=I")
 _PROGRESS = struct.Struct("=Q")  # batches finished
 _PROGRESS_AT = 0
 _STARTED = struct.Struct("=Q")  # when the batch held now was read (monotonic ns)
 _STARTED_AT = 8
 _LENGTHS_AT = 64
+# Indexes of the counters in the view of the mapping's first 16 bytes as 8-byte words.
+PROGRESS, STARTED = _PROGRESS_AT // 8, _STARTED_AT // 8
 
 
 def _layout() -> tuple[int, int]:
@@ -68,26 +72,31 @@ class InFlight:
         self.entries = [view[_ENTRIES_AT + i * ENTRY_SIZE:_ENTRIES_AT + (i + 1) * ENTRY_SIZE]
                         for i in range(CAPACITY)]
         self._view = view
-        self._progress = self.progress  # the worker's count, continued by a successor
+        # Entry i's length is lengths[i]; counters[PROGRESS] and counters[STARTED] are the
+        # batch counter and the batch's start: each assignment one aligned store.
+        self.lengths = view[_LENGTHS_AT:_LENGTHS_AT + _LENGTHS.size].cast("I")
+        self.counters = view[:16].cast("Q")
 
     # -- the worker's side -------------------------------------------------------------------
 
+    # The request path (worker.py) makes these stores inline through ``lengths`` and
+    # ``counters``; the methods say what each store means.
+
     def begin_batch(self, now_ns: int) -> None:
         """A batch is being read now (its requests' arrival, for the metrics)."""
-        _STARTED.pack_into(self._map, _STARTED_AT, now_ns)
+        self.counters[STARTED] = now_ns
 
     def hold(self, index: int, length: int) -> None:
         """Entry ``index`` holds a request of ``length`` bytes."""
-        _LENGTH.pack_into(self._map, _LENGTHS_AT + 4 * index, length)
+        self.lengths[index] = length
 
     def answered(self, index: int) -> None:
         """The reply to entry ``index`` has left (or it needs none)."""
-        _LENGTH.pack_into(self._map, _LENGTHS_AT + 4 * index, 0)
+        self.lengths[index] = 0
 
     def batch_done(self) -> None:
         """Every entry of the batch is answered: one more batch finished."""
-        self._progress += 1
-        _PROGRESS.pack_into(self._map, _PROGRESS_AT, self._progress)
+        self.counters[PROGRESS] += 1
 
     # -- the front's side --------------------------------------------------------------------
 
@@ -115,11 +124,12 @@ class InFlight:
 
     def reset(self) -> None:
         """Forget what a dead worker held, for its successor (the progress counter stays
-        monotonic: the successor, forked after this, continues it)."""
+        monotonic: the successor continues the one in the mapping)."""
         _LENGTHS.pack_into(self._map, _LENGTHS_AT, *([0] * CAPACITY))
-        self._progress = self.progress
 
     def close(self) -> None:
+        self.lengths.release()
+        self.counters.release()
         for entry in self.entries:
             entry.release()
         self._view.release()

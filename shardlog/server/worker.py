@@ -12,7 +12,16 @@ worker owns a :class:`~shardlog.log.logtable.LogTable` and the instance files of
 Each wakeup it drains its socket (at most :data:`inflight.CAPACITY` datagrams) straight
 into its :class:`~shardlog.server.inflight.InFlight` ring, which the front can read if the
 worker dies, drops whatever does not come from the kernel's port (or the test peer's),
-and answers the batch:
+and answers the batch.  Draining means a readiness poll before each further read, which
+finds nothing when the kernel has one request in flight — the common case: a mirror's
+requests come one at a time from its one kernel thread.  So after a batch of one the
+next wakeup reads one datagram and answers it (three syscalls: wait, read, reply), and
+drains only after a batch that found more, every :data:`PROBE_EVERY`-th time, or when
+its request is a FLUSH whose commit writes a device (step 2: that commit is shared
+with whatever else is queued by then).  A datagram left queued costs nothing but the next wakeup.
+The clock is read twice a batch, as the first datagram is held (its arrival, and the
+batch's start for the front's hang check) and once the replies are sent (their
+latency, and whether a report is due):
 
 1. every request is decoded and its outcome decided by the log table
    (:meth:`LogTable.decide <shardlog.log.logtable.LogTable.decide>`), encoded once and
@@ -66,7 +75,6 @@ import signal
 import socket
 import struct
 import time
-from collections import Counter
 from pathlib import Path
 
 from shardlog.log.logtable import LogTable
@@ -74,7 +82,7 @@ from shardlog.log.outcome import encode
 from shardlog.observability.workercounters import Count, count_nothing, key, observe
 from shardlog.observability.workerstats import Reporter
 from shardlog.server.handover import Leftovers
-from shardlog.server.inflight import CAPACITY, InFlight
+from shardlog.server.inflight import CAPACITY, PROGRESS, STARTED, InFlight
 from shardlog.server.nlsocket import leave_group_7
 from shardlog.wire import frames
 from shardlog.wire.frames import FrameReader, Kind
@@ -86,6 +94,10 @@ log = logging.getLogger(__name__)
 # How a worker ends (module docstring): stopped for good; handed over to a successor; its
 # front died while taking over (answer what is queued, stay in group 7).
 STOP, HAND_OVER, ORPHANED = "stop", "hand over", "orphaned"
+
+# A batch of one is not followed by a look for more (module docstring: "Each wakeup"),
+# except every PROBE_EVERY-th such batch, so that a load that builds up is found.
+PROBE_EVERY = 8
 
 # One traced request in a TRACE frame: arrival (wall clock, s), latency (s), the sizes of
 # the request and the reply, then both datagrams.
@@ -154,7 +166,12 @@ class ShardWorker:
         self.reporter = reporter
         self.tracing = False
         self._traced = bytearray()  # this batch's TRACE entries, while tracing
-        self._batch_sizes: Counter[int] = Counter()  # since the last report
+        # Batches by size since the last report: a list, one add per batch.
+        self._batch_sizes = [0] * (CAPACITY + 1)
+        self._drain = True  # look for more after the first datagram of a wakeup
+        self._lone_batches = 0  # batches of one in a row
+        self._arrived = 0  # when the batch held now was read (monotonic ns)
+        self.replied = 0  # when the last batch's replies had all left (monotonic ns)
         self._last_warning: dict[str, float] = {}
         sock.setblocking(False)
         self._readable = select.poll()  # whether the socket holds a datagram now
@@ -174,19 +191,23 @@ class ShardWorker:
         sock_fd = self.sock.fileno()
         poller.register(sock_fd, select.EPOLLIN)
         poller.register(control_fd, select.EPOLLIN)
+        now = None  # the clock in seconds, as the last batch read it; None: read it
         try:
             while True:
-                wait = reporter.wait()
+                wait = reporter.wait(now)
                 events = poller.poll(-1 if wait is None else wait)
                 if not events:
                     _write(events_fd, self._stats_frame())  # gone idle: the last deltas
+                    now = None
                     continue
-                asked, ending = False, None
+                asked, ending, now = False, None, None
                 for fd, _mask in events:
                     if fd == control_fd:
                         asked, ending = self._on_control(reader, control_fd)
                     elif self.answer_batch(readable=True):
-                        self._after_batch(events_fd)
+                        if self._traced:
+                            self._after_batch(events_fd)
+                        now = self.replied / 1e9
                 if ending == HAND_OVER:
                     # Read nothing more: what is queued now is the successor's.  The
                     # logs are committed and closed by run() on the way out.
@@ -195,9 +216,10 @@ class ShardWorker:
                 if ending is not None:
                     self._stop(events_fd, leave=ending == STOP)
                     return
-                if asked or reporter.due():
+                if asked or reporter.due(now):
                     # A busy worker's periodic report leaves its logs out (workerstats.py).
                     _write(events_fd, self._stats_frame(with_logs=asked))
+                    now = None
         finally:
             poller.close()
 
@@ -243,47 +265,59 @@ class ShardWorker:
     def answer_batch(self, readable: bool = False) -> int:
         """Read what the socket holds (up to the ring's capacity) and answer it all;
         the number of datagrams held.  ``readable``: the socket is known to hold one."""
-        in_flight, stats = self.in_flight, self.reporter.requests
-        held = self._receive(readable)
+        stats = self.reporter.requests
+        held: list[int] = []  # the sizes of the datagrams held, entry by entry
+        drained = self._receive(held, readable)
         if not held:
             return 0
-        arrived = time.monotonic_ns()
+        arrived = self._arrived
         self.reporter.active = True
         decide, count = self.table.decide, self.reporter.count
         sendto, address = self.sock.sendto, self.peer.reply_address
         requests_seen, resend_watch = stats.requests, stats.resend_watch
-        entries, tracing = in_flight.entries, self.tracing
+        entries, lengths, tracing = self.in_flight.entries, self.in_flight.lengths, self.tracing
         sent = []  # (type, arrival, error): counted once the batch is answered
         deferred = []  # (entry, request): FLUSHes staged, answered after the commit
-        for index, size in enumerate(held):
-            datagram = bytes(entries[index][:size])
-            try:
-                request = decode(datagram)
-            except ProtocolError as exc:
-                self._malformed(index, datagram, exc)
-                continue
-            request_type = request.request_type
-            requests_seen[request_type] += 1
-            if resend_watch:
-                stats.check_resend(datagram, arrived)
-            outcome = decide(request)
-            if outcome is None:
-                deferred.append((index, request))
-                continue
-            reply = encode(request, outcome)
-            try:  # inline: a call less per request
-                sendto(reply, address)
-            except OSError as exc:
-                self._send_refused(exc)
-            in_flight.answered(index)
-            error, _payload, counted, amount = outcome
-            sent.append((request_type, arrived, error))
-            if counted is not None:
-                count(counted, amount)
-            if tracing:
-                self._trace(datagram, reply, arrived)
+        start = 0
+        while True:
+            for index in range(start, len(held)):
+                datagram = bytes(entries[index][:held[index]])
+                try:
+                    request = decode(datagram)
+                except ProtocolError as exc:
+                    self._malformed(index, datagram, exc)
+                    continue
+                request_type = request.request_type
+                requests_seen[request_type] += 1
+                if resend_watch:
+                    stats.check_resend(datagram, arrived)
+                outcome = decide(request)
+                if outcome is None:
+                    deferred.append((index, request))
+                    continue
+                reply = encode(request, outcome)
+                try:  # inline: a call less per request
+                    sendto(reply, address)
+                except OSError as exc:
+                    self._send_refused(exc)
+                lengths[index] = 0  # answered: the ring's entry is free (inflight.py)
+                error, _payload, counted, amount = outcome
+                sent.append((request_type, arrived, error))
+                if counted is not None:
+                    count(counted, amount)
+                if tracing:
+                    self._trace(datagram, reply, arrived)
+            if deferred and not drained and self.table.staged_writes_device():
+                # A device commit to make, in a batch read without draining: what is
+                # queued by now joins the batch, and shares the commit.
+                start, drained = len(held), True
+                self._receive(held, False)
+                if len(held) > start:
+                    continue
+            break
+        now = time.monotonic_ns()
         if sent:
-            stats.answered(sent, time.monotonic_ns())
+            stats.answered(sent, now)
         if deferred:
             sent = []
             for (index, request), outcome in zip(deferred, self.table.commit_staged(),
@@ -293,39 +327,53 @@ class ShardWorker:
                     sendto(reply, address)
                 except OSError as exc:
                     self._send_refused(exc)
-                in_flight.answered(index)
+                lengths[index] = 0
                 error, _payload, counted, amount = outcome
                 sent.append((request.request_type, arrived, error))
                 if counted is not None:
                     count(counted, amount)
                 if tracing:
                     self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
-            stats.answered(sent, time.monotonic_ns())
-        in_flight.batch_done()
-        self._batch_sizes[len(held)] += 1  # a histogram of them at the next report
-        return len(held)
+            now = time.monotonic_ns()
+            stats.answered(sent, now)
+        self.replied = now
+        self.in_flight.counters[PROGRESS] += 1  # the batch is done (the hang check)
+        held_count = len(held)
+        self._batch_sizes[held_count] += 1  # a histogram of them at the next report
+        if held_count > 1:
+            self._drain, self._lone_batches = True, 0
+        else:
+            self._lone_batches = lone = self._lone_batches + 1
+            self._drain = not lone % PROBE_EVERY
+        return held_count
 
-    def _receive(self, readable: bool) -> list[int]:
-        """Drain the socket into the ring: the sizes of the datagrams held.
+    def _receive(self, sizes: list[int], readable: bool) -> bool:
+        """Read the socket into the ring's next entries, appending the sizes of the
+        datagrams held to ``sizes``; whether the socket was drained (or the ring filled)
+        rather than left after one datagram (module docstring).  ``readable``: the socket
+        is known to hold a datagram.
 
         Each read but a first one known to succeed is preceded by a zero-timeout poll
         rather than ended by the BlockingIOError of an empty socket: raising and catching
         that exception costs about as much as a whole round trip with the kernel
         (measured: 15 µs against under 1 µs for the poll)."""
         sock, in_flight, allowed = self.sock, self.in_flight, self.peer.allowed_ports
-        entries, hold, poll = in_flight.entries, in_flight.hold, self._readable.poll
+        entries, lengths, poll = in_flight.entries, in_flight.lengths, self._readable.poll
         stats = self.reporter.requests
-        sizes: list[int] = []
         leftovers = self.leftovers
         if leftovers is not None:
             if leftovers.datagrams:
-                return self._hold_leftovers(leftovers)
+                self._hold_leftovers(leftovers, sizes)
+                return True
             if leftovers.done:
                 self.leftovers = leftovers = None
-        while len(sizes) < CAPACITY and (readable or poll(0)):
+        held = len(sizes)
+        # Only a wakeup's first read may stop after one datagram: the others drain.
+        drain = self._drain or held or not readable
+        while held < CAPACITY and (readable or poll(0)):
             readable = False
             try:
-                size, (port, _groups) = sock.recvfrom_into(entries[len(sizes)])
+                size, (port, _groups) = sock.recvfrom_into(entries[held])
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -344,28 +392,29 @@ class ShardWorker:
                 self._warn("sender", "dropped a datagram from netlink port %d: only the "
                            "kernel may drive shardlog", port)
                 continue
-            if leftovers is not None and leftovers.duplicate(entries[len(sizes)][:size]):
+            if leftovers is not None and leftovers.duplicate(entries[held][:size]):
                 self.reporter.active = True
                 stats.dropped["duplicate"] += 1  # its leftover was answered
                 continue
-            if not sizes:
-                in_flight.begin_batch(time.monotonic_ns())
-            hold(len(sizes), size)
+            if not held:
+                in_flight.counters[STARTED] = self._arrived = time.monotonic_ns()
+            lengths[held] = size
             sizes.append(size)
-        return sizes
+            held += 1
+            if not drain:
+                return False
+        return True
 
-    def _hold_leftovers(self, leftovers: Leftovers) -> list[int]:
+    def _hold_leftovers(self, leftovers: Leftovers, sizes: list[int]) -> None:
         """A batch of leftovers, put in the ring as if received (so that the front
         answers -EAGAIN what a dying worker held of them)."""
-        entries, hold = self.in_flight.entries, self.in_flight.hold
-        sizes: list[int] = []
-        self.in_flight.begin_batch(time.monotonic_ns())
+        entries, lengths = self.in_flight.entries, self.in_flight.lengths
+        self.in_flight.counters[STARTED] = self._arrived = time.monotonic_ns()
         while leftovers.datagrams and len(sizes) < CAPACITY:
             datagram = leftovers.datagrams.popleft()
             entries[len(sizes)][:len(datagram)] = datagram
-            hold(len(sizes), len(datagram))
+            lengths[len(sizes)] = len(datagram)
             sizes.append(len(datagram))
-        return sizes
 
     def _malformed(self, index: int, datagram: bytes, exc: ProtocolError) -> None:
         stats = self.reporter.requests
@@ -404,9 +453,11 @@ class ShardWorker:
         count = self.reporter.count
         for source, failures in self.table.storage_failures.take().items():
             count(key("storage_errors", kind=source), failures)
-        for size, batches in self._batch_sizes.items():
-            observe(count, "worker_batch_size", size, batches)
-        self._batch_sizes.clear()
+        sizes = self._batch_sizes
+        for size, batches in enumerate(sizes):
+            if batches:
+                observe(count, "worker_batch_size", size, batches)
+        sizes[:] = [0] * len(sizes)
         report = self.reporter.report(self.table.statuses() if with_logs else None)
         return frames.pack(Kind.WORKER_REPORT, 0, report.encode())
 
