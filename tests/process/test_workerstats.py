@@ -48,10 +48,16 @@ class ServedWorker:
         os.write(self.control_w, frames.pack(kind, 0, payload))
 
     def request(self, request_type: T, data: bytes = b"") -> None:
+        """Send a request and wait for its reply, as the kernel does: what is asked of
+        the worker after it is then answered (a worker need not read all that is queued
+        in one wakeup)."""
         self.seq += 1
         self.peer.sendto(protocol.encode_request(
             request_type, seq=self.seq, uuid=UUID, luid=7, data=data),
             (self.shard.getsockname()[0], 0))
+        self.peer.settimeout(10)
+        while protocol.decode_reply(self.peer.recv(1 << 16)).seq != self.seq:
+            pass
 
     def next_frame(self, kind: Kind, timeout: float = 10.0) -> bytes | None:
         """The payload of the next frame of ``kind`` within ``timeout`` (None: none came)."""
