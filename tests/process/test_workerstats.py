@@ -85,18 +85,7 @@ def served(tmp_path, private_netns):
     served.close()
 
 
-@pytest.fixture
-def served_quietly(tmp_path, private_netns):
-    # Reports only when asked: with the short interval, a pause of 0.2 s between two of
-    # the test's requests (a loaded host) made the worker report itself idle in between,
-    # and that report was read as the answer to the test's own.
-    served = ServedWorker(tmp_path, interval=60)
-    yield served
-    served.close()
-
-
-def test_a_report_asked_for_describes_every_log(served_quietly):
-    served = served_quietly
+def test_a_report_asked_for_describes_every_log(served):
     served.request(T.CTR, CTR)
     served.request(T.RESUME)
     served.request(T.MARK_REGION, protocol.pack_regions([1, 5]))
