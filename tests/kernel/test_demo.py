@@ -3,26 +3,17 @@ shardlog created, written, resynced and removed — run here as a user runs it."
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from .test_kernel_vm import require_vm_tools
 
 DEMO_TIMEOUT = 600.0  # the demo's own VM timeout is 300 s; a slow start is its to report
 
 
 def test_the_demo_shows_mirrors_on_shardlog_in_the_real_kernel():
-    missing = [c for c in ("qemu-system-x86_64", "dpkg-deb", "cpio", "depmod")
-               if shutil.which(c) is None]
-    if missing:
-        message = (f"the demo needs {', '.join(missing)} "
-                   "(scripts/setup installs them as root on Debian)")
-        if os.environ.get("CI") or os.geteuid() == 0:
-            pytest.fail(message)
-        pytest.skip(message)
+    require_vm_tools("the demo's VM and its kernel image")
     # The console script the package installs beside this interpreter (.venv/bin/shardlog).
     shardlog = Path(sys.executable).parent / "shardlog"
     assert shardlog.exists(), f"{shardlog}: the package's console script is not installed"

@@ -70,16 +70,22 @@ class GuestReport:
         return "\n".join(self.run.console.splitlines()[-lines:])
 
 
-@pytest.fixture(scope="session")
-def guest_report(tmp_path_factory) -> GuestReport:
+def require_vm_tools(what: str) -> None:
+    """Fail (as root or in CI, where scripts/setup installs them) or skip, saying so, when
+    the tools that build and boot the guest are missing."""
     missing = [c for c in ("qemu-system-x86_64", "dpkg-deb", "cpio", "depmod")
                if shutil.which(c) is None]
     if missing:
-        message = (f"the real-kernel scenarios need {', '.join(missing)} "
+        message = (f"{what} need {', '.join(missing)} "
                    "(scripts/setup installs them as root on Debian)")
         if os.environ.get("CI") or os.geteuid() == 0:
             pytest.fail(message)
         pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def guest_report(tmp_path_factory) -> GuestReport:
+    require_vm_tools("the real-kernel scenarios")
     share = tmp_path_factory.mktemp("kernel-vm")
     junit = "junit.xml"
     command = guest_pytest_command(["-v"], junit=f"{image.GUEST_SHARE}/{junit}")
