@@ -36,7 +36,7 @@ import struct
 from collections.abc import Iterator
 
 # Entries per batch: a wakeup reads at most this many datagrams, so that a flood on one
-# socket never starves the replies (DRAIN_LIMIT in worker.py takes it from here).
+# socket never starves the replies (worker.py reads at most CAPACITY a wakeup).
 CAPACITY = 512
 # A request is at most 528 bytes (protocol.MAX_PAYLOAD + headers) plus 3 pad bytes; a
 # longer datagram is cut here and answered as malformed.
@@ -79,24 +79,13 @@ class InFlight:
 
     # -- the worker's side -------------------------------------------------------------------
 
-    # The request path (worker.py) makes these stores inline through ``lengths`` and
-    # ``counters``; the methods say what each store means.
-
-    def begin_batch(self, now_ns: int) -> None:
-        """A batch is being read now (its requests' arrival, for the metrics)."""
-        self.counters[STARTED] = now_ns
-
-    def hold(self, index: int, length: int) -> None:
-        """Entry ``index`` holds a request of ``length`` bytes."""
-        self.lengths[index] = length
+    # The request path (worker.py) makes its stores inline through ``lengths`` and
+    # ``counters``: lengths[i] = size holds entry i, counters[STARTED] = now_ns starts a
+    # batch, counters[PROGRESS] += 1 ends one.
 
     def answered(self, index: int) -> None:
         """The reply to entry ``index`` has left (or it needs none)."""
         self.lengths[index] = 0
-
-    def batch_done(self) -> None:
-        """Every entry of the batch is answered: one more batch finished."""
-        self.counters[PROGRESS] += 1
 
     # -- the front's side --------------------------------------------------------------------
 
