@@ -75,7 +75,7 @@ from shardlog.observability.workerstats import LogStatus
 from shardlog.storage.devices import resolve_device
 from shardlog.storage.errors import FailureTally, StoreError
 from shardlog.storage.regionmap import RegionMap
-from shardlog.storage.statedir import instance_file_path
+from shardlog.storage.statedir import device_node_directory, instance_file_path
 from shardlog.wire import protocol
 from shardlog.wire.ctrargs import LogConfig, SyncMode
 from shardlog.wire.protocol import Request, RequestType
@@ -156,7 +156,8 @@ class DirtyLog:
         try:
             if config.is_disk:
                 assert config.device is not None
-                device, device_name = resolve_device(config.device, state_dir / "dev")
+                device, device_name = resolve_device(config.device,
+                                                     device_node_directory(state_dir))
             if reconnect:
                 rmap = RegionMap.reopen(path, config.region_count, device=device)
                 if rmap is not None:
