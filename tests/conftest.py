@@ -15,7 +15,7 @@ from shardlog.log.logtable import LogTable
 from shardlog.wire import protocol
 from shardlog.wire.protocol import Request, RequestType
 
-from .harness import RawPeer, ServerProcess
+from .harness import PEER_PORT, STARTED, RawPeer, ServerProcess
 
 # The checkout (scripts/, grafana/), whichever directory a test module sits in.
 PROJECT = Path(__file__).resolve().parent.parent
@@ -208,6 +208,25 @@ def table(state_dir: Path) -> LogTable:
 @pytest.fixture
 def kernel(table: LogTable) -> Kernel:
     return Kernel(table)
+
+
+@pytest.fixture(autouse=True)
+def no_server_outlives_its_test() -> Iterator[None]:
+    """Closes every server the test started, whatever its outcome, and fails the test
+    (not the next ones) if a group-7 socket other than the peer's is then left: a
+    server left behind in the session's namespace answers the next tests' requests
+    from its own state, and each then fails for a reason that is not its own."""
+    yield
+    if not STARTED:
+        return
+    from shardlog.server.nlsocket import group7_listeners
+
+    while STARTED:
+        STARTED.pop().close()
+    deadline = time.monotonic() + 10  # a killed worker's socket goes with its exit
+    while (left := group7_listeners(exclude_port=PEER_PORT)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"group-7 sockets outlived the test's servers: ports {left}"
 
 
 @pytest.fixture

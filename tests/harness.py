@@ -20,6 +20,11 @@ from shardlog.wire.protocol import Reply, RequestType
 
 PEER_PORT = 0x7E57
 
+# Every server a test started, closed after the test whatever its outcome (conftest.py's
+# ``no_server_outlives_its_test``): one left running in the session's namespace would
+# answer the next tests' requests from its own state.
+STARTED: list[ServeProcess] = []
+
 
 class ServerProcess(ServeProcess):
     """A test's ``shardlog serve``: taking requests from the test peer's port, with its
@@ -33,9 +38,15 @@ class ServerProcess(ServeProcess):
                          run_dir=run_dir)
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
+        STARTED.append(self)
         super().start(timeout)
         assert int(self.pid_file.read_text()) == self.process.pid
         return self
+
+    def take_over(self, extra: tuple[str, ...] = (), timeout: float = 60.0) -> ServerProcess:
+        successor = super().take_over(extra, timeout)
+        STARTED.append(successor)
+        return successor
 
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics, keyed by its name with labels."""

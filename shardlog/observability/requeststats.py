@@ -18,6 +18,7 @@ second of figures and never makes a total go down.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 
 TYPE_COUNT = 256  # raw types are counted by their low byte
@@ -40,6 +41,7 @@ DROP_REASONS = ("forged_sender", "malformed", "not_for_us", "duplicate")
 RESEND_WINDOW_NS = 5_000_000_000
 RESEND_WATCH_LIMIT = 65536
 
+_NLMSG_LEN = struct.Struct("=I")  # a datagram's first field: the netlink message's length
 _SCALARS = ("enobufs", "send_errors", "resent_requests")
 
 
@@ -155,8 +157,11 @@ class RequestStats:
 
 def resend_key(datagram: bytes) -> bytes:
     """A request without its seqs: the kernel's re-send differs from the first send only
-    there (a new seq in the connector header and in dm_ulog_request)."""
-    return datagram[36:184] + datagram[188:]
+    there (a new seq in the connector header and in dm_ulog_request).  Up to its
+    nlmsg_len: a request held by a dead worker is known by that length alone (inflight.py),
+    the re-send by its datagram, which may carry the kernel's padding after it."""
+    (length,) = _NLMSG_LEN.unpack_from(datagram)
+    return datagram[36:184] + datagram[188:length]
 
 
 def _nonzero(array: list[int]) -> list[tuple[int, int]]:

@@ -11,10 +11,20 @@ hangs with requests in hand must be noticed and killed.
 So every worker slot has an :class:`InFlight`: an anonymous ``MAP_SHARED`` mapping made
 by the front before the fork, which the worker writes and the front reads.  It is the
 worker's receive ring itself: the worker receives each datagram straight into the next
-entry (no copy), then publishes the entry's length (0: the entry holds nothing), so a
-worker killed at any instant leaves behind exactly what it held.  Once a reply has left,
-its entry's length goes back to 0; once the batch is done, the batch counter
-(``progress``) moves on: the front's hang check watches it.
+entry (no copy).  What publishes the entry is the kernel's own write: a datagram begins
+with its netlink header, whose first field (``nlmsg_len``) is never 0 in a request, and
+an entry that holds nothing has that field at 0.  So there is no instant between the
+receive and a store of the worker's own at which a kill would lose the request: a
+worker killed at any instant leaves behind exactly what it held.  (An earlier layout
+published a length after the receive; a worker killed between the two, a few bytecodes
+apart, left a request that nobody answered, and the kernel waited its 15 s.)  Once a
+reply has left, the worker sets the entry's ``nlmsg_len`` back to 0 — as it does for a
+datagram it drops — and once the batch is done, the batch counter (``progress``) moves
+on: the front's hang check watches it.
+
+A datagram whose own ``nlmsg_len`` is 0 is never held in the front's eyes: the kernel
+sends none, and what a test sends that way is malformed, answered -EINVAL by a live
+worker and by nobody if its worker dies holding it.
 
 A worker killed after a reply left but before it noted so (the wakeup of whoever reads
 the reply can preempt it right there) has that request answered -EAGAIN as well: the
@@ -24,7 +34,7 @@ would be worse: a request noted as answered whose reply never left waits 15 s.
 Writes are single aligned stores of 4 or 8 bytes.  The front reads the entries only once
 the worker is dead, so nothing is ever read half-written; a hang check that reads the
 counters mid-update is at worst one check late.  The worker makes those stores through
-typed views of the mapping (:attr:`InFlight.lengths`, :attr:`InFlight.counters`): an
+typed views of the mapping (:attr:`InFlight.headers`, :attr:`InFlight.counters`): an
 item assignment, where a method and a ``struct`` call would cost several times more per
 request.
 """
@@ -41,29 +51,24 @@ CAPACITY = 512
 # A request is at most 528 bytes (protocol.MAX_PAYLOAD + headers) plus 3 pad bytes; a
 # longer datagram is cut here and answered as malformed.
 ENTRY_SIZE = 1024
-_LENGTHS = struct.Struct(f"={CAPACITY}I")  # one per entry: 0 when it holds nothing
 _PROGRESS = struct.Struct("=Q")  # batches finished
 _PROGRESS_AT = 0
 _STARTED = struct.Struct("=Q")  # when the batch held now was read (monotonic ns)
 _STARTED_AT = 8
-_LENGTHS_AT = 64
+_ENTRIES_AT = 64
+_SIZE = _ENTRIES_AT + CAPACITY * ENTRY_SIZE
 # Indexes of the counters in the view of the mapping's first 16 bytes as 8-byte words.
 PROGRESS, STARTED = _PROGRESS_AT // 8, _STARTED_AT // 8
-
-
-def _layout() -> tuple[int, int]:
-    entries_at = _LENGTHS_AT + ((_LENGTHS.size + 63) // 64) * 64
-    return entries_at, entries_at + CAPACITY * ENTRY_SIZE
-
-
-_ENTRIES_AT, _SIZE = _layout()
+# Every entry's first 4 bytes, the nlmsg_len of the datagram it holds: one native
+# unsigned int of each ENTRY_SIZE bytes.
+_HEADERS = struct.Struct("=" + f"I{ENTRY_SIZE - 4}x" * (CAPACITY - 1) + "I")
 
 
 class InFlight:
     """One worker slot's receive ring and counters, shared between front and worker.
 
-    An entry holds a request from the moment its length is written until it is set back
-    to 0 once the reply has left: one store each, on the request path."""
+    An entry holds a request from the moment the kernel writes it there until the worker
+    sets its ``nlmsg_len`` back to 0 once the reply has left: one store per request."""
 
     def __init__(self) -> None:
         self._map = mmap.mmap(-1, _SIZE, flags=mmap.MAP_SHARED)
@@ -72,27 +77,29 @@ class InFlight:
         self.entries = [view[_ENTRIES_AT + i * ENTRY_SIZE:_ENTRIES_AT + (i + 1) * ENTRY_SIZE]
                         for i in range(CAPACITY)]
         self._view = view
-        # Entry i's length is lengths[i]; counters[PROGRESS] and counters[STARTED] are the
-        # batch counter and the batch's start: each assignment one aligned store.
-        self.lengths = view[_LENGTHS_AT:_LENGTHS_AT + _LENGTHS.size].cast("I")
+        # Entry i's nlmsg_len is headers[i] (0: it holds nothing); counters[PROGRESS] and
+        # counters[STARTED] are the batch counter and the batch's start: each assignment
+        # one aligned store.
+        self._words = view[_ENTRIES_AT:_SIZE].cast("I")
+        self.headers = self._words[::ENTRY_SIZE // 4]
         self.counters = view[:16].cast("Q")
 
     # -- the worker's side -------------------------------------------------------------------
 
-    # The request path (worker.py) makes its stores inline through ``lengths`` and
-    # ``counters``: lengths[i] = size holds entry i, counters[STARTED] = now_ns starts a
-    # batch, counters[PROGRESS] += 1 ends one.
+    # The request path (worker.py) makes its stores inline through ``headers`` and
+    # ``counters``: the receive itself holds entry i, headers[i] = 0 frees it,
+    # counters[STARTED] = now_ns starts a batch, counters[PROGRESS] += 1 ends one.
 
     def answered(self, index: int) -> None:
         """The reply to entry ``index`` has left (or it needs none)."""
-        self.lengths[index] = 0
+        self.headers[index] = 0
 
     # -- the front's side --------------------------------------------------------------------
 
     @property
     def held(self) -> int:
         """Requests the worker holds now (read, not yet answered)."""
-        return CAPACITY - _LENGTHS.unpack_from(self._map, _LENGTHS_AT).count(0)
+        return CAPACITY - _HEADERS.unpack_from(self._map, _ENTRIES_AT).count(0)
 
     @property
     def batch_started(self) -> int:
@@ -105,19 +112,22 @@ class InFlight:
         return _PROGRESS.unpack_from(self._map, _PROGRESS_AT)[0]
 
     def unanswered(self) -> Iterator[bytes]:
-        """The datagrams held and not answered (read once the worker is dead)."""
-        lengths = _LENGTHS.unpack_from(self._map, _LENGTHS_AT)
-        for index, length in enumerate(lengths):
-            if length:
-                yield bytes(self.entries[index][:min(length, ENTRY_SIZE)])
+        """The requests held and not answered (read once the worker is dead), each as
+        long as its nlmsg_len says: the receive's size was never stored (the module
+        docstring), and the kernel's padding to 4 bytes after it is not the request's."""
+        headers = _HEADERS.unpack_from(self._map, _ENTRIES_AT)
+        for index, length in enumerate(headers):
+            if length:  # the message, without the kernel's padding after it (a bad
+                yield bytes(self.entries[index][:min(length, ENTRY_SIZE)])  # length: cut)
 
     def reset(self) -> None:
         """Forget what a dead worker held, for its successor (the progress counter stays
         monotonic: the successor continues the one in the mapping)."""
-        _LENGTHS.pack_into(self._map, _LENGTHS_AT, *([0] * CAPACITY))
+        _HEADERS.pack_into(self._map, _ENTRIES_AT, *([0] * CAPACITY))
 
     def close(self) -> None:
-        self.lengths.release()
+        self.headers.release()
+        self._words.release()
         self.counters.release()
         for entry in self.entries:
             entry.release()

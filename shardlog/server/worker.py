@@ -82,7 +82,7 @@ from shardlog.log.outcome import encode
 from shardlog.observability.workercounters import Count, count_nothing, key, observe
 from shardlog.observability.workerstats import Reporter
 from shardlog.server.handover import Leftovers
-from shardlog.server.inflight import CAPACITY, PROGRESS, STARTED, InFlight
+from shardlog.server.inflight import CAPACITY, ENTRY_SIZE, PROGRESS, STARTED, InFlight
 from shardlog.server.nlsocket import leave_group_7
 from shardlog.wire import frames
 from shardlog.wire.frames import FrameReader, Kind
@@ -275,7 +275,7 @@ class ShardWorker:
         decide, count = self.table.decide, self.reporter.count
         sendto, address = self.sock.sendto, self.peer.reply_address
         requests_seen, resend_watch = stats.requests, stats.resend_watch
-        entries, lengths, tracing = self.in_flight.entries, self.in_flight.lengths, self.tracing
+        entries, headers, tracing = self.in_flight.entries, self.in_flight.headers, self.tracing
         sent = []  # (type, arrival, error): counted once the batch is answered
         deferred = []  # (entry, request): FLUSHes staged, answered after the commit
         start = 0
@@ -300,7 +300,7 @@ class ShardWorker:
                     sendto(reply, address)
                 except OSError as exc:
                     self._send_refused(exc)
-                lengths[index] = 0  # answered: the ring's entry is free (inflight.py)
+                headers[index] = 0  # answered: the ring's entry is free (inflight.py)
                 error, _payload, counted, amount = outcome
                 sent.append((request_type, arrived, error))
                 if counted is not None:
@@ -327,13 +327,13 @@ class ShardWorker:
                     sendto(reply, address)
                 except OSError as exc:
                     self._send_refused(exc)
-                lengths[index] = 0
+                if tracing:  # before the entry is freed: freeing zeroes its header
+                    self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
+                headers[index] = 0
                 error, _payload, counted, amount = outcome
                 sent.append((request.request_type, arrived, error))
                 if counted is not None:
                     count(counted, amount)
-                if tracing:
-                    self._trace(entries[index][:held[index]].tobytes(), reply, arrived)
             now = time.monotonic_ns()
             stats.answered(sent, now)
         self.replied = now
@@ -358,7 +358,7 @@ class ShardWorker:
         that exception costs about as much as a whole round trip with the kernel
         (measured: 15 µs against under 1 µs for the poll)."""
         sock, in_flight, allowed = self.sock, self.in_flight, self.peer.allowed_ports
-        entries, lengths, poll = in_flight.entries, in_flight.lengths, self._readable.poll
+        entries, headers, poll = in_flight.entries, in_flight.headers, self._readable.poll
         stats = self.reporter.requests
         leftovers = self.leftovers
         if leftovers is not None:
@@ -387,18 +387,20 @@ class ShardWorker:
                            "kernel re-sends them after 15 s (%d so far)", stats.enobufs)
                 continue
             if port not in allowed:
+                headers[held] = 0  # dropped: the entry holds nothing (inflight.py)
                 self.reporter.active = True
                 stats.dropped["forged_sender"] += 1
                 self._warn("sender", "dropped a datagram from netlink port %d: only the "
                            "kernel may drive shardlog", port)
                 continue
             if leftovers is not None and leftovers.duplicate(entries[held][:size]):
+                headers[held] = 0
                 self.reporter.active = True
                 stats.dropped["duplicate"] += 1  # its leftover was answered
                 continue
+            # Held since the receive wrote it: a kill from here on leaves it for the front.
             if not held:
                 in_flight.counters[STARTED] = self._arrived = time.monotonic_ns()
-            lengths[held] = size
             sizes.append(size)
             held += 1
             if not drain:
@@ -407,13 +409,13 @@ class ShardWorker:
 
     def _hold_leftovers(self, leftovers: Leftovers, sizes: list[int]) -> None:
         """A batch of leftovers, put in the ring as if received (so that the front
-        answers -EAGAIN what a dying worker held of them)."""
-        entries, lengths = self.in_flight.entries, self.in_flight.lengths
+        answers -EAGAIN what a dying worker held of them: the copy's own header holds
+        the entry, inflight.py)."""
+        entries = self.in_flight.entries
         self.in_flight.counters[STARTED] = self._arrived = time.monotonic_ns()
         while leftovers.datagrams and len(sizes) < CAPACITY:
-            datagram = leftovers.datagrams.popleft()
+            datagram = leftovers.datagrams.popleft()[:ENTRY_SIZE]
             entries[len(sizes)][:len(datagram)] = datagram
-            lengths[len(sizes)] = len(datagram)
             sizes.append(len(datagram))
 
     def _malformed(self, index: int, datagram: bytes, exc: ProtocolError) -> None:

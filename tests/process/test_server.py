@@ -361,23 +361,29 @@ def test_a_worker_that_keeps_dying_at_start_stops_the_server(tmp_path, peer):
 
 def test_a_receive_buffer_overflow_is_counted_and_survived(tmp_path, peer):
     server = ServerProcess(tmp_path / "state", extra=("--receive-buffer", "65536")).start()
-    peer.open_log("log-a")
-    request = valid(T.IN_SYNC)
-    front = server.process.pid
-    os.kill(front, signal.SIGSTOP)  # requests pile up in its receive buffer
     try:
-        for _ in range(2000):  # far more than 64 KiB holds
-            peer.send_raw(request)
+        peer.open_log("log-a")
+        request = valid(T.IN_SYNC)
+        # The workers read the shard sockets (the front never does): stopped, the
+        # requests pile up in their receive buffers, whatever the host's speed.
+        workers = server.worker_pids()
+        for pid in workers:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            for _ in range(2000):  # far more than 64 KiB holds
+                peer.send_raw(request)
+        finally:
+            for pid in workers:
+                os.kill(pid, signal.SIGCONT)
+        while peer.receive(1.0) is not None:  # whatever was answered (replies to a full
+            pass  # peer are dropped, as the kernel would drop nothing but a test peer may)
+        assert peer.in_sync(1, uuid="log-a") == 1
+        metrics = server.metrics()
+        assert metrics["shardlog_enobufs_total"] >= 1
+        assert metrics["shardlog_worker_restarts_total"] == 0
+        assert "receive buffer overflowed" in server.log
     finally:
-        os.kill(front, signal.SIGCONT)
-    while peer.receive(1.0) is not None:  # whatever was answered (replies to a full
-        pass  # peer are dropped, as the kernel would drop nothing but a test peer may)
-    assert peer.in_sync(1, uuid="log-a") == 1
-    metrics = server.metrics()
-    assert metrics["shardlog_enobufs_total"] >= 1
-    assert metrics["shardlog_worker_restarts_total"] == 0
-    assert "receive buffer overflowed" in server.log
-    server.close()
+        server.close()
 
 
 # -- restart ---------------------------------------------------------------------------------

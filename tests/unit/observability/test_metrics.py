@@ -87,6 +87,18 @@ def test_a_re_send_of_a_request_answered_eagain_is_counted_once():
     assert stats.resent_requests == 1
 
 
+def test_a_re_send_is_recognised_with_or_without_the_kernels_padding():
+    """A dead worker's request is known up to its nlmsg_len (inflight.py); the re-send
+    arrives as the kernel sent it, padded to 4 bytes (nlmsg_put)."""
+    stats = FrontStats()
+    first = protocol.encode_request(T.CTR, seq=7, uuid="log-a", luid=1, data=b"8192 core 8 nosync")
+    again = protocol.encode_request(T.CTR, seq=8, uuid="log-a", luid=1, data=b"8192 core 8 nosync")
+    assert len(first) % 4  # the kernel would pad it
+    stats.expect_resend(first, now_ns=0)
+    stats.check_resend(again + bytes(-len(again) % 4), now_ns=1)
+    assert stats.resent_requests == 1
+
+
 def test_request_deltas_of_workers_add_up_in_the_front():
     stats = FrontStats(2)
     for _ in range(2):
