@@ -117,8 +117,8 @@ class InFlight:
         docstring), and the kernel's padding to 4 bytes after it is not the request's."""
         headers = _HEADERS.unpack_from(self._map, _ENTRIES_AT)
         for index, length in enumerate(headers):
-            if length:  # the message, without the kernel's padding after it (a bad
-                yield bytes(self.entries[index][:min(length, ENTRY_SIZE)])  # length: cut)
+            if length:  # a bad length is cut at the entry's end
+                yield bytes(self.entries[index][:min(length, ENTRY_SIZE)])
 
     def reset(self) -> None:
         """Forget what a dead worker held, for its successor (the progress counter stays
