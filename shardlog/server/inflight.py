@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from array import array
 from collections.abc import Iterator
 
 # Entries per batch: a wakeup reads at most this many datagrams, so that a flood on one
@@ -59,9 +60,7 @@ _ENTRIES_AT = 64
 _SIZE = _ENTRIES_AT + CAPACITY * ENTRY_SIZE
 # Indexes of the counters in the view of the mapping's first 16 bytes as 8-byte words.
 PROGRESS, STARTED = _PROGRESS_AT // 8, _STARTED_AT // 8
-# Every entry's first 4 bytes, the nlmsg_len of the datagram it holds: one native
-# unsigned int of each ENTRY_SIZE bytes.
-_HEADERS = struct.Struct("=" + f"I{ENTRY_SIZE - 4}x" * (CAPACITY - 1) + "I")
+_NO_HEADERS = array("I", bytes(4 * CAPACITY))  # every entry's nlmsg_len at 0
 
 
 class InFlight:
@@ -99,7 +98,7 @@ class InFlight:
     @property
     def held(self) -> int:
         """Requests the worker holds now (read, not yet answered)."""
-        return CAPACITY - _HEADERS.unpack_from(self._map, _ENTRIES_AT).count(0)
+        return CAPACITY - self.headers.tolist().count(0)
 
     @property
     def batch_started(self) -> int:
@@ -115,15 +114,14 @@ class InFlight:
         """The requests held and not answered (read once the worker is dead), each as
         long as its nlmsg_len says: the receive's size was never stored (the module
         docstring), and the kernel's padding to 4 bytes after it is not the request's."""
-        headers = _HEADERS.unpack_from(self._map, _ENTRIES_AT)
-        for index, length in enumerate(headers):
+        for index, length in enumerate(self.headers.tolist()):
             if length:  # a bad length is cut at the entry's end
                 yield bytes(self.entries[index][:min(length, ENTRY_SIZE)])
 
     def reset(self) -> None:
         """Forget what a dead worker held, for its successor (the progress counter stays
         monotonic: the successor continues the one in the mapping)."""
-        _HEADERS.pack_into(self._map, _ENTRIES_AT, *([0] * CAPACITY))
+        self.headers[:] = memoryview(_NO_HEADERS)
 
     def close(self) -> None:
         self.headers.release()
