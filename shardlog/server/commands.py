@@ -103,8 +103,8 @@ class StatusCommand:
         self.when_reported(lambda: callback(self.snapshot()))
 
     def when_reported(self, callback: Callable[[], None]) -> None:
-        """Call ``callback`` once every live worker has reported anew (or after
-        FRESH_TIMEOUT): from the loop, never blocking it."""
+        """Call ``callback`` once every live worker has sent the report this asks for
+        (or after FRESH_TIMEOUT): from the loop, never blocking it."""
         owed = {slot for slot in self.server.slots if slot.takes_orders}
         if not owed or self.server.stopping:
             callback()
@@ -114,8 +114,11 @@ class StatusCommand:
 
     def on_report(self, slot: WorkerSlot, report: WorkerReport) -> None:
         """A worker reported (the arbiter calls this for every report)."""
-        if report.logs is not None:
-            self._rate_logs(slot, report.logs)
+        if report.logs is None:
+            # A periodic report, perhaps sent before the worker read the order: only the
+            # one asked for lists the logs and the counters as of the order.
+            return
+        self._rate_logs(slot, report.logs)
         for _callback, _deadline, owed in self._waiting:
             owed.discard(slot)
         self._call_ready(lambda deadline, owed: not owed)

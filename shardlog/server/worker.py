@@ -197,7 +197,10 @@ class ShardWorker:
                 wait = reporter.wait(now)
                 events = poller.poll(-1 if wait is None else wait)
                 if not events:
-                    _write(events_fd, self._stats_frame())  # gone idle: the last deltas
+                    # The report fell due while the socket was empty: a pause between
+                    # two requests as often as an idle worker, so its logs are left out
+                    # as from any periodic report (workerstats.py).
+                    _write(events_fd, self._stats_frame(with_logs=False))
                     now = None
                     continue
                 asked, ending, now = False, None, None

@@ -1,0 +1,58 @@
+"""The status command's wait for fresh reports: what counts as the report it asked for."""
+
+from __future__ import annotations
+
+import time
+
+from shardlog.observability.workerstats import LogStatus, WorkerReport
+from shardlog.server import commands
+from shardlog.server.commands import StatusCommand
+from shardlog.server.slots import WorkerSlot
+
+LOG = LogStatus(uuid="LVM-a", luid=1, log_type="core", state="resumed", region_size=1024,
+                region_count=8, in_sync=8, dirty=0, recovering=None, sync_search=8,
+                requests=3, health="A")
+
+
+class Server:
+    """The arbiter as the command sees it: two live workers, and the orders it sent."""
+
+    def __init__(self) -> None:
+        self.slots = [WorkerSlot(index, None, None, None, control_fd=10 + index,
+                                 events_fd=20 + index, started=0.0, ready=True)
+                      for index in range(2)]
+        self.stopping = False
+        self.asked = 0
+
+    def request_reports(self) -> None:
+        self.asked += 1
+
+
+def test_a_status_waits_for_the_reports_it_asked_for_not_for_periodic_ones():
+    server = Server()
+    status = StatusCommand(server)
+    answered = []
+    status.when_reported(lambda: answered.append(True))
+    assert server.asked == 1
+    # A periodic report (no logs) may have left each worker before it read the order:
+    # its counters are from before the order, so it does not answer the wait.
+    for slot in server.slots:
+        status.on_report(slot, WorkerReport(logs=None, counters={"x": 1.0}))
+    assert answered == []
+    status.on_report(server.slots[0], WorkerReport(logs=[LOG]))
+    assert answered == []
+    status.on_report(server.slots[1], WorkerReport(logs=[]))
+    assert answered == [True]
+
+
+def test_a_status_is_answered_after_the_fresh_timeout_without_the_reports(monkeypatch):
+    server = Server()
+    status = StatusCommand(server)
+    answered = []
+    status.when_reported(lambda: answered.append(True))
+    status.expire()
+    assert answered == []
+    later = time.monotonic() + commands.FRESH_TIMEOUT + 0.1
+    monkeypatch.setattr(commands.time, "monotonic", lambda: later)
+    status.expire()
+    assert answered == [True]
