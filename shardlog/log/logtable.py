@@ -153,8 +153,14 @@ class LogTable:
         return outcomes
 
     def statuses(self) -> list[LogStatus]:
-        """A snapshot of every log, for the worker's report to the front."""
-        return [dirty_log.status() for dirty_log in self.logs.values()]
+        """A snapshot of every log, at once."""
+        listing = self.listing()
+        listing.take(len(self.logs))
+        return listing.statuses
+
+    def listing(self) -> StatusListing:
+        """The logs served now, to be described a slice at a time (StatusListing)."""
+        return StatusListing(self)
 
     def close(self) -> None:
         """The server stops: every log commits everything and keeps its files."""
@@ -338,3 +344,26 @@ class LogTable:
             log.info("removing stale instance file %s", path)
             remove_state_file(path)
             remove_state_file(records.beside(path))
+
+
+class StatusListing:
+    """The statuses of the logs a table served when the listing began, taken a slice at a
+    time: describing 5,000 logs takes 20-50 ms, and a worker answers its socket between
+    two slices rather than after the whole list.  A log destroyed (or replaced) between
+    two slices is left out; one created after the listing began is not in it."""
+
+    def __init__(self, table: LogTable) -> None:
+        self._table = table
+        self._pending = list(table.logs.items())
+        self._position = 0
+        self.statuses: list[LogStatus] = []
+
+    def take(self, count: int) -> bool:
+        """Describe the next ``count`` logs; whether every log is described now."""
+        logs = self._table.logs
+        end = self._position + count
+        for key, dirty_log in self._pending[self._position:end]:
+            if logs.get(key) is dirty_log:
+                self.statuses.append(dirty_log.status())
+        self._position = end
+        return end >= len(self._pending)

@@ -11,13 +11,17 @@ front serves the metrics and the operator tools, so each worker sends it a
 - at once when the front asks with a ``Kind.SEND_REPORT`` frame (``shardlog status`` and a
   Prometheus scrape want figures that are current, not a second old).
 
-Only a report that was asked for carries the worker's logs: listing 5,000 logs takes
-40-90 ms, which every request queued meanwhile waits for.  The periodic reports carry
-its counters alone (``logs`` None: the front keeps the last list it had), the one sent
-as it goes idle included: a worker cannot tell going idle from a pause between two
-requests at the moment its report falls due, and when it listed its logs there, a
-10,000-log capacity run at 5,000 requests/s stalled each worker about once every two
-seconds and that stall was most of its p99.
+Only a report that was asked for carries the worker's logs, listed a slice at a time
+with the worker's socket answered between two slices (describing 5,000 logs and encoding
+them took 40-90 ms at once, which every request queued meanwhile waited for).  The
+report carries back the number the front gave the order (the frame's tag), so that a
+status waits for the answer to its own order, not for a report that crossed it; an
+order that comes while a listing is under way is answered by a listing begun after it.
+The periodic reports carry the counters alone (``logs`` None: the front keeps the last
+list it had), the one sent as the worker goes idle included: a worker cannot tell going
+idle from a pause between two requests at the moment its report falls due, and when it
+listed its logs there, a 10,000-log capacity run at 5,000 requests/s stalled each worker
+about once every two seconds, and that stall was most of its p99.
 
 A report carries every log the worker serves (a full snapshot: the front keeps the last
 one per worker and has nothing to merge), and the counters' and the requests' increments

@@ -488,9 +488,9 @@ class Arbiter:
             log.error("worker %d sent a corrupt frame (%s): replacing it", slot.index, exc)
             slot.process.kill()
             received = None
-        for kind, _tag, payload in received or ():
+        for kind, tag, payload in received or ():
             if kind == Kind.WORKER_REPORT:
-                self._on_report(slot, payload)
+                self._on_report(slot, tag, payload)
             elif kind == Kind.TRACE:
                 if self.tracer is not None:
                     for arrived, latency, datagram, reply in decode_trace(payload):
@@ -501,15 +501,17 @@ class Arbiter:
             self.loop.unwatch(slot.events_fd)
             self.ended.append(slot)  # reaped after this wakeup's handlers
 
-    def _on_report(self, slot: WorkerSlot, payload: bytes) -> None:
+    def _on_report(self, slot: WorkerSlot, tag: int, payload: bytes) -> None:
+        """``tag``: the number of the order the report answers (0: a periodic one)."""
         try:
             report = WorkerReport.decode(payload)
         except ValueError as exc:
             log.error("worker %d sent a bad report: %s", slot.index, exc)
             return
         slot.report = report
-        if report.logs is not None:  # else a busy worker's periodic report: as they were
+        if report.logs is not None:  # else a periodic report: the logs as they were
             slot.logs = report.logs
+            slot.reports_answered = max(slot.reports_answered, tag)
         slot.report_time = time.monotonic()
         for listener in self.report_listeners:
             listener(slot, report)
@@ -543,9 +545,12 @@ class Arbiter:
             self.status.when_reported(lambda: [event.set() for event in waiting])
 
     def request_reports(self) -> None:
-        """Ask every live worker for a report now (they arrive through the loop)."""
+        """Ask every live worker for a report now (they arrive through the loop), each
+        order numbered by its slot (``reports_asked``), as its report will be."""
         for slot in self.slots:
-            self._order(slot, Kind.SEND_REPORT)
+            if slot.takes_orders:
+                slot.reports_asked += 1
+                self._order(slot, Kind.SEND_REPORT, slot.reports_asked)
 
     def set_tracer(self, tracer: Tracer | None) -> None:
         """Start (a tracer) or stop (None) tracing: the workers send TRACE frames while

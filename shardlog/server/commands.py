@@ -83,8 +83,9 @@ class StatusCommand:
 
     def __init__(self, server: ServerView):
         self.server = server
-        # (what to do with the snapshot, deadline, slots still owing a report)
-        self._waiting: list[tuple[Callable[[], None], float, set[WorkerSlot]]] = []
+        # (what to do with the snapshot, deadline, slot -> the number of the order for a
+        # report it still owes an answer to)
+        self._waiting: list[tuple[Callable[[], None], float, dict[WorkerSlot, int]]] = []
         # (uuid, luid) → (time, requests) at its worker's previous report, and the rate
         self._previous: dict[tuple[str, int], tuple[float, int]] = {}
         self._rates: dict[tuple[str, int], float] = {}
@@ -105,22 +106,23 @@ class StatusCommand:
     def when_reported(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once every live worker has sent the report this asks for
         (or after FRESH_TIMEOUT): from the loop, never blocking it."""
-        owed = {slot for slot in self.server.slots if slot.takes_orders}
-        if not owed or self.server.stopping:
+        if self.server.stopping or not any(slot.takes_orders for slot in self.server.slots):
             callback()
             return
-        self._waiting.append((callback, time.monotonic() + FRESH_TIMEOUT, owed))
         self.server.request_reports()
+        owed = {slot: slot.reports_asked for slot in self.server.slots if slot.takes_orders}
+        self._waiting.append((callback, time.monotonic() + FRESH_TIMEOUT, owed))
 
     def on_report(self, slot: WorkerSlot, report: WorkerReport) -> None:
         """A worker reported (the arbiter calls this for every report)."""
         if report.logs is None:
-            # A periodic report, perhaps sent before the worker read the order: only the
-            # one asked for lists the logs and the counters as of the order.
-            return
+            return  # a periodic report, perhaps sent before the worker read the order
         self._rate_logs(slot, report.logs)
+        # A report answers its order and every earlier one (a worker asked again while it
+        # was listing its logs lists them again: workerstats.py).
         for _callback, _deadline, owed in self._waiting:
-            owed.discard(slot)
+            if owed.get(slot, 0) <= slot.reports_answered:
+                owed.pop(slot, None)
         self._call_ready(lambda deadline, owed: not owed)
 
     def expire(self) -> None:

@@ -47,6 +47,10 @@ class WorkerSlot:
     report: WorkerReport | None = None  # its latest (workerstats.py); None until the first
     report_time: float = 0.0  # when it came (monotonic)
     logs: list[LogStatus] = field(default_factory=list)  # from the latest report with logs
+    # Orders for a report sent to this shard's workers, numbered from 1, and the number
+    # of the latest that a report answered: a status waits for the one it sent.
+    reports_asked: int = 0
+    reports_answered: int = 0
     restarts: int = 0  # workers that took this slot after one died
     handing_over: bool = False  # ordered to HAND_OVER: it exits for another server
 

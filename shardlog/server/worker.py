@@ -32,9 +32,10 @@ latency, and whether a report is due):
    logs, and none waits for a commit it does not need: a reply never precedes its own
    log's commit.  What the metrics count of a request (its result, the regions it
    marked...) is read from its outcome, never from the reply's bytes;
-3. at most once a second while it is busy, and at once when the front asks, it sends the
-   front a report of its logs and its counters, requests included (workerstats.py), on
-   its events pipe; while someone traces, one TRACE frame per batch (commands.py).
+3. at most once a second while it is busy it sends the front a report of its counters,
+   requests included, on its events pipe; when the front asks, a report of its logs too,
+   listed :data:`LIST_SLICE` logs at a time with the socket answered between two slices
+   (workerstats.py); while someone traces, one TRACE frame per batch (commands.py).
 
 A malformed datagram gets the -EINVAL reply the codec prepared, or is dropped when it
 was not a request (only the designated shard's filter accepts such datagrams).  Nothing a
@@ -75,9 +76,10 @@ import signal
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from shardlog.log.logtable import LogTable
+from shardlog.log.logtable import LogTable, StatusListing
 from shardlog.log.outcome import encode
 from shardlog.observability.workercounters import Count, count_nothing, key, observe
 from shardlog.observability.workerstats import Reporter
@@ -98,6 +100,11 @@ STOP, HAND_OVER, ORPHANED = "stop", "hand over", "orphaned"
 # A batch of one is not followed by a look for more (module docstring: "Each wakeup"),
 # except every PROBE_EVERY-th such batch, so that a load that builds up is found.
 PROBE_EVERY = 8
+
+# Logs described between two looks at the socket while a report asked for is listed: a
+# slice of 5,000 logs' 20-50 ms, so that a scrape holds a worker's requests up for
+# about a millisecond at a time (workerstats.py).
+LIST_SLICE = 250
 
 # One traced request in a TRACE frame: arrival (wall clock, s), latency (s), the sizes of
 # the request and the reply, then both datagrams.
@@ -154,6 +161,16 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
         log.debug("worker %d: stopped, %d logs committed", index, count)
 
 
+@dataclass
+class AskedReport:
+    """A report the front asked for (``tag``: its number for the order, which the report
+    carries back), while its logs are listed a slice at a time between batches."""
+
+    tag: int
+    logs: StatusListing
+    asked_again: int | None = None  # a later order, come while this one was listed
+
+
 class ShardWorker:
     """One shard's request loop: its socket, its logs, its in-flight ring."""
 
@@ -192,18 +209,13 @@ class ShardWorker:
         poller.register(sock_fd, select.EPOLLIN)
         poller.register(control_fd, select.EPOLLIN)
         now = None  # the clock in seconds, as the last batch read it; None: read it
+        listing = None  # the report asked for, while its logs are being listed
         try:
             while True:
-                wait = reporter.wait(now)
+                # While listing, only look for requests between two slices.
+                wait = 0 if listing is not None else reporter.wait(now)
                 events = poller.poll(-1 if wait is None else wait)
-                if not events:
-                    # The report fell due while the socket was empty: a pause between
-                    # two requests as often as an idle worker, so its logs are left out
-                    # as from any periodic report (workerstats.py).
-                    _write(events_fd, self._stats_frame(with_logs=False))
-                    now = None
-                    continue
-                asked, ending, now = False, None, None
+                asked, ending, now = None, None, None
                 for fd, _mask in events:
                     if fd == control_fd:
                         asked, ending = self._on_control(reader, control_fd)
@@ -214,28 +226,42 @@ class ShardWorker:
                 if ending == HAND_OVER:
                     # Read nothing more: what is queued now is the successor's.  The
                     # logs are committed and closed by run() on the way out.
-                    _write(events_fd, self._stats_frame())
+                    _write(events_fd, self._stats_frame(self._whole_listing()))
                     return
                 if ending is not None:
                     self._stop(events_fd, leave=ending == STOP)
                     return
-                if asked or reporter.due(now):
-                    # A busy worker's periodic report leaves its logs out (workerstats.py).
-                    _write(events_fd, self._stats_frame(with_logs=asked))
+                if asked is not None:
+                    if listing is None:
+                        listing = AskedReport(asked, self.table.listing())
+                    else:  # listed next: the one under way began before this order
+                        listing.asked_again = asked
+                if listing is not None:
+                    if listing.logs.take(LIST_SLICE):
+                        _write(events_fd, self._stats_frame(listing))
+                        again = listing.asked_again
+                        listing = None if again is None else AskedReport(
+                            again, self.table.listing())
+                        now = None
+                elif not events or reporter.due(now):
+                    # Due (the poll's timeout is when): a periodic report, without the
+                    # logs even when the worker seems idle (workerstats.py).
+                    _write(events_fd, self._stats_frame())
                     now = None
         finally:
             poller.close()
 
-    def _on_control(self, reader: FrameReader, control_fd: int) -> tuple[bool, str | None]:
-        """The front's orders: (a report is asked for, how the worker ends: STOP,
-        HAND_OVER, ORPHANED, or None: not yet)."""
+    def _on_control(self, reader: FrameReader,
+                    control_fd: int) -> tuple[int | None, str | None]:
+        """The front's orders: (the number of the latest order for a report, None if
+        none came; how the worker ends: STOP, HAND_OVER, ORPHANED, or None: not yet)."""
         received = reader.read(control_fd)
         if received is None:  # the front died
-            return False, STOP if self.take_over_conn is None else ORPHANED
-        asked = False
+            return None, STOP if self.take_over_conn is None else ORPHANED
+        asked = None
         for kind, tag, _payload in received:
             if kind == Kind.SEND_REPORT:
-                asked = True
+                asked = tag
             elif kind == Kind.TRACING:
                 self.tracing = bool(tag)
             elif kind == Kind.STOP:
@@ -258,7 +284,7 @@ class ShardWorker:
                 leave_group_7(self.sock)
         while self.answer_batch():
             self._after_batch(events_fd)
-        _write(events_fd, self._stats_frame())
+        _write(events_fd, self._stats_frame(self._whole_listing()))
 
     def _after_batch(self, events_fd: int) -> None:
         if self._traced:
@@ -454,7 +480,15 @@ class ShardWorker:
         self._traced += datagram
         self._traced += reply
 
-    def _stats_frame(self, with_logs: bool = True) -> bytes:
+    def _whole_listing(self) -> AskedReport:
+        """Every log, listed at once: for the last report, when nothing waits any more."""
+        listing = AskedReport(0, self.table.listing())
+        listing.logs.take(len(self.table.logs))
+        return listing
+
+    def _stats_frame(self, listing: AskedReport | None = None) -> bytes:
+        """A report of the counters, and of the logs if it is a listing's (tagged with
+        the order it answers); without one, a periodic report."""
         count = self.reporter.count
         for source, failures in self.table.storage_failures.take().items():
             count(key("storage_errors", kind=source), failures)
@@ -463,8 +497,10 @@ class ShardWorker:
             if batches:
                 observe(count, "worker_batch_size", size, batches)
         sizes[:] = [0] * len(sizes)
-        report = self.reporter.report(self.table.statuses() if with_logs else None)
-        return frames.pack(Kind.WORKER_REPORT, 0, report.encode())
+        if listing is None:
+            return frames.pack(Kind.WORKER_REPORT, 0, self.reporter.report(None).encode())
+        report = self.reporter.report(listing.logs.statuses)
+        return frames.pack(Kind.WORKER_REPORT, listing.tag, report.encode())
 
     def _warn(self, kind: str, message: str, *args) -> None:
         """A warning at most once a second per kind: a flood must not flood the log."""

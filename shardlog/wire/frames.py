@@ -26,8 +26,12 @@ READ_SIZE = 1 << 20  # what one read takes
 
 class Kind(IntEnum):
     READY = 3  # worker → front: started, its logs table is up (tag 0, no payload)
-    WORKER_REPORT = 4  # worker → front: a workerstats.WorkerReport (tag 0)
-    SEND_REPORT = 5  # front → worker: send a WORKER_REPORT frame now (tag 0, no payload)
+    # worker → front: a workerstats.WorkerReport; tag: the SEND_REPORT it answers (it lists
+    # the logs), 0 for a periodic one
+    WORKER_REPORT = 4
+    # front → worker: send a WORKER_REPORT listing the logs (tag: the order's number,
+    # which the report carries back; no payload)
+    SEND_REPORT = 5
     TRACING = 6  # front → worker: tag 1, send TRACE frames from now on; tag 0, stop
     TRACE = 7  # worker → front: the requests of one batch and their replies (server/commands.py)
     # front → worker, the ways a worker ends (handover.py): STOP, for good — leave group

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 
 import pytest
 
-from shardlog.log.logtable import LogTable
+from shardlog.log.logtable import LogTable, StatusListing
 from shardlog.observability.workercounters import key
 from shardlog.observability.workerstats import Reporter, WorkerReport
 from shardlog.server import worker
@@ -127,3 +128,40 @@ def test_a_worker_that_goes_idle_reports_its_last_counts_unasked_but_not_its_log
     served.send(Kind.SEND_REPORT)
     asked = WorkerReport.decode(served.next_frame(Kind.WORKER_REPORT))
     assert [status.state for status in asked.logs] == ["resumed"]
+
+
+def test_a_report_asked_for_is_listed_between_requests_and_answers_its_order(
+        served, monkeypatch):
+    # The table's logs, made here while the worker waits in its poll (it touches them
+    # only when a request or an order wakes it).
+    for n in range(200):
+        for request_type, data in ((T.CTR, CTR), (T.RESUME, b"")):
+            served.table.answer(protocol.decode_datagram(protocol.encode_request(
+                request_type, seq=1, uuid=f"LVM-{n}", luid=1, data=data)))
+    # One log a slice, each slice 2 ms: a listing of at least 0.4 s.
+    monkeypatch.setattr(worker, "LIST_SLICE", 1)
+    take = StatusListing.take
+
+    def slow_take(listing: StatusListing, count: int) -> bool:
+        time.sleep(0.002)
+        return take(listing, count)
+
+    monkeypatch.setattr(StatusListing, "take", slow_take)
+    served.request(T.CTR, CTR)
+    served.request(T.RESUME)
+    while served.next_frame(Kind.WORKER_REPORT, timeout=0.6) is not None:
+        pass  # the periodic reports of what was just done
+    os.write(served.control_w, frames.pack(Kind.SEND_REPORT, 7)
+             + frames.pack(Kind.SEND_REPORT, 8))  # two orders, read at once
+    # A request sent after the order is answered while the logs are being listed.
+    served.request(T.IN_SYNC, protocol.pack_u64(0))
+    assert served.next_frame(Kind.WORKER_REPORT, timeout=0) is None
+    frame = None
+    while frame is None and select.select([served.events_r], [], [], 10)[0]:
+        frame = next((frame for frame in served.reader.read(served.events_r)
+                      if frame[0] == Kind.WORKER_REPORT), None)
+    _kind, tag, payload = frame
+    report = WorkerReport.decode(payload)
+    assert tag == 8  # the later order: one listing, begun after both
+    assert len(report.logs) == 201
+    assert dict(report.requests["received"]) == {T.IN_SYNC: 1}

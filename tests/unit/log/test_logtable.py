@@ -752,3 +752,24 @@ def test_a_log_with_a_long_uuid_is_created_restored_and_destroyed(state_dir):
     assert fresh.send(T.DTR) == (0, b"")
     assert after.send(T.DTR) == (0, b"")
     assert not list((state_dir / "logs").iterdir())
+
+
+# -- listing the logs for a report --------------------------------------------------------------
+
+
+def test_a_listing_describes_the_logs_of_its_start_a_slice_at_a_time(kernel):
+    table = kernel.table
+    logs = [resumed(Kernel(table, uuid=f"log-{n}"), NOSYNC) for n in range(5)]
+    listing = table.listing()
+    assert listing.take(2) is False
+    assert [status.uuid for status in listing.statuses] == ["log-0", "log-1"]
+    logs[3].ok(T.DTR)  # destroyed before its turn: left out
+    resumed(Kernel(table, uuid="later"))  # created after the listing began: not in it
+    logs[4].ok(T.MARK_REGION, protocol.pack_regions([7]))  # described as it is when taken
+    assert listing.take(2) is False
+    assert listing.take(2) is True
+    assert [status.uuid for status in listing.statuses] == [
+        "log-0", "log-1", "log-2", "log-4"]
+    assert listing.statuses[-1].dirty == 1
+    assert sorted(status.uuid for status in table.statuses()) == [
+        "later", "log-0", "log-1", "log-2", "log-4"]

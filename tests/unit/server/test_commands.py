@@ -26,6 +26,15 @@ class Server:
 
     def request_reports(self) -> None:
         self.asked += 1
+        for slot in self.slots:
+            slot.reports_asked += 1
+
+
+def report(slot: WorkerSlot, tag: int, logs: list[LogStatus] | None) -> WorkerReport:
+    """A report as the arbiter hands it on: the slot marked with the order it answers."""
+    if logs is not None:
+        slot.reports_answered = max(slot.reports_answered, tag)
+    return WorkerReport(logs=logs, counters={"x": 1.0})
 
 
 def test_a_status_waits_for_the_reports_it_asked_for_not_for_periodic_ones():
@@ -37,12 +46,26 @@ def test_a_status_waits_for_the_reports_it_asked_for_not_for_periodic_ones():
     # A periodic report (no logs) may have left each worker before it read the order:
     # its counters are from before the order, so it does not answer the wait.
     for slot in server.slots:
-        status.on_report(slot, WorkerReport(logs=None, counters={"x": 1.0}))
+        status.on_report(slot, report(slot, 0, None))
     assert answered == []
-    status.on_report(server.slots[0], WorkerReport(logs=[LOG]))
+    status.on_report(server.slots[0], report(server.slots[0], 1, [LOG]))
     assert answered == []
-    status.on_report(server.slots[1], WorkerReport(logs=[]))
+    status.on_report(server.slots[1], report(server.slots[1], 1, []))
     assert answered == [True]
+
+
+def test_a_report_answering_an_earlier_order_does_not_answer_a_later_status():
+    server = Server()
+    status = StatusCommand(server)
+    first, second = [], []
+    status.when_reported(lambda: first.append(True))
+    status.when_reported(lambda: second.append(True))  # orders number 1, then 2
+    for slot in server.slots:
+        status.on_report(slot, report(slot, 1, [LOG]))
+    assert (first, second) == ([True], [])
+    for slot in server.slots:
+        status.on_report(slot, report(slot, 2, [LOG]))
+    assert second == [True]
 
 
 def test_a_status_is_answered_after_the_fresh_timeout_without_the_reports(monkeypatch):
