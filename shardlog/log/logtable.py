@@ -154,9 +154,7 @@ class LogTable:
 
     def statuses(self) -> list[LogStatus]:
         """A snapshot of every log, at once."""
-        listing = self.listing()
-        listing.take(len(self.logs))
-        return listing.statuses
+        return self.listing().take(len(self.logs))
 
     def listing(self) -> StatusListing:
         """The logs served now, to be described a slice at a time (StatusListing)."""
@@ -356,14 +354,17 @@ class StatusListing:
         self._table = table
         self._pending = list(table.logs.items())
         self._position = 0
-        self.statuses: list[LogStatus] = []
 
-    def take(self, count: int) -> bool:
-        """Describe the next ``count`` logs; whether every log is described now."""
+    @property
+    def done(self) -> bool:
+        """Whether every log of the listing has been taken."""
+        return self._position >= len(self._pending)
+
+    def take(self, count: int) -> list[LogStatus]:
+        """The statuses of the next ``count`` logs (fewer if some were destroyed)."""
         logs = self._table.logs
         end = self._position + count
-        for key, dirty_log in self._pending[self._position:end]:
-            if logs.get(key) is dirty_log:
-                self.statuses.append(dirty_log.status())
+        statuses = [dirty_log.status() for key, dirty_log in self._pending[self._position:end]
+                    if logs.get(key) is dirty_log]
         self._position = end
-        return end >= len(self._pending)
+        return statuses

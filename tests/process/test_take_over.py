@@ -29,6 +29,7 @@ from shardlog.observability.workerstats import Reporter
 from shardlog.server import control, handover, routing
 from shardlog.server.inflight import InFlight
 from shardlog.server.nlsocket import group7_listeners, open_connector_socket
+from shardlog.server.outbox import Outbox
 from shardlog.server.worker import Peer, ShardWorker
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
@@ -448,13 +449,15 @@ def test_a_switch_to_another_count_answers_every_request_once(monkeypatch, tmp_p
 def test_a_worker_answers_its_leftovers_first_and_drops_their_copies(tmp_path):
     sock = open_connector_socket(join_group_7=True, shard=(0, 1))
     peer = RawPeer()
+    events_r, events_w = os.pipe()  # the front's end, unread: this worker only answers
     try:
         left = [request_datagram(seq, "log-a") for seq in (100, 101)]
         for datagram in left:  # their copies, queued in the worker's socket too
             peer.send_raw(datagram)
         peer.send_raw(request_datagram(102, "log-a"))  # sent after the switch
         table = LogTable(tmp_path)
-        worker = ShardWorker(table, sock, InFlight(), Peer(PEER_PORT), Reporter())
+        worker = ShardWorker(table, sock, InFlight(), Peer(PEER_PORT), Reporter(),
+                             Outbox(events_w))
         worker.leftovers = handover.Leftovers(left)
         assert worker.answer_batch() == 2  # the leftovers alone, the socket untouched
         assert worker.answer_batch() == 1  # then the socket, copies dropped
@@ -467,3 +470,5 @@ def test_a_worker_answers_its_leftovers_first_and_drops_their_copies(tmp_path):
     finally:
         sock.close()
         peer.close()
+        os.close(events_r)
+        os.close(events_w)

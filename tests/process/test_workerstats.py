@@ -16,6 +16,7 @@ from shardlog.observability.workerstats import Reporter, WorkerReport
 from shardlog.server import worker
 from shardlog.server.inflight import InFlight
 from shardlog.server.nlsocket import open_connector_socket
+from shardlog.server.outbox import Outbox
 from shardlog.wire import frames, protocol
 from shardlog.wire.frames import FrameReader, Kind
 from shardlog.wire.protocol import RequestType as T
@@ -40,9 +41,9 @@ class ServedWorker:
         self.reader = FrameReader()
         self.seq = 0
         shard_worker = worker.ShardWorker(self.table, self.shard, self.in_flight,
-                                          worker.Peer(PEER_PORT), Reporter(interval))
-        self.thread = threading.Thread(target=shard_worker.serve,
-                                       args=(self.control_r, self.events_w))
+                                          worker.Peer(PEER_PORT), Reporter(interval),
+                                          Outbox(self.events_w))
+        self.thread = threading.Thread(target=shard_worker.serve, args=(self.control_r,))
         self.thread.start()
 
     def send(self, kind: Kind, payload: bytes = b"") -> None:

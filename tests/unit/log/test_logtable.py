@@ -761,15 +761,15 @@ def test_a_listing_describes_the_logs_of_its_start_a_slice_at_a_time(kernel):
     table = kernel.table
     logs = [resumed(Kernel(table, uuid=f"log-{n}"), NOSYNC) for n in range(5)]
     listing = table.listing()
-    assert listing.take(2) is False
-    assert [status.uuid for status in listing.statuses] == ["log-0", "log-1"]
+    assert [status.uuid for status in listing.take(2)] == ["log-0", "log-1"]
+    assert not listing.done
     logs[3].ok(T.DTR)  # destroyed before its turn: left out
     resumed(Kernel(table, uuid="later"))  # created after the listing began: not in it
     logs[4].ok(T.MARK_REGION, protocol.pack_regions([7]))  # described as it is when taken
-    assert listing.take(2) is False
-    assert listing.take(2) is True
-    assert [status.uuid for status in listing.statuses] == [
-        "log-0", "log-1", "log-2", "log-4"]
-    assert listing.statuses[-1].dirty == 1
+    assert [status.uuid for status in listing.take(2)] == ["log-2"]
+    assert not listing.done
+    (last,) = listing.take(2)
+    assert listing.done and listing.take(2) == []
+    assert (last.uuid, last.dirty) == ("log-4", 1)
     assert sorted(status.uuid for status in table.statuses()) == [
         "later", "log-0", "log-1", "log-2", "log-4"]

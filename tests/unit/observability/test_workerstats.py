@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from shardlog.log.logtable import LogTable
-from shardlog.observability.workerstats import LogStatus, Reporter, WorkerReport
+from shardlog.observability.workerstats import LogRows, LogStatus, Reporter, WorkerReport
 
 
 def test_counters_are_increments_since_the_previous_report():
@@ -41,3 +41,21 @@ def test_a_report_survives_its_encoding():
 def test_a_payload_that_is_not_a_report_is_refused(payload):
     with pytest.raises(ValueError, match="not a worker report"):
         WorkerReport.decode(payload)
+
+
+def test_logs_encoded_a_slice_at_a_time_decode_as_one_list():
+    statuses = [LogStatus(uuid=f"LVM-{n}", luid=n, log_type="core", state="resumed",
+                          region_size=1024, region_count=8, in_sync=8, dirty=n % 3,
+                          recovering=None, sync_search=8, requests=n, health="A")
+                for n in range(7)]
+    rows = LogRows()
+    for start in range(0, 7, 3):
+        rows.add(statuses[start:start + 3])
+    rows.add([])
+    report = WorkerReport(None, {"commits": 2.0}, {"received": [[9, 4]]})
+    decoded = WorkerReport.decode(report.encode(rows))
+    assert decoded.logs == statuses
+    assert decoded.counters == {"commits": 2.0}
+    assert WorkerReport.decode(report.encode()).logs is None
+    assert WorkerReport.decode(WorkerReport(statuses).encode()).logs == statuses
+    assert WorkerReport.decode(WorkerReport([]).encode()).logs == []
