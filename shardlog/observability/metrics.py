@@ -24,7 +24,7 @@ The front owns the only registry; no metric object exists until Prometheus scrap
 
 Cardinality: every family has a fixed, small label set (request types x results, a few
 reasons, worker indexes) except the per-log sync progress, two series per log instance
-with a ``uuid`` label (``--metrics-per-log off`` drops them on hosts with thousands of
+with a ``uuid`` label (``--per-log-metrics off`` drops them on hosts with thousands of
 logs).
 """
 

@@ -161,8 +161,9 @@ class Reporter:
         return max(0.0, self.interval - ((self._clock() if now is None else now) - self._last))
 
     def report(self, logs: list[LogStatus] | None) -> WorkerReport:
-        """The report to send now, with the worker's logs (None: a periodic report that
-        leaves them out); the counters start again from zero."""
+        """The report to send now, with ``logs`` (None: a periodic report, or one whose
+        logs a worker encoded as it listed them: WorkerReport.encode's ``rows``); the
+        counters start again from zero."""
         report = WorkerReport(logs, dict(self.counters), self.requests.take_deltas())
         self.counters.clear()
         self.active = False

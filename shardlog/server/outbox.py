@@ -1,17 +1,17 @@
 """A worker's end of its events pipe: frames for the front, written as the pipe takes them.
 
-A worker must never wait for the front: the kernel waits for the worker.  A report that
-lists 5,000 logs is about 600 KB, ten times what a pipe holds, and the front reads it
-between its other work (the other workers' reports, a scrape), so a blocking write held
-the worker's requests up for as long as the front took: up to 84 ms measured at 10,000
-logs under a scrape a second.  The worker's end is non-blocking instead: what the pipe
-does not take now waits here, and the worker's loop writes more when the pipe is
-writable again (:attr:`Outbox.pending` says when to watch for that).
+A worker must never wait for the front: the kernel waits for the worker.  The front reads
+the pipe between its other work (the other workers' reports, a scrape), and a report can
+be larger than the pipe holds: about 600 KB for 5,000 logs, 1.2 MB for 10,000, against
+the 1 MiB the front asks for (64 KiB where that is refused).  A blocking write would
+hold the worker's requests up until the front had read enough of it.  So the worker's
+end is non-blocking: what the pipe does not take now waits here, and the worker's loop
+writes more when the pipe is writable again (:attr:`Outbox.pending` says when to watch
+for that).  Its last frames, as it ends, are drained.
 
 Nothing is dropped: a report's counters are increments the front adds up.  While the
-front does not read at all (stopped, or hung until the arbiter's own death ends the
-worker) the worker keeps answering and what it would have said grows here, about 1 KB
-a second without tracing.
+front does not read (stopped, or hung) the worker keeps answering and what it would have
+said grows here, about 1 KB a second without tracing.
 """
 
 from __future__ import annotations
