@@ -12,7 +12,7 @@ import pytest
 
 from shardlog.log.logtable import LogTable, StatusListing
 from shardlog.observability.workercounters import key
-from shardlog.observability.workerstats import Reporter, WorkerReport
+from shardlog.observability.workerstats import LogStatus, Reporter, WorkerReport
 from shardlog.server import worker
 from shardlog.server.inflight import InFlight
 from shardlog.server.nlsocket import open_connector_socket
@@ -143,7 +143,7 @@ def test_a_report_asked_for_is_listed_between_requests_and_answers_its_order(
     monkeypatch.setattr(worker, "LIST_SLICE", 1)
     take = StatusListing.take
 
-    def slow_take(listing: StatusListing, count: int) -> bool:
+    def slow_take(listing: StatusListing, count: int) -> list[LogStatus]:
         time.sleep(0.002)
         return take(listing, count)
 
