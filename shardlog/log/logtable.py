@@ -153,7 +153,7 @@ class LogTable:
         return outcomes
 
     def statuses(self) -> list[LogStatus]:
-        """A snapshot of every log, at once."""
+        """A snapshot of every log, at once (a worker's last report)."""
         return self.listing().take(len(self.logs))
 
     def listing(self) -> StatusListing:

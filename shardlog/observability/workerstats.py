@@ -76,7 +76,7 @@ class LogRows:
 
     def __init__(self, statuses: list[LogStatus] | None = None) -> None:
         self._slices: list[str] = []
-        if statuses:
+        if statuses is not None:
             self.add(statuses)
 
     def add(self, statuses: list[LogStatus]) -> None:

@@ -245,8 +245,7 @@ class ShardWorker:
                 if ending == HAND_OVER:
                     # Read nothing more: what is queued now is the successor's.  The
                     # logs are committed and closed by run() on the way out.
-                    outbox.send(self._stats_frame(self._whole_listing()))
-                    outbox.drain()
+                    self._send_last_report()
                     return
                 if ending is not None:
                     self._stop(leave=ending == STOP)
@@ -258,7 +257,7 @@ class ShardWorker:
                         report.asked_again = asked
                 if report is not None:
                     if report.list_some(LIST_SLICE):
-                        outbox.send(self._stats_frame(report))
+                        outbox.send(self._stats_frame(report.tag, report.rows))
                         again = report.asked_again
                         report = None if again is None else AskedReport(
                             again, self.table.listing())
@@ -304,8 +303,7 @@ class ShardWorker:
                 leave_group_7(self.sock)
         while self.answer_batch():
             self._after_batch()
-        self.outbox.send(self._stats_frame(self._whole_listing()))
-        self.outbox.drain()
+        self._send_last_report()
 
     def _after_batch(self) -> None:
         if self._traced:
@@ -501,15 +499,15 @@ class ShardWorker:
         self._traced += datagram
         self._traced += reply
 
-    def _whole_listing(self) -> AskedReport:
-        """Every log, listed at once: for the last report, when nothing waits any more."""
-        report = AskedReport(0, self.table.listing())
-        report.list_some(len(self.table.logs))
-        return report
+    def _send_last_report(self) -> None:
+        """Every log, listed at once, and everything for the front written, however long
+        it takes: the worker is ending and nothing waits for it any more."""
+        self.outbox.send(self._stats_frame(0, LogRows(self.table.statuses())))
+        self.outbox.drain()
 
-    def _stats_frame(self, asked: AskedReport | None = None) -> bytes:
-        """A report of the counters, and of the logs if it was asked for (tagged with
-        the order it answers); without one, a periodic report."""
+    def _stats_frame(self, tag: int = 0, rows: LogRows | None = None) -> bytes:
+        """A report of the counters, and of the logs if ``rows`` are given (``tag``: the
+        order it answers, 0 for none); without them, a periodic report."""
         count = self.reporter.count
         for source, failures in self.table.storage_failures.take().items():
             count(key("storage_errors", kind=source), failures)
@@ -519,9 +517,7 @@ class ShardWorker:
                 observe(count, "worker_batch_size", size, batches)
         sizes[:] = [0] * len(sizes)
         report = self.reporter.report(None)
-        if asked is None:
-            return frames.pack(Kind.WORKER_REPORT, 0, report.encode())
-        return frames.pack(Kind.WORKER_REPORT, asked.tag, report.encode(asked.rows))
+        return frames.pack(Kind.WORKER_REPORT, tag, report.encode(rows))
 
     def _warn(self, kind: str, message: str, *args) -> None:
         """A warning at most once a second per kind: a flood must not flood the log."""
