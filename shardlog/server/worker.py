@@ -199,9 +199,18 @@ class ShardWorker:
         self._arrived = 0  # when the batch held now was read (monotonic ns)
         self.replied = 0  # when the last batch's replies had all left (monotonic ns)
         self._last_warning: dict[str, float] = {}
+        # What every batch uses, bound once: a batch of one is a few dozen lines, and
+        # under emulation each attribute chain or bound method it skips is worth having
+        # skipped (bench_core.py, "from read to reply").
+        self._decide, self._count = table.decide, reporter.count
+        self._stats = reporter.requests
+        self._recvfrom_into, self._sendto = sock.recvfrom_into, sock.sendto
+        self._entries, self._headers = in_flight.entries, in_flight.headers
+        self._counters = in_flight.counters
         sock.setblocking(False)
-        self._readable = select.poll()  # whether the socket holds a datagram now
-        self._readable.register(sock, select.POLLIN)
+        readable = select.poll()  # whether the socket holds a datagram now
+        readable.register(sock, select.POLLIN)
+        self._poll = readable.poll
         # Held while the front is taking over from another server: EOF then must not
         # take this shard's socket, which the old server still holds, out of group 7.
         self.take_over_conn: socket.socket | None = None
@@ -313,17 +322,16 @@ class ShardWorker:
     def answer_batch(self, readable: bool = False) -> int:
         """Read what the socket holds (up to the ring's capacity) and answer it all;
         the number of datagrams held.  ``readable``: the socket is known to hold one."""
-        stats = self.reporter.requests
         held: list[int] = []  # the sizes of the datagrams held, entry by entry
         drained = self._receive(held, readable)
         if not held:
             return 0
-        arrived = self._arrived
+        arrived, stats = self._arrived, self._stats
         self.reporter.active = True
-        decide, count = self.table.decide, self.reporter.count
-        sendto, address = self.sock.sendto, self.peer.reply_address
+        decide, count, sendto, address = (self._decide, self._count, self._sendto,
+                                          self.peer.reply_address)
         requests_seen, resend_watch = stats.requests, stats.resend_watch
-        entries, headers, tracing = self.in_flight.entries, self.in_flight.headers, self.tracing
+        entries, headers, tracing = self._entries, self._headers, self.tracing
         sent = []  # (type, arrival, error): counted once the batch is answered
         deferred = []  # (entry, request): FLUSHes staged, answered after the commit
         start = 0
@@ -385,7 +393,7 @@ class ShardWorker:
             now = time.monotonic_ns()
             stats.answered(sent, now)
         self.replied = now
-        self.in_flight.counters[PROGRESS] += 1  # the batch is done (the hang check)
+        self._counters[PROGRESS] += 1  # the batch is done (the hang check)
         held_count = len(held)
         self._batch_sizes[held_count] += 1  # a histogram of them at the next report
         if held_count > 1:
@@ -405,9 +413,8 @@ class ShardWorker:
         rather than ended by the BlockingIOError of an empty socket: raising and catching
         that exception costs about as much as a whole round trip with the kernel
         (measured: 15 µs against under 1 µs for the poll)."""
-        sock, in_flight, allowed = self.sock, self.in_flight, self.peer.allowed_ports
-        entries, headers, poll = in_flight.entries, in_flight.headers, self._readable.poll
-        stats = self.reporter.requests
+        receive, allowed, poll = self._recvfrom_into, self.peer.allowed_ports, self._poll
+        entries, headers, stats = self._entries, self._headers, self._stats
         leftovers = self.leftovers
         if leftovers is not None:
             if leftovers.datagrams:
@@ -421,7 +428,7 @@ class ShardWorker:
         while held < CAPACITY and (readable or poll(0)):
             readable = False
             try:
-                size, (port, _groups) = sock.recvfrom_into(entries[held])
+                size, (port, _groups) = receive(entries[held])
             except BlockingIOError:
                 break
             except OSError as exc:
@@ -448,7 +455,7 @@ class ShardWorker:
                 continue
             # Held since the receive wrote it: a kill from here on leaves it for the front.
             if not held:
-                in_flight.counters[STARTED] = self._arrived = time.monotonic_ns()
+                self._counters[STARTED] = self._arrived = time.monotonic_ns()
             sizes.append(size)
             held += 1
             if not drain:
