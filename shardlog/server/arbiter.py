@@ -493,6 +493,8 @@ class Arbiter:
                 self._on_report(slot, tag, payload)
             elif kind == Kind.TRACE:
                 if self.tracer is not None:
+                    if tag:  # traced requests the worker dropped while we did not read
+                        self.tracer.untraced(slot.index, tag)
                     for arrived, latency, datagram, reply in decode_trace(payload):
                         self.tracer.traced(slot.index, arrived, latency, datagram, reply)
             elif kind == Kind.READY:

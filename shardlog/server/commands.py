@@ -31,7 +31,10 @@ process (shardlog.tools.tracing): formatted by hand, a line costs the arbiter a 
 microseconds, where decoding and ``json.dumps`` cost it several times that.  Lines go out
 once per wakeup of the loop; a subscriber that cannot keep up loses lines, counted and
 reported to it (control.Connection.send_line): a tracer never blocks the server, and the
-server never blocks a worker.
+server never blocks a worker.  Nor does a worker grow without bound for a front that
+stopped reading: past worker.TRACE_BACKLOG it drops its TRACE frames, and its next one
+says how many requests went untraced, which every subscriber is told
+(``{"untraced": N, "worker": W}``).
 """
 
 from __future__ import annotations
@@ -280,6 +283,15 @@ class Tracer:
         for subscription in wanted:
             if not subscription.client.closed:
                 subscription.client.send_line(line)
+
+
+    def untraced(self, worker: int, count: int) -> None:
+        """``count`` requests that ``worker`` answered while tracing but did not send,
+        the front having left its events pipe unread too long (worker.TRACE_BACKLOG):
+        every subscriber is told, whatever it asked to see."""
+        for subscription in self.subscriptions:
+            if not subscription.client.closed:
+                subscription.client.send({"untraced": count, "worker": worker})
 
 
 _NOTES = {NOTE_WORKER_DIED: f', "note": {json.dumps(NOTE_WORKER_DIED)}'}

@@ -9,9 +9,10 @@ end is non-blocking: what the pipe does not take now waits here, and the worker'
 writes more when the pipe is writable again (:attr:`Outbox.pending` says when to watch
 for that).  Its last frames, as it ends, are drained.
 
-Nothing is dropped: a report's counters are increments the front adds up.  While the
-front does not read (stopped, or hung) the worker keeps answering and what it would have
-said grows here, about 1 KB a second without tracing.
+Nothing is dropped here: a report's counters are increments the front adds up.  While
+the front does not read (stopped, or hung) the worker keeps answering and what it would
+have said grows here, about 1 KB a second without tracing; a worker that traces stops
+queueing its TRACE frames past a bound (:attr:`Outbox.backlog`, worker.TRACE_BACKLOG).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class Outbox:
     def pending(self) -> bool:
         """Whether some frame waits for the pipe to be writable."""
         return bool(self._queued)
+
+    @property
+    def backlog(self) -> int:
+        """Bytes waiting for the pipe."""
+        return len(self._queued)
 
     def send(self, frame: bytes | bytearray) -> None:
         """Queue ``frame`` behind what waits, and write what the pipe takes now."""

@@ -112,6 +112,13 @@ LIST_SLICE = 100
 # the request and the reply, then both datagrams.
 TRACE_ENTRY = struct.Struct("=ddHH")
 
+# What may wait in the outbox for a front that does not read (stopped, hung) before a
+# batch's TRACE frame is dropped instead of queued: a traced request is ~400 bytes, so a
+# busy worker would otherwise grow by megabytes a second.  Reports are never dropped
+# (their counters are increments); the next TRACE frame sent carries, as its tag, how
+# many traced requests were dropped before it, and the tracers are told (commands.py).
+TRACE_BACKLOG = 4 << 20
+
 
 class Peer:
     """Who may drive the worker and where replies go: the kernel (netlink port 0), or in
@@ -192,6 +199,8 @@ class ShardWorker:
         self.outbox = outbox  # the events pipe to the front
         self.tracing = False
         self._traced = bytearray()  # this batch's TRACE entries, while tracing
+        self._traced_count = 0  # how many entries _traced holds
+        self._untraced = 0  # traced requests dropped since the last TRACE frame sent
         # Batches by size since the last report: a list, one add per batch.
         self._batch_sizes = [0] * (CAPACITY + 1)
         self._drain = True  # look for more after the first datagram of a wakeup
@@ -315,9 +324,16 @@ class ShardWorker:
         self._send_last_report()
 
     def _after_batch(self) -> None:
+        """The batch's TRACE frame, or, while the front leaves more than TRACE_BACKLOG
+        unread, its entries counted as dropped (the next frame's tag says how many)."""
         if self._traced:
-            self.outbox.send(frames.pack(Kind.TRACE, 0, bytes(self._traced)))
+            if self.outbox.backlog > TRACE_BACKLOG:
+                self._untraced += self._traced_count
+            else:
+                self.outbox.send(frames.pack(Kind.TRACE, self._untraced, bytes(self._traced)))
+                self._untraced = 0
             self._traced.clear()
+            self._traced_count = 0
 
     def answer_batch(self, readable: bool = False) -> int:
         """Read what the socket holds (up to the ring's capacity) and answer it all;
@@ -505,6 +521,7 @@ class ShardWorker:
                                          len(reply))
         self._traced += datagram
         self._traced += reply
+        self._traced_count += 1
 
     def _send_last_report(self) -> None:
         """Every log, listed at once, and everything for the front written, however long

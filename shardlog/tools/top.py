@@ -86,6 +86,10 @@ class LatencySampler:
                 with self._lock:
                     if "dropped" in event:
                         self.dropped += event["dropped"]
+                    elif "untraced" in event:
+                        # Requests the server did not trace (it stopped reading its
+                        # workers): a gap in the sample, not top falling behind.
+                        continue
                     else:
                         self._latencies[decode_event(event)["type"]].append(
                             event["latency_us"])

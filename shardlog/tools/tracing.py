@@ -111,6 +111,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"... {event['dropped']} requests not shown: this terminal could not "
                       "keep up", file=sys.stderr, flush=True)
                 continue
+            if "untraced" in event:
+                print(f"... {event['untraced']} requests of worker {event['worker']} not "
+                      "traced: the server was not reading its workers", file=sys.stderr,
+                      flush=True)
+                continue
             decoded = decode_event(event)
             print(json.dumps(decoded) if args.json else format_event(decoded), flush=True)
             shown += 1

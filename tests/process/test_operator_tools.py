@@ -265,6 +265,43 @@ def test_a_tracer_that_does_not_read_loses_lines_counted_and_never_stalls_the_se
           f"{dropped} dropped")
 
 
+def test_a_front_that_stops_reading_its_workers_leaves_tracers_told_what_went_untraced(
+        server, peer):
+    """The front SIGSTOPped while someone traces: the workers answer on (the front is off
+    the request path), stop queueing trace frames past worker.TRACE_BACKLOG rather than
+    grow, and once the front reads again the tracer is told how many went untraced."""
+    peer.open_log("log-a")
+    sock = control.connect(server.control_socket)
+    sock.sendall(b'{"cmd": "trace"}\n')
+    stream = sock.makefile("rb")
+    assert "subscribed" in json.loads(stream.readline())
+    # More frames (~370 bytes each) than the events pipe (1 MiB) and the backlog (4 MiB).
+    sent = 20000
+    os.kill(server.process.pid, signal.SIGSTOP)
+    try:
+        for n in range(sent):
+            assert peer.in_sync(n % 1024, uuid="log-a") == 1
+    finally:
+        os.kill(server.process.pid, signal.SIGCONT)
+    status_json(server)  # the front has read what the worker queued
+    assert peer.in_sync(1, uuid="log-a") == 1  # its trace frame counts what was dropped
+    status_json(server)
+    sock.shutdown(socket.SHUT_WR)
+    traced = dropped = untraced = 0
+    sock.settimeout(10)
+    for line in stream:
+        message = json.loads(line)
+        if "untraced" in message:
+            untraced += message["untraced"]
+        elif "dropped" in message:
+            dropped += message["dropped"]  # this client's own backlog, a different limit
+        else:
+            traced += 1
+    sock.close()
+    assert untraced > 0
+    assert traced + dropped + untraced == sent + 1
+
+
 def test_a_worker_death_shows_in_the_trace_as_eagain(tmp_path, peer, freezable):
     # The worker blocks on its frozen state directory holding the CTR it read.
     server = ServerProcess(freezable.path / "state", run_dir=tmp_path).start()

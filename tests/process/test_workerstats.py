@@ -40,14 +40,14 @@ class ServedWorker:
         self.table = LogTable(state_dir)
         self.reader = FrameReader()
         self.seq = 0
-        shard_worker = worker.ShardWorker(self.table, self.shard, self.in_flight,
-                                          worker.Peer(PEER_PORT), Reporter(interval),
-                                          Outbox(self.events_w))
-        self.thread = threading.Thread(target=shard_worker.serve, args=(self.control_r,))
+        self.worker = worker.ShardWorker(self.table, self.shard, self.in_flight,
+                                         worker.Peer(PEER_PORT), Reporter(interval),
+                                         Outbox(self.events_w))
+        self.thread = threading.Thread(target=self.worker.serve, args=(self.control_r,))
         self.thread.start()
 
-    def send(self, kind: Kind, payload: bytes = b"") -> None:
-        os.write(self.control_w, frames.pack(kind, 0, payload))
+    def send(self, kind: Kind, payload: bytes = b"", tag: int = 0) -> None:
+        os.write(self.control_w, frames.pack(kind, tag, payload))
 
     def request(self, request_type: T, data: bytes = b"") -> None:
         """Send a request and wait for its reply, as the kernel does: what is asked of
@@ -166,3 +166,38 @@ def test_a_report_asked_for_is_listed_between_requests_and_answers_its_order(
     assert tag == 8  # the later order: one listing, begun after both
     assert len(report.logs) == 201
     assert dict(report.requests["received"]) == {T.IN_SYNC: 1}
+
+
+def test_a_worker_whose_front_does_not_read_drops_its_traces_and_says_how_many(
+        served, monkeypatch):
+    """A front that stops reading (stopped, hung) while someone traces: the worker keeps
+    answering, its TRACE frames stop queueing past TRACE_BACKLOG (reports still queue),
+    and its first frame once the front reads again counts what it dropped."""
+    monkeypatch.setattr(worker, "TRACE_BACKLOG", 16 << 10)
+    served.request(T.CTR, CTR)
+    served.request(T.RESUME)
+    served.send(Kind.TRACING, tag=1)
+    traced = 600  # ~370 bytes a frame: over the 64 KiB pipe and the backlog together
+    for _ in range(traced):
+        served.request(T.IN_SYNC, protocol.pack_u64(1))
+    # The pipe is full and nobody reads it: the outbox stopped growing at the bound (a
+    # frame past it, and the periodic reports, which are never dropped), far below the
+    # ~150 KiB that the traces not taken by the pipe would be.
+    assert served.worker.outbox.backlog < 2 * (16 << 10)
+
+    entries, untraced = 0, 0
+
+    def take_frames() -> None:
+        nonlocal entries, untraced
+        while select.select([served.events_r], [], [], 0.5)[0]:
+            for kind, tag, payload in served.reader.read(served.events_r):
+                if kind == Kind.TRACE:
+                    entries += len(worker.decode_trace(payload))
+                    untraced += tag
+
+    take_frames()  # the front reads again: what was queued comes, nothing says more yet
+    assert entries < traced and untraced == 0
+    served.request(T.IN_SYNC, protocol.pack_u64(1))  # the next frame says what was dropped
+    take_frames()
+    assert untraced > 0
+    assert entries + untraced == traced + 1  # every request traced or counted as dropped
