@@ -9,6 +9,16 @@ the counting: decode and validate the datagram, decide its outcome in the log ta
 reply.
 The FLUSH with a new mark is a core log's, which commits with no syscall (design.md).
 
+Then one IN_SYNC from read to reply, the sockets aside (a stand-in socket hands over
+the datagram and takes the reply): the lean responder's loop body
+(shardlog.harness.kernelvm.lean, the yardstick of ``bench_kernel.py``) against a
+worker's batch of one (``ShardWorker.answer_batch``: the receive into the in-flight
+ring, the clock, decode, decide, encode, the counters and the latency histogram), and
+the worker's wait for its next wakeup with a datagram ready (epoll).  This is the part
+of a request's cost in the real kernel that is shardlog's own code; run it in the guest
+too (``scripts/kernel-vm run '.venv/bin/python scripts/bench_core.py'``), where every
+instruction costs 20-50x.
+
     .venv/bin/python scripts/bench_core.py [--seconds S] [--state-dir DIR]
 
 Prints per-request times and their ratios to the baseline; these machines are noisy, so
@@ -18,6 +28,8 @@ only the ratios within one run mean much.
 from __future__ import annotations
 
 import argparse
+import os
+import select
 import statistics
 import struct
 import tempfile
@@ -25,8 +37,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shardlog.harness.kernelvm import lean
 from shardlog.log.logtable import LogTable
 from shardlog.log.outcome import encode
+from shardlog.observability.workerstats import Reporter
+from shardlog.server.inflight import InFlight
+from shardlog.server.outbox import Outbox
+from shardlog.server.worker import Peer, ShardWorker
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
 
@@ -110,6 +127,81 @@ def run(state_dir: Path, seconds: float) -> None:
     print(f"shardlog {'FLUSH with a new mark (core)':<28}  {flush * 1e6:7.2f} µs  "
           f"{flush / baseline:5.1f}x baseline")
     print(f"\ntarget: IN_SYNC, MARK, CLEAR and an empty FLUSH each <= {TARGET:g}x baseline")
+    read_to_reply(state_dir, in_sync, seconds)
+
+
+class StandInSocket:
+    """What a worker and the lean responder need of a netlink socket, in memory: every
+    read returns ``datagram`` from the kernel's port, every reply is taken and dropped.
+    Its ``fileno`` is a pipe's, for the worker's readiness poll (never asked here)."""
+
+    def __init__(self, datagram: bytes) -> None:
+        self.datagram = datagram
+        self._read_end, self._write_end = os.pipe()
+
+    def setblocking(self, flag: bool) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return self._read_end
+
+    def recvfrom_into(self, buffer) -> tuple[int, tuple[int, int]]:
+        size = len(self.datagram)
+        buffer[:size] = self.datagram
+        return size, (0, 0)
+
+    def sendto(self, reply: bytes, address: tuple[int, int]) -> int:
+        return len(reply)
+
+    def close(self) -> None:
+        os.close(self._read_end)
+        os.close(self._write_end)
+
+
+def read_to_reply(state_dir: Path, in_sync: bytes, seconds: float) -> None:
+    """The lean responder's loop body against a worker's batch of one, for one IN_SYNC."""
+    logs: dict = {}
+    ctr = f"{REGIONS * 8} core 8 nosync".encode()
+    lean.answer(logs, protocol.encode_request(T.CTR, seq=1, uuid=UUID, luid=1, data=ctr))
+    lean_socket = StandInSocket(in_sync)
+    buffer = bytearray(4096)
+    view = memoryview(buffer)
+
+    def lean_request() -> None:  # lean.serve's loop body
+        count, (port, _groups) = lean_socket.recvfrom_into(buffer)
+        if port == 0:
+            lean_socket.sendto(lean.answer(logs, bytes(view[:count])), (0, 0))
+
+    reporter = Reporter()
+    table = LogTable(state_dir / "worker", reporter.count)
+    for request_type, data in ((T.CTR, ctr), (T.RESUME, b"")):
+        table.answer(protocol.decode_datagram(protocol.encode_request(
+            request_type, seq=1, uuid=UUID, luid=1, data=data)))
+    worker_socket = StandInSocket(in_sync)
+    events_read, events_write = os.pipe()
+    worker = ShardWorker(table, worker_socket, InFlight(), Peer(), reporter,
+                         Outbox(events_write))
+    wakeup = select.epoll()  # the worker's wait, with its socket ready
+    ready_read, ready_write = os.pipe()
+    wakeup.register(ready_read, select.EPOLLIN)
+    os.write(ready_write, b"x")
+    try:
+        lean_cost = timed(lean_request, seconds, 20000)
+        worker_cost = timed(lambda: worker.answer_batch(readable=True), seconds, 20000)
+        wait_cost = timed(lambda: wakeup.poll(0), seconds, 20000)
+    finally:
+        table.close()
+        for fd in (events_read, events_write, ready_read, ready_write):
+            os.close(fd)
+        wakeup.close()
+        worker_socket.close()
+        lean_socket.close()
+    print("\none IN_SYNC from read to reply, sockets aside (a stand-in socket):")
+    print(f"lean responder's loop body                {lean_cost * 1e6:7.2f} µs  1x")
+    print(f"a worker's batch of one (answer_batch)    {worker_cost * 1e6:7.2f} µs  "
+          f"{worker_cost / lean_cost:5.1f}x")
+    print(f"  + its wait, a datagram ready (epoll)    {wait_cost * 1e6:7.2f} µs  "
+          f"{(worker_cost + wait_cost) / lean_cost:5.1f}x with it")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ def test_the_core_benchmark_runs(tmp_path):
          "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "FLUSH with a new mark" in result.stdout
+    assert "a worker's batch of one (answer_batch)" in result.stdout
 
 
 def test_the_server_benchmark_runs_both_servers_and_reports_every_target(tmp_path):
@@ -40,6 +41,21 @@ def test_the_server_benchmark_runs_both_servers_and_reports_every_target(tmp_pat
     # p50s, which a noisy machine can make negative: it only has to be there.)
     assert all(v["value"] > 0 for v in verdicts if v["load"] != "diskflush")
     assert all(math.isfinite(v["value"]) for v in verdicts)
+
+
+def test_the_responders_benchmark_takes_every_contender_apart_against_lean(tmp_path):
+    requires_root("the responders benchmark (a private network namespace)")
+    result = subprocess.run(
+        [sys.executable, SCRIPTS / "bench_responders.py", "--rounds", "1", "--seconds",
+         "0.3", "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line[:24].strip(): line[24:].split() for line in result.stdout.splitlines()
+            if line.startswith(("lean", "shardlog "))}
+    assert set(rows) == {"lean", "lean + wait and clock", "lean + codec and table",
+                         "shardlog"}
+    assert rows["lean"][2] == "1.00x"  # the baseline against itself
+    # Every contender answered the load and used some CPU doing it.
+    assert all(float(row[0]) > 0 and float(row[3]) > 0 for row in rows.values())
 
 
 def test_the_metrics_benchmark_runs_both_modes_and_gives_a_verdict(tmp_path):
