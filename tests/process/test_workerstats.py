@@ -181,9 +181,9 @@ def test_a_worker_whose_front_does_not_read_drops_its_traces_and_says_how_many(
     for _ in range(traced):
         served.request(T.IN_SYNC, protocol.pack_u64(1))
     # The pipe is full and nobody reads it: the outbox stopped growing at the bound (a
-    # frame past it, and the periodic reports, which are never dropped), far below the
-    # ~150 KiB that the traces not taken by the pipe would be.
-    assert served.worker.outbox.backlog < 2 * (16 << 10)
+    # frame past it, and the periodic reports, which are never dropped and pile up on a
+    # slow host), well below the ~190 KiB that the traces alone would be without it.
+    assert served.worker.outbox.backlog < 96 << 10
 
     entries, untraced = 0, 0
 
