@@ -46,6 +46,7 @@ from bench_server import (
     LOADS,
     LOG_DEVICE,
     LOG_REGIONS,
+    UUID_PREFIX,
     Server,
     open_load_socket,
     open_logs,
@@ -70,7 +71,7 @@ CONTENDERS = ("lean", "lean + wait and clock", "lean + codec and table", "shardl
 
 
 def log_names() -> list[str]:
-    return [f"bench-{n:04d}" for n in range(LOGS)]
+    return [f"{UUID_PREFIX}-{n:04d}" for n in range(LOGS)]  # bench_server's names
 
 
 def lean_answerer(logs: list[str]) -> Callable[[bytes], bytes]:

@@ -284,7 +284,6 @@ class Tracer:
             if not subscription.client.closed:
                 subscription.client.send_line(line)
 
-
     def untraced(self, worker: int, count: int) -> None:
         """``count`` requests that ``worker`` answered while tracing but did not send,
         the front having left its events pipe unread too long (worker.TRACE_BACKLOG):
