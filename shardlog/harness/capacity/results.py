@@ -205,8 +205,14 @@ def summary(run: Run) -> str:
         lines.extend(f"  {point.label}: note: {note}" for note in point.notes)
     k = knee(run.points, run.flush_p99_limit_ms)
     lines.append("")
-    name = run.parameter or "load"
-    if k["largest_under"] is None:
+    name = run.parameter
+    if name is None:  # one point: no knee to find, only which side of the limit it is on
+        flush = flush_p99_us(run.points[0].load)
+        side = ("no FLUSH was measured against" if math.isnan(flush) else
+                "FLUSH p99 is under" if k["largest_under_label"] is not None else
+                "FLUSH p99 is over")
+        lines.append(f"{side} the {run.flush_p99_limit_ms:g} ms limit (one point: no knee)")
+    elif k["largest_under_label"] is None:
         lines.append(f"knee: FLUSH p99 was over {run.flush_p99_limit_ms:g} ms at every point "
                      f"(from {k['first_over_label']})")
     elif k["first_over"] is None:
