@@ -314,7 +314,7 @@ class ControlServer:
         try:
             message = json.loads(line)
             command = self.commands[message["cmd"]]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # nested too deep to parse
             client.send({"error": f"not a request: {line[:200].decode(errors='replace')}; "
                                   f"commands: {', '.join(sorted(self.commands))}"})
             return

@@ -175,14 +175,19 @@ def test_an_unsafe_socket_directory_or_path_fails_the_start(tmp_path):
 def test_bad_control_requests_get_an_error_and_the_server_serves_on(server, peer):
     peer.open_log("log-a")
     with control.connect(server.control_socket) as sock, sock.makefile("rwb") as stream:
-        for line in (b"not json\n", b'{"cmd": "reboot"}\n', b'{"cmd": "trace", "type": '
-                     b'["NOPE"]}\n', b'{"cmd": "trace", "uuid": [1]}\n'):
+        # The nested one is within the line limit and too deep for the JSON parser.
+        lines = (b"not json\n", b'{"cmd": "reboot"}\n', b'{"cmd": "trace", "type": '
+                 b'["NOPE"]}\n', b'{"cmd": "trace", "uuid": [1]}\n', b"[" * 5000 + b"\n")
+        errors = []
+        for line in lines:
             stream.write(line)
             stream.flush()
-            answer = json.loads(stream.readline())
-            assert "error" in answer, answer
-        assert "commands: status, trace" in answer["error"] or "lists of strings" in \
-            answer["error"]
+            errors.append(json.loads(stream.readline())["error"])
+        assert errors[0].startswith("not a request: not json; commands: ")
+        assert "reboot" in errors[1] and "commands: " in errors[1]
+        assert "NOPE" in errors[2]
+        assert "lists of strings" in errors[3]
+        assert errors[4].startswith("not a request: [[[")
         stream.write(b"x" * (control.LINE_LIMIT + 10))
         stream.flush()
         assert "request line longer than" in json.loads(stream.readline())["error"]
