@@ -492,11 +492,12 @@ class Arbiter:
             if kind == Kind.WORKER_REPORT:
                 self._on_report(slot, tag, payload)
             elif kind == Kind.TRACE:
-                if self.tracer is not None:
+                tracer = self.tracer  # the one whose lines these are, even if it stops now
+                if tracer is not None:
                     if tag:  # traced requests the worker dropped while we did not read
-                        self.tracer.untraced(slot.index, tag)
+                        tracer.untraced(slot.index, tag)
                     for arrived, latency, datagram, reply in decode_trace(payload):
-                        self.tracer.traced(slot.index, arrived, latency, datagram, reply)
+                        tracer.traced(slot.index, arrived, latency, datagram, reply)
             elif kind == Kind.READY:
                 slot.ready = True
         if received is None:

@@ -287,10 +287,13 @@ class Tracer:
     def untraced(self, worker: int, count: int) -> None:
         """``count`` requests that ``worker`` answered while tracing but did not send,
         the front having left its events pipe unread too long (worker.TRACE_BACKLOG):
-        every subscriber is told, whatever it asked to see."""
+        every subscriber is told, whatever it asked to see.  Streamed like the traced
+        lines, after those already queued: a client found gone is closed at the end of
+        the wakeup, not while the front is still handing on a worker's frame."""
+        line = f'{{"untraced": {count}, "worker": {worker}}}\n'.encode()
         for subscription in self.subscriptions:
             if not subscription.client.closed:
-                subscription.client.send({"untraced": count, "worker": worker})
+                subscription.client.send_line(line, droppable=False)
 
 
 _NOTES = {NOTE_WORKER_DIED: f', "note": {json.dumps(NOTE_WORKER_DIED)}'}

@@ -85,12 +85,13 @@ class Connection:
         state, not by a stream)."""
         self._queue(json.dumps(message).encode() + b"\n")
 
-    def send_line(self, line: bytes) -> bool:
+    def send_line(self, line: bytes, *, droppable: bool = True) -> bool:
         """Queue one streamed line (JSON, with its newline), or drop and count it when the
-        client has not taken what it was sent: whether it was queued."""
+        client has not taken what it was sent: whether it was queued.  ``droppable=False``:
+        a rare line that says what the stream itself lost, queued whatever the backlog."""
         if self.close_when_sent:
             return False
-        if len(self.out) >= OUTPUT_LIMIT:
+        if droppable and len(self.out) >= OUTPUT_LIMIT:
             self.dropped += 1
             return False
         if not self.closed:
