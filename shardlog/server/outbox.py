@@ -9,7 +9,10 @@ end is non-blocking: what the pipe does not take now waits here, and the worker'
 writes more when the pipe is writable again (:attr:`Outbox.pending` says when to watch
 for that).  Its last frames, as it ends, are drained.
 
-Nothing is dropped here: a report's counters are increments the front adds up.  While
+Nothing is dropped here while the front lives: a report's counters are increments the
+front adds up.  Once it is gone (the pipe's read end closed: EPIPE) there is no one to
+tell, and what waits is dropped; the worker learns of the death from its control pipe's
+EOF and stops as ordered (worker.py), which writing must not get in the way of.  While
 the front does not read (stopped, or hung) the worker keeps answering and what it would
 have said grows here, about 1 KB a second without tracing; a worker that traces stops
 queueing its TRACE frames past a bound (:attr:`Outbox.backlog`, worker.TRACE_BACKLOG).
@@ -27,6 +30,7 @@ class Outbox:
         self.fd = fd
         os.set_blocking(fd, False)
         self._queued = bytearray()
+        self.reader_gone = False  # the front closed the pipe: nothing is written any more
 
     @property
     def pending(self) -> bool:
@@ -40,8 +44,9 @@ class Outbox:
 
     def send(self, frame: bytes | bytearray) -> None:
         """Queue ``frame`` behind what waits, and write what the pipe takes now."""
-        self._queued += frame
-        self.flush()
+        if not self.reader_gone:
+            self._queued += frame
+            self.flush()
 
     def flush(self) -> None:
         """Write what the pipe takes now (the worker calls this when it is writable)."""
@@ -52,6 +57,9 @@ class Outbox:
                     written += os.write(self.fd, queued[written:])
         except BlockingIOError:
             pass
+        except BrokenPipeError:
+            self.reader_gone = True
+            written = len(self._queued)
         finally:
             del self._queued[:written]
 

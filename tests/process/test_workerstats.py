@@ -43,8 +43,16 @@ class ServedWorker:
         self.worker = worker.ShardWorker(self.table, self.shard, self.in_flight,
                                          worker.Peer(PEER_PORT), Reporter(interval),
                                          Outbox(self.events_w))
-        self.thread = threading.Thread(target=self.worker.serve, args=(self.control_r,))
+        self.failure: BaseException | None = None  # what ended the loop, if it raised
+        self.thread = threading.Thread(target=self._serve)
         self.thread.start()
+
+    def _serve(self) -> None:
+        try:
+            self.worker.serve(self.control_r)
+        except BaseException as exc:
+            self.failure = exc
+            raise
 
     def send(self, kind: Kind, payload: bytes = b"", tag: int = 0) -> None:
         os.write(self.control_w, frames.pack(kind, tag, payload))
@@ -69,12 +77,20 @@ class ServedWorker:
                     return payload
         return None
 
-    def close(self) -> None:
+    def front_dies(self) -> None:
+        """Close the front's ends of both pipes, as its death does."""
         os.close(self.control_w)
+        os.close(self.events_r)
+        self.control_w = self.events_r = -1
+
+    def close(self) -> None:
+        if self.control_w >= 0:
+            os.close(self.control_w)
         self.thread.join(10)
         self.table.close()
         for fd in (self.control_r, self.events_r, self.events_w):
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
         self.peer.close()
         self.shard.close()
         self.in_flight.close()
@@ -201,3 +217,26 @@ def test_a_worker_whose_front_does_not_read_drops_its_traces_and_says_how_many(
     take_frames()
     assert untraced > 0
     assert entries + untraced == traced + 1  # every request traced or counted as dropped
+
+
+def test_a_worker_whose_front_dies_with_frames_unsent_stops_as_ordered(served):
+    """The front stopped reading (its events pipe full, a report waiting in the outbox),
+    then died: the worker drops what nobody will read and ends as for STOP (which answers
+    what its socket holds), rather than die of the broken pipe with requests queued."""
+    served.request(T.CTR, CTR)
+    served.request(T.RESUME)
+    while True:  # the pipe filled, as by reports the front did not read
+        try:
+            os.write(served.events_w, bytes(1 << 16))
+        except BlockingIOError:
+            break
+    served.send(Kind.SEND_REPORT, tag=1)
+    deadline = time.monotonic() + 10
+    while not served.worker.outbox.pending and time.monotonic() < deadline:
+        time.sleep(0.01)  # the worker reads the order and lists its log
+    assert served.worker.outbox.pending
+    served.front_dies()
+    served.thread.join(10)
+    assert not served.thread.is_alive()
+    assert served.failure is None, repr(served.failure)
+    assert served.worker.outbox.reader_gone

@@ -59,3 +59,19 @@ def test_drain_waits_for_the_reader():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_once_the_front_is_gone_what_waits_is_dropped_and_nothing_raises():
+    read_end, write_end = small_pipe()
+    try:
+        outbox = Outbox(write_end)
+        outbox.send(b"r" * 10000)  # more than the pipe takes: the rest waits
+        assert outbox.pending
+        os.close(read_end)  # the front died
+        outbox.flush()  # its pipe turned writable (EPOLLERR) and the worker wrote
+        assert outbox.reader_gone and not outbox.pending and outbox.backlog == 0
+        outbox.send(b"last report")
+        outbox.drain()  # a worker's last frames, as it stops
+        assert not outbox.pending
+    finally:
+        os.close(write_end)
