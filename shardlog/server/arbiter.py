@@ -690,8 +690,12 @@ class Arbiter:
         self.slots.remove(slot)
         slot.handing_over = False
         if self.giving is None:  # the take-over failed meanwhile: serve on
-            self.slots.append(self._spawn(slot.index, slot.sock, slot.in_flight,
-                                          restarts=slot.restarts))
+            successor = self._spawn(slot.index, slot.sock, slot.in_flight,
+                                    restarts=slot.restarts)
+            self.slots.append(successor)
+            if self.stopping:  # and the server stops: what is queued is answered, no more
+                self._order(successor, Kind.STOP, force=True)
+                self._close_control(successor)
             return
         self.handed.append(slot)
         if not any(other.handing_over for other in self.slots):

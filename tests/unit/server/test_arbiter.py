@@ -1,0 +1,61 @@
+"""The arbiter's supervision decisions, with its workers stood in for (the real ones:
+tests/process)."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from shardlog.server import arbiter
+from shardlog.server.arbiter import Arbiter, Giving, ServeConfig
+from shardlog.server.slots import WorkerSlot
+from shardlog.wire.frames import FrameReader, Kind
+
+
+def test_a_worker_that_hands_over_after_a_failed_take_over_while_stopping_is_told_to_stop(
+        tmp_path, monkeypatch):
+    """SIGTERM during a take-over, then the new server's connection closes while one
+    worker still hands over: that worker's successor answers what is queued in its
+    socket and stops with the rest, rather than serve on an order pipe nobody closes
+    (which held the stop up for STOP_TIMEOUT, then killed it)."""
+    front = Arbiter(ServeConfig(workers=2, state_dir=tmp_path))
+    spawned: list[tuple[int, WorkerSlot]] = []  # each worker's order pipe, read here
+    sockets: list[socket.socket] = []
+
+    def spawn(index, sock, in_flight, quick_deaths=0, restarts=0) -> WorkerSlot:
+        read_end, write_end = os.pipe()
+        slot = WorkerSlot(index, sock, in_flight, None, control_fd=write_end, events_fd=-1,
+                          started=0.0)
+        spawned.append((read_end, slot))
+        return slot
+
+    monkeypatch.setattr(front, "_spawn", spawn)
+    monkeypatch.setattr(front, "_bury", lambda slot: (0, 0))
+    monkeypatch.setattr(arbiter, "leave_group_7", lambda sock: None)
+    for index in range(2):
+        sockets.append(socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM))
+        slot = spawn(index, sockets[-1], None)
+        slot.handing_over = True
+        front.slots.append(slot)
+    first, second = front.slots
+    front.serving = True
+    front.giving = Giving(client=None, pid=1234, started=0.0)
+    front._stop_after_giving = True  # SIGTERM came during the take-over
+    try:
+        front._worker_ended(first)  # handed over
+        front._on_giving_connection_closed()  # the take-over failed: serve on, then stop
+        assert front.stopping
+        front._worker_ended(second)  # handed over only now
+        successor = front.slots[-1]
+        assert successor.index == 1 and successor.control_fd == -1  # its pipe closed
+        read_end = spawned[-1][0]
+        orders = FrameReader().read(read_end)
+        assert [kind for kind, _tag, _payload in orders] == [Kind.STOP]
+        assert FrameReader().read(read_end) is None  # then EOF
+    finally:
+        for read_end, slot in spawned:
+            os.close(read_end)
+            if slot.control_fd >= 0:  # not closed by the arbiter
+                os.close(slot.control_fd)
+        for sock in sockets:
+            sock.close()
