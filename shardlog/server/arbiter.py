@@ -116,6 +116,10 @@ START_TIMEOUT = 30.0
 # is dead) before the kernel would time them out and wait again.
 WORKER_TIMEOUT = 10.0
 HANG_CHECK_INTERVAL = 0.5
+# A shard whose next worker could not be started (fork or pipe failed: out of memory, of
+# processes, of descriptors) is tried again this often, its requests waiting meanwhile in
+# its socket: one shard waits, rather than the whole server going down.
+RESPAWN_RETRY = 1.0
 CAP_NET_ADMIN, CAP_SYS_ADMIN = 12, 21
 
 
@@ -158,6 +162,9 @@ class Arbiter:
         self.loop = EventLoop()
         # Slots whose worker ended (its events pipe's EOF), reaped after the wakeup.
         self.ended: list[WorkerSlot] = []
+        # Slots whose next worker could not be started, and when to try again (monotonic):
+        # out of self.slots until one is.
+        self.vacant: list[tuple[WorkerSlot, float]] = []
         self.peer = Peer(config.test_peer)
         self.metrics_server = None
         self.control: ControlServer | None = None
@@ -328,7 +335,12 @@ class Arbiter:
     def _spawn(self, index: int, sock: socket.socket, in_flight: InFlight,
                quick_deaths: int = 0, restarts: int = 0) -> WorkerSlot:
         control_r, control_w = os.pipe()
-        events_r, events_w = os.pipe()
+        try:
+            events_r, events_w = os.pipe()
+        except OSError:
+            os.close(control_r)
+            os.close(control_w)
+            raise
         with contextlib.suppress(OSError):  # the default 64 KiB works, with more wakeups
             fcntl.fcntl(events_w, F_SETPIPE_SZ, PIPE_SIZE)
         inherited = [control_w, events_r, self.loop, self._signal_r, self._signal_w,
@@ -356,9 +368,14 @@ class Arbiter:
             args=(index, sock, control_r, events_w, self.config.state_dir, in_flight,
                   self.peer, self.stats.resend_watch, inherited, take_over_conn,
                   self.received.leftovers_for(index) if self.received is not None else None))
-        process.start()
-        os.close(control_r)
-        os.close(events_w)
+        try:
+            process.start()
+        finally:
+            os.close(control_r)
+            os.close(events_w)
+            if process.pid is None:  # not started: no worker holds the other ends
+                os.close(control_w)
+                os.close(events_r)
         os.set_blocking(control_w, False)
         slot = WorkerSlot(index, sock, in_flight, process, control_w, events_r,
                           time.monotonic(), quick_deaths=quick_deaths, restarts=restarts)
@@ -378,6 +395,7 @@ class Arbiter:
         while not self._done(start_deadline):
             self.loop.run_once(HANG_CHECK_INTERVAL)
             self._reap_workers()
+            self._fill_vacancies()
             self._murder_hung_workers()
             for tick in self.on_tick:
                 tick()
@@ -641,8 +659,38 @@ class Arbiter:
             self._stop()
             return
         self.stats.worker_restarts += 1
-        self.slots[self.slots.index(slot)] = self._spawn(
-            slot.index, slot.sock, slot.in_flight, quick_deaths, slot.restarts + 1)
+        self.slots.remove(slot)
+        self._start_successor(slot, quick_deaths, slot.restarts + 1)
+
+    def _start_successor(self, slot: WorkerSlot, quick_deaths: int = 0,
+                         restarts: int = 0) -> WorkerSlot | None:
+        """A new worker on ``slot``'s socket and ring, put among the slots; None if it
+        could not be started now: the shard is then vacant, tried again every
+        RESPAWN_RETRY seconds (:meth:`_fill_vacancies`)."""
+        try:
+            successor = self._spawn(slot.index, slot.sock, slot.in_flight, quick_deaths,
+                                    restarts)
+        except OSError as exc:
+            log.error("cannot start a worker for shard %d (%s): its requests wait in its "
+                      "socket; trying again in %.0f s", slot.index, exc, RESPAWN_RETRY)
+            slot.quick_deaths, slot.restarts = quick_deaths, restarts
+            self.vacant.append((slot, time.monotonic() + RESPAWN_RETRY))
+            return None
+        self.slots.append(successor)
+        self.slots.sort(key=lambda each: each.index)
+        return successor
+
+    def _fill_vacancies(self) -> None:
+        """Try again to start a worker for every vacant shard whose time has come."""
+        if not self.vacant or self.stopping:
+            return
+        now = time.monotonic()
+        due = [slot for slot, when in self.vacant if when <= now]
+        if due:
+            self.vacant = [(slot, when) for slot, when in self.vacant if when > now]
+            for slot in due:
+                if self._start_successor(slot, slot.quick_deaths, slot.restarts):
+                    log.info("shard %d has a worker again", slot.index)
 
     # -- take-over, as the old server (handover.py) --------------------------------------------
 
@@ -656,6 +704,9 @@ class Arbiter:
             reason = "this server is stopping"
         elif not self.serving:
             reason = "this server is still starting"
+        elif self.vacant:
+            reason = (f"shard {self.vacant[0][0].index} has no worker (one could not be "
+                      "started)")
         elif self.received is not None and not self.took_over:
             reason = "this server is itself still taking over"
         else:
@@ -690,10 +741,9 @@ class Arbiter:
         self.slots.remove(slot)
         slot.handing_over = False
         if self.giving is None:  # the take-over failed meanwhile: serve on
-            successor = self._spawn(slot.index, slot.sock, slot.in_flight,
-                                    restarts=slot.restarts)
-            self.slots.append(successor)
-            if self.stopping:  # and the server stops: what is queued is answered, no more
+            successor = self._start_successor(slot, restarts=slot.restarts)
+            if successor is not None and self.stopping:
+                # And the server stops: what is queued is answered, no more.
                 self._order(successor, Kind.STOP, force=True)
                 self._close_control(successor)
             return
@@ -744,10 +794,8 @@ class Arbiter:
             # a new server switching to another worker count took it out of group 7.
             with contextlib.suppress(OSError):
                 slot.sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, protocol.CN_IDX_DM)
-            self.slots.append(self._spawn(slot.index, slot.sock, slot.in_flight,
-                                          restarts=slot.restarts))
+            self._start_successor(slot, restarts=slot.restarts)
         self.handed.clear()
-        self.slots.sort(key=lambda slot: slot.index)
         if self.control is not None:
             self.control.resume_accepting()
         if self.config.metrics_addr and self.metrics_server is None:
@@ -819,7 +867,8 @@ class Arbiter:
         # this server is gone, so they stay in group 7 and the workers just end (EOF:
         # they answer what is queued).  Else the server stops for good.
         for_good = self.received is None or self.took_over
-        for slot in self.slots if for_good else ():
+        shards = self.slots + [slot for slot, _when in self.vacant]
+        for slot in shards if for_good else ():
             try:
                 leave_group_7(slot.sock)
             except OSError as exc:
@@ -852,6 +901,8 @@ class Arbiter:
                 slot.process.kill()
             slot.sock.close()
         for slot in self.handed:  # handed over: closed here, never left
+            slot.sock.close()
+        for slot, _when in self.vacant:
             slot.sock.close()
         if self.metrics_server is not None:
             self.metrics_server.shutdown()

@@ -3,8 +3,10 @@ tests/process)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
+from types import SimpleNamespace
 
 from shardlog.server import arbiter
 from shardlog.server.arbiter import Arbiter, Giving, ServeConfig
@@ -57,5 +59,46 @@ def test_a_worker_that_hands_over_after_a_failed_take_over_while_stopping_is_tol
             os.close(read_end)
             if slot.control_fd >= 0:  # not closed by the arbiter
                 os.close(slot.control_fd)
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_worker_that_cannot_be_replaced_leaves_its_shard_vacant_and_tried_again(
+        tmp_path, monkeypatch, caplog):
+    """The fork of a dead worker's successor fails (out of processes, of memory): that
+    shard waits, its requests queued in its socket, and is tried again; the server and
+    the other shards serve on, where the OSError used to end the front."""
+    front = Arbiter(ServeConfig(workers=2, state_dir=tmp_path))
+    sockets = [socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(2)]
+    failures = [OSError(errno.EAGAIN, "Resource temporarily unavailable")]
+
+    def spawn(index, sock, in_flight, quick_deaths=0, restarts=0) -> WorkerSlot:
+        if failures:
+            raise failures.pop()
+        return WorkerSlot(index, sock, in_flight, SimpleNamespace(pid=2000 + index),
+                          control_fd=-1, events_fd=-1, started=0.0, restarts=restarts)
+
+    monkeypatch.setattr(front, "_spawn", spawn)
+    monkeypatch.setattr(front, "_bury", lambda slot: (-9, 0))
+    front.slots = [WorkerSlot(index, sock, None, SimpleNamespace(pid=1000 + index),
+                              control_fd=-1, events_fd=-1, started=0.0)
+                   for index, sock in enumerate(sockets)]
+    front.serving = True
+    try:
+        dead = front.slots[1]
+        front._worker_ended(dead)  # SIGKILLed; its successor cannot be started
+        assert [slot.index for slot in front.slots] == [0]
+        assert [slot for slot, _when in front.vacant] == [dead]
+        assert "cannot start a worker for shard 1" in caplog.text
+        front._fill_vacancies()  # not yet due: nothing is tried
+        assert len(front.vacant) == 1 and len(front.slots) == 1
+        front.vacant = [(slot, 0.0) for slot, _when in front.vacant]  # due now
+        front._fill_vacancies()
+        assert not front.vacant
+        assert [(slot.index, slot.process.pid) for slot in front.slots] == [(0, 1000),
+                                                                           (1, 2001)]
+        successor = front.slots[1]
+        assert successor.sock is sockets[1] and successor.restarts == 1
+    finally:
         for sock in sockets:
             sock.close()
