@@ -138,6 +138,9 @@ class DirtyLog:
         self.recovery_halted = False  # PRESUSPEND until RESUME
         self.requests = 0  # answered for this instance (LogTable counts; status reports it)
         self._resume_from = resume_from
+        # Re-created from an instance file that says it was never resumed: a restore
+        # leaves it pending for the kernel's own first RESUME (restore()).
+        self._first_resume_to_come = False
         # Where the storage failures this log handles are counted (its table's tally).
         self.storage_failures = failures if failures is not None else FailureTally()
 
@@ -164,8 +167,10 @@ class DirtyLog:
                     # Never resumed: the kernel had started no I/O; its coming RESUME does
                     # what the dead server's would have done.
                     start = ResumeFrom.INSTANCE if rmap.resumed else cls._first_resume(config)
-                    return cls(uuid, luid, config, rmap, device_name=device_name,
-                               resume_from=start, failures=failures)
+                    dirty_log = cls(uuid, luid, config, rmap, device_name=device_name,
+                                    resume_from=start, failures=failures)
+                    dirty_log._first_resume_to_come = not rmap.resumed
+                    return dirty_log
                 log.warning(
                     "%s: reconnect CTR but no state saved at %s: %s; suspend and resume "
                     "the mirror so that the kernel asks for their resync", _name(uuid, luid),
@@ -242,10 +247,13 @@ class DirtyLog:
     def restore(self) -> None:
         """Bring a log re-created from its CTR record (the server restarted under a live
         kernel) to where the kernel believes it is, as the kernel's own reconnect would
-        (CTR, then RESUME) — except that an instance never resumed stays pending: its
-        first RESUME must still read the device *after* the old instance of a reload has
-        committed its last marks."""
-        if self._resume_from is ResumeFrom.INSTANCE:
+        (CTR, then RESUME) — except that an instance its file says was never resumed
+        stays pending: its first RESUME must still read the device *after* the old
+        instance of a reload has committed its last marks.  With no file to say so
+        (lost, or never made: a reconnect that ran without storage), it is resumed as
+        the kernel's reconnect would: left pending, a log the kernel believes resumed
+        would refuse its I/O requests for ever."""
+        if not self._first_resume_to_come:
             self._resume(None)
 
     def shutdown(self) -> None:

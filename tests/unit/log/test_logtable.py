@@ -543,6 +543,25 @@ def test_a_never_resumed_instance_is_restored_pending_for_its_first_resume(state
     assert after.sync_count() == 128  # the first RESUME's work: nosync
 
 
+def test_a_resumed_log_whose_instance_file_is_lost_is_restored_resumed(state_dir, caplog):
+    """A record with no instance file beside it (lost, or never made: a reconnect CTR that
+    ran without storage still records its CTR): nothing says the instance was never
+    resumed, and the kernel, which believes it is, sends its I/O requests.  So it is
+    restored as the kernel's reconnect would (CTR, then RESUME), every region out of
+    sync, rather than left pending to refuse them (-EINVAL) for ever."""
+    before = resumed(Kernel(LogTable(state_dir)))
+    before.ok(T.FLUSH, protocol.pack_regions([3]))
+    instance_file_path(state_dir, before.uuid, before.luid).unlink()  # the server died
+    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
+    assert after.in_sync(3) == 0  # answered, where it was -EINVAL
+    assert after.table.logs[(after.uuid, after.luid)].state is LogState.RESUMED
+    assert after.send(T.IS_CLEAN, protocol.pack_u64(3)) == (0, protocol.pack_bool(False))
+    assert after.regions(T.MARK_REGION, 5) == (0, b"")
+    assert after.ok(T.FLUSH) == b""
+    assert after.sync_count() == 0  # nothing saved: every region is resynced
+    assert "no state saved" in caplog.text
+
+
 def test_dtr_of_a_recorded_log_the_server_lost_removes_its_files(state_dir):
     before = resumed(Kernel(LogTable(state_dir)))
     after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
