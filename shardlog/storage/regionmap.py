@@ -102,7 +102,8 @@ class RegionMap:
         """A new instance, replacing any old instance file at ``path``.
 
         A core log (no ``device``) starts with every region clean and in sync, or every
-        region dirty and out of sync, made durable before this returns.  A disk log's bits
+        region dirty and out of sync, committed to its file before this returns (a core
+        log's commit is the shared mapping itself: no sync, design.md).  A disk log's bits
         come from its device at :meth:`resume`.  ``path`` None keeps the bits in memory
         only (a core log then fails every commit).
         """
@@ -135,9 +136,11 @@ class RegionMap:
             raise StoreError(exc.errno or errno.EIO, f"cannot open {path}: {exc}") from exc
         try:
             size = instance_size(region_count)
-            if os.fstat(fd).st_size < size:
-                return None
-            buffer = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            with store_errors(f"cannot map {path}"):  # ENOMEM: vm.max_map_count, memory
+                if os.fstat(fd).st_size < size:
+                    return None
+                buffer = mmap.mmap(fd, size, mmap.MAP_SHARED,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         header = Header(*HEADER.unpack_from(buffer, 0))
@@ -312,8 +315,9 @@ def _create_instance_file(path: Path | None, size: int) -> mmap.mmap:
     try:
         with store_errors(f"cannot allocate {size} bytes for instance file {temporary}"):
             os.posix_fallocate(replacement.fd, 0, size)
-        buffer = mmap.mmap(replacement.fd, size, mmap.MAP_SHARED,
-                           mmap.PROT_READ | mmap.PROT_WRITE)
+        with store_errors(f"cannot map instance file {temporary}"):
+            buffer = mmap.mmap(replacement.fd, size, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         replacement.abandon()
         raise

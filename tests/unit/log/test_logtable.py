@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 
 import pytest
@@ -502,6 +503,30 @@ def test_a_reconnect_whose_state_dir_failed_falls_back_to_the_log_device(tmp_pat
     assert after.status_info() == "3 disk 0:0 D\0"
     after.ok(T.FLUSH, protocol.pack_regions([5]))  # the device still takes marks
     assert device.read_bytes()[BITMAP_OFFSET] == 0xD7
+
+
+def test_a_reconnect_whose_instance_file_cannot_be_mapped_still_succeeds(state_dir,
+                                                                       monkeypatch, caplog):
+    """mmap refused (ENOMEM: vm.max_map_count reached, or memory): a reconnect CTR runs
+    from memory, as for any storage failure, where it was answered -EIO and re-sent by the
+    kernel every 2 s for ever; a first CTR is refused with the mapping's own errno."""
+    before = resumed(Kernel(LogTable(state_dir)))
+    file_mapping = mmap.mmap
+
+    def refused(fd: int, *args, **kwargs):
+        if fd != -1:
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return file_mapping(fd, *args, **kwargs)  # anonymous memory is still had
+
+    monkeypatch.setattr(mmap, "mmap", refused)
+    after = Kernel(LogTable(state_dir), uuid=before.uuid, luid=before.luid)
+    assert after.ctr(CORE, reconnect=True) == (0, b"")  # its file is there, unmappable
+    after.ok(T.RESUME)
+    assert "reconnect CTR without storage" in caplog.text
+    assert "cannot map" in caplog.text
+    assert after.in_sync(0) == 0  # nothing saved could be read: out of sync
+    fresh = Kernel(after.table, uuid="another")
+    assert fresh.ctr(CORE) == (-errno.ENOMEM, b"")  # a first CTR fails the table load
 
 
 # -- CTR records: restoring what a restarted server lost ----------------------------------------
