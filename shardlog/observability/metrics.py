@@ -224,7 +224,8 @@ class FrontCollector(Collector):
         for status in logs:
             key = (status.log_type, status.state)
             counts[key] = counts.get(key, 0) + 1
-        for log_type in ("core", "disk"):
+        # core and disk always (a zero is a reading); the clustered types when present.
+        for log_type in sorted({"core", "disk"} | {log_type for log_type, _ in counts}):
             for state in ("pending", "resumed", "suspended"):
                 by_state.add_metric([log_type, state], counts.get((log_type, state), 0))
         yield by_state

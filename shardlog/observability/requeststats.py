@@ -21,7 +21,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterable
 
+from shardlog.wire.protocol import RequestType
+
 TYPE_COUNT = 256  # raw types are counted by their low byte
+# What a type no request has is counted as: 0, no request's, one "unknown" series.  Only
+# the front meets such types (a dead worker's ring holds whatever it read); a worker
+# counts decoded requests alone.
+UNKNOWN_TYPE = 0
+_KNOWN_TYPES = frozenset(RequestType)
 # Request latency: a reply to anything but a committing FLUSH takes tens of microseconds,
 # a FLUSH of a disk log an fdatasync (milliseconds), and the kernel gives up after 15 s.
 # Bucket i holds elapsed nanoseconds whose ``(ns >> LATENCY_SHIFT).bit_length()`` is i:
@@ -88,7 +95,8 @@ class RequestStats:
         """Count requests answered with ``error`` by someone else than their worker
         (-EAGAIN: it died): ``(raw type, arrival ns)``."""
         results, buckets, sums = self.results, self.latency_buckets, self.latency_sum_ns
-        for request_type, arrived in requests:
+        for raw_type, arrived in requests:
+            request_type = raw_type if raw_type in _KNOWN_TYPES else UNKNOWN_TYPE
             key = request_type << 12 | -error
             results[key] = results.get(key, 0) + 1
             elapsed = max(0, now_ns - arrived)

@@ -186,6 +186,7 @@ class Arbiter:
         self._shard_sockets: list[socket.socket] = []
         self._stop_deadline = 0.0
         self._next_hang_check = 0.0
+        self._loop_thread = threading.main_thread()  # the one that runs run()
         self.status = StatusCommand(self)  # the control socket's and SIGUSR1's
         self.report_listeners.append(self.status.on_report)
         self.on_tick.append(self.status.expire)
@@ -207,6 +208,7 @@ class Arbiter:
 
     def run(self) -> int:
         """Serve until stopped; the exit code."""
+        self._loop_thread = threading.current_thread()
         try:
             self._start()
             self._loop()
@@ -548,8 +550,11 @@ class Arbiter:
         """In the metrics thread: have every worker report what it counted, and wait for
         that (at most ``commands.FRESH_TIMEOUT``), so that a scrape sees every request
         answered before it, not the workers' figures of up to a second ago."""
-        if not self.serving or self.stopping:
-            return  # registration's first collect, or workers that are going away
+        if (not self.serving or self.stopping
+                or threading.current_thread() is self._loop_thread):
+            # Registration's first collect (the loop itself cannot wait for its own
+            # wakeup: metrics reopened after a failed take-over), or workers going away.
+            return
         done = threading.Event()
         self._scrapes.append(done)
         with contextlib.suppress(OSError):  # full: a wakeup is on its way already

@@ -8,11 +8,13 @@ import errno
 from collections import Counter
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 
 from shardlog.log.logtable import LogTable
 from shardlog.observability.metrics import FrontCollector, FrontStats, result_name
 from shardlog.observability.requeststats import LATENCY_BOUNDS, RequestStats
 from shardlog.observability.workercounters import key, observe, parse_key
+from shardlog.observability.workerstats import LogStatus
 from shardlog.server import worker
 from shardlog.wire import protocol
 from shardlog.wire.protocol import RequestType as T
@@ -63,6 +65,46 @@ def test_an_observation_past_every_bound_counts_in_inf_only():
     bucket = "shardlog_request_duration_seconds_bucket"
     assert got[(bucket, (("le", repr(LATENCY_BOUNDS[-1])), ("type", "flush")))] == 0
     assert got[(bucket, (("le", "+Inf"), ("type", "flush")))] == 1
+
+
+def exposition(collector: FrontCollector) -> list[str]:
+    """The sample lines Prometheus reads."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return [line for line in generate_latest(registry).decode().splitlines()
+            if not line.startswith("#")]
+
+
+def test_requests_of_unknown_types_lost_with_a_worker_are_one_series():
+    """A dead worker's ring holds whatever it read, types no request has included: each
+    such type is counted as "unknown", in one series, where two made two samples of the
+    same name and labels (which Prometheus rejects)."""
+    stats = FrontStats()
+    stats.lost([(0x7E, 0), (0x7F, 0), (T.FLUSH.value, 0)], -errno.EAGAIN, now_ns=10**6)
+    lines = exposition(FrontCollector(stats, lambda: {}))
+    assert [line for line in lines if line.startswith("shardlog_requests_total")] == [
+        'shardlog_requests_total{result="eagain",type="unknown"} 2.0',
+        'shardlog_requests_total{result="eagain",type="flush"} 1.0']
+    counts = [line for line in lines
+              if line.startswith("shardlog_request_duration_seconds_count")]
+    assert counts == ['shardlog_request_duration_seconds_count{type="unknown"} 2.0',
+                      'shardlog_request_duration_seconds_count{type="flush"} 1.0']
+
+
+def test_logs_of_every_type_are_counted_clustered_ones_included():
+    def status(log_type: str) -> LogStatus:
+        return LogStatus(uuid="LVM-a", luid=1, log_type=log_type, state="resumed",
+                         region_size=1024, region_count=8, in_sync=8, dirty=0,
+                         recovering=None, sync_search=8, requests=3, health="A")
+
+    logs = [status("core"), status("clustered-core"), status("clustered-disk")]
+    got = samples(FrontCollector(FrontStats(), lambda: {"logs": logs}, per_log=False))
+    counted = {labels: value for (name, labels), value in got.items()
+               if name == "shardlog_logs" and value}
+    assert counted == {(("log_type", "core"), ("state", "resumed")): 1,
+                       (("log_type", "clustered-core"), ("state", "resumed")): 1,
+                       (("log_type", "clustered-disk"), ("state", "resumed")): 1}
+    assert got[("shardlog_logs", (("log_type", "disk"), ("state", "resumed")))] == 0
 
 
 def test_result_names_are_errno_names():

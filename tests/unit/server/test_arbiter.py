@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
+import time
 from types import SimpleNamespace
 
 from shardlog.server import arbiter
@@ -102,3 +104,25 @@ def test_a_worker_that_cannot_be_replaced_leaves_its_shard_vacant_and_tried_agai
     finally:
         for sock in sockets:
             sock.close()
+
+
+def test_a_collect_in_the_loops_own_thread_does_not_wait_for_the_loop(tmp_path):
+    """Metrics reopened after a failed take-over: registering the collector collects
+    once, in the loop's own thread, which cannot wait for a wakeup of its own (it waited
+    out the scrape timeout, 1.5 s of handling nothing).  A scrape's thread still waits."""
+    front = Arbiter(ServeConfig(workers=1, state_dir=tmp_path))
+    front.serving = True
+    try:
+        front._refresh_for_scrape()  # the loop's thread
+        assert not front._scrapes  # nothing left waiting for a wakeup that cannot come
+        scrape = threading.Thread(target=front._refresh_for_scrape)
+        scrape.start()
+        deadline = time.monotonic() + 10
+        while not front._scrapes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(front._scrapes) == 1 and scrape.is_alive()  # waits for the workers
+        front._scrapes.popleft().set()  # as the loop does once they reported
+        scrape.join(10)
+        assert not scrape.is_alive()
+    finally:
+        front._close()
