@@ -389,7 +389,13 @@ def stream(path: Path, request: dict, timeout: float | None = 10.0) -> Iterator[
         sock.sendall(json.dumps(request).encode() + b"\n")
         with sock.makefile("rb") as lines:
             for line in lines:
-                message = json.loads(line)
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    message = None
+                if not isinstance(message, dict):  # another program's socket, perhaps
+                    raise ControlError(f"{path} does not answer as shardlog does: "
+                                       f"{line[:80].decode(errors='replace')!r}")
                 if "error" in message:
                     raise ControlError(f"the server refused: {message['error']}")
                 yield message

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from ...conftest import FIXTURES, PROJECT
@@ -124,3 +126,31 @@ def test_capacity_loads_its_options_when_parsed():
 
     parsed = _parser().parse_args(["capacity", "--mirrors", "3"])
     assert parsed.mirrors == 3 and parsed.run.__module__ == "shardlog.harness.capacity.command"
+
+
+def test_operator_tools_pointed_at_another_programs_socket_say_so_and_exit_1(tmp_path):
+    """--socket naming something that is not shardlog's control socket: a one-line error
+    and exit 1 (the server is not usable), not a JSON traceback or a usage exit."""
+    path = tmp_path / "other.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+
+    def answer_like_another_daemon() -> None:
+        for _ in range(3):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+    impostor = threading.Thread(target=answer_like_another_daemon, daemon=True)
+    impostor.start()
+    try:
+        for command in (["status"], ["trace", "--count", "1"], ["top", "--once"]):
+            result = shardlog(*command, "--socket", str(path))
+            assert result.returncode == 1, (command, result.stderr)
+            assert f"{path} does not answer as shardlog does: 'HTTP/1.0 400" in \
+                result.stderr, (command, result.stderr)
+            assert "Traceback" not in result.stderr
+    finally:
+        listener.close()
