@@ -42,6 +42,7 @@ from shardlog.server.arbiter import (
     ServeError,
 )
 from shardlog.tools import adopt, inspection, status, top, tracing
+from shardlog.tools.argtypes import positive_int, positive_seconds
 from shardlog.tools.describe import describe_answer, describe_payload
 from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from shardlog.wire import protocol
@@ -82,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
                                      parser_class=_CommandParser)
 
     serve = commands.add_parser("serve", help="serve the kernel's dirty logs (root)")
-    serve.add_argument("--workers", type=_positive, default=os.cpu_count() or 1,
+    serve.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                        help="worker processes (default: the number of CPUs)")
     serve.add_argument("--state-dir", type=Path, default=Path("/var/lib/shardlog"),
                        help="instance files and CTR records (default: /var/lib/shardlog)")
@@ -94,11 +95,11 @@ def _parser() -> argparse.ArgumentParser:
                             "label (default on; off for hosts with thousands of logs)")
     serve.add_argument("--pid-file", type=Path,
                        help="written once the socket is subscribed and every worker is up")
-    serve.add_argument("--receive-buffer", type=_positive, default=RECEIVE_BUFFER,
+    serve.add_argument("--receive-buffer", type=positive_int, default=RECEIVE_BUFFER,
                        metavar="BYTES", help="the netlink socket's receive buffer (default "
                        f"{RECEIVE_BUFFER >> 20} MiB): requests that overflow it are lost and "
                        "re-sent by the kernel only after 15 s")
-    serve.add_argument("--worker-timeout", type=float, default=WORKER_TIMEOUT,
+    serve.add_argument("--worker-timeout", type=positive_seconds, default=WORKER_TIMEOUT,
                        metavar="SECONDS", help="kill and replace a worker that answers "
                        f"nothing this long while it holds requests (default {WORKER_TIMEOUT:.0f};"
                        " the kernel retries after 15)")
@@ -108,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--take-over", action="store_true",
                        help="take over from the server answering at --control-socket: its "
                             "workers hand their sockets over, the kernel sees no restart "
-                            "(same --workers and --state-dir; refused otherwise, exit 1)")
+                            "(the same --state-dir, routing hash and file formats; another "
+                            "--workers moves the logs between shards; refused otherwise, "
+                            "exit 1)")
     serve.add_argument("--background", action="store_true",
                        help="run the server in a new session and exit 0 once it serves "
                             "(after --take-over: once the old server is gone), 1 if it "
@@ -171,13 +174,6 @@ def _capacity_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = command.DESCRIPTION
     command.add_arguments(parser)
     parser.set_defaults(run=command.run)
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from collections import defaultdict
 from shardlog.server import control
 from shardlog.server.statustext import recovery, table
 from shardlog.tools import dmdevices
+from shardlog.tools.argtypes import positive_int, positive_seconds
 from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from shardlog.tools.tracing import decode_event
 
@@ -53,12 +54,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "top", help="a live view of the running server",
         description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     control_socket_option(parser)
-    parser.add_argument("--interval", type=float, default=2.0, metavar="SECONDS",
+    parser.add_argument("--interval", type=positive_seconds, default=2.0, metavar="SECONDS",
                         help="between refreshes (default 2)")
     parser.add_argument("--once", action="store_true",
                         help="one frame after one interval, then exit (scripts, tests)")
-    parser.add_argument("--count", type=int, metavar="N", help="exit after N frames")
-    parser.add_argument("--sample", type=int, default=10, metavar="N",
+    parser.add_argument("--count", type=positive_int, metavar="N", help="exit after N frames")
+    parser.add_argument("--sample", type=positive_int, default=10, metavar="N",
                         help="time one request in N for latencies (default 10; 1: all)")
     parser.set_defaults(run=run)
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from shardlog.server import control
+from shardlog.tools.argtypes import positive_int
 from shardlog.tools.describe import describe_answer, describe_payload
 from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
 from shardlog.wire import protocol
@@ -83,7 +84,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         help="only this log (repeat for more)")
     parser.add_argument("--type", action="append", default=[], metavar="TYPE",
                         help="only this request type, e.g. FLUSH (repeat for more)")
-    parser.add_argument("--count", type=int, metavar="N", help="stop after N requests")
+    parser.add_argument("--count", type=positive_int, metavar="N",
+                        help="stop after N requests")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.set_defaults(run=run)
 

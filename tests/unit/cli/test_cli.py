@@ -9,6 +9,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from ...conftest import FIXTURES, PROJECT
 
 
@@ -154,3 +156,18 @@ def test_operator_tools_pointed_at_another_programs_socket_say_so_and_exit_1(tmp
             assert "Traceback" not in result.stderr
     finally:
         listener.close()
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--worker-timeout", "0"],  # would kill every worker busy at a hang check
+    ["serve", "--worker-timeout", "nan"],
+    ["serve", "--workers", "0"],
+    ["top", "--interval", "inf"],
+    ["top", "--sample", "0"],
+    ["top", "--count", "0"],
+    ["trace", "--count", "0"],
+])
+def test_numbers_that_make_no_sense_are_usage_errors(args):
+    result = shardlog(*args)
+    assert result.returncode == 2, result.stderr
+    assert f"argument {args[1]}: must be" in result.stderr
