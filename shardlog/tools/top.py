@@ -31,11 +31,12 @@ from shardlog.server import control
 from shardlog.server.statustext import recovery, table
 from shardlog.tools import dmdevices
 from shardlog.tools.argtypes import positive_int, positive_seconds
-from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK, EXIT_USAGE
+from shardlog.tools.exitcodes import EXIT_ERROR, EXIT_OK
 from shardlog.tools.tracing import decode_event
 
 CLEAR = "\x1b[H\x1b[2J"
 SHOWN_LOGS = 20  # the busiest; --json-free operators want a screenful
+RESUBSCRIBE_AFTER = 0.5  # seconds: a trace the server ended is asked for again this soon
 
 HELP = """\
 A live terminal view of the running server: request rates and latencies by type, sync
@@ -78,26 +79,31 @@ class LatencySampler:
         self._thread.start()
 
     def _read(self, socket_path, sample: int) -> None:
-        try:
-            for event in control.stream(socket_path, {"cmd": "trace", "sample": sample},
-                                        timeout=None):
-                if "subscribed" in event:
-                    self.subscribed.set()
-                    continue
-                with self._lock:
-                    if "dropped" in event:
-                        self.dropped += event["dropped"]
-                    elif "untraced" in event:
-                        # Requests the server did not trace (it stopped reading its
-                        # workers): a gap in the sample, not top falling behind.
+        while True:
+            try:
+                for event in control.stream(socket_path, {"cmd": "trace", "sample": sample},
+                                            timeout=None):
+                    if "subscribed" in event:
+                        self.subscribed.set()
                         continue
-                    else:
-                        self._latencies[decode_event(event)["type"]].append(
-                            event["latency_us"])
-        except control.ControlError as exc:
-            self.error = str(exc)
-        finally:
-            self.subscribed.set()
+                    with self._lock:
+                        if "dropped" in event:
+                            self.dropped += event["dropped"]
+                        elif "untraced" in event:
+                            # Requests the server did not trace (it stopped reading its
+                            # workers): a gap in the sample, not top falling behind.
+                            continue
+                        else:
+                            self._latencies[decode_event(event)["type"]].append(
+                                event["latency_us"])
+            except control.ControlError as exc:
+                self.error = str(exc)
+                return
+            finally:
+                self.subscribed.set()
+            # The server ended the stream: it stopped (the next subscription fails and
+            # says so), or another took it over (the next one samples the new server).
+            time.sleep(RESUBSCRIBE_AFTER)
 
     def take(self) -> dict[str, list[float]]:
         with self._lock:
@@ -106,16 +112,12 @@ class LatencySampler:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.interval <= 0 or args.sample < 1:
-        print("shardlog top: --interval must be positive and --sample at least 1",
-              file=sys.stderr)
-        return EXIT_USAGE
     try:
         previous = control.ask(args.socket, {"cmd": "status"})
         sampler = LatencySampler(args.socket, args.sample)
         sampler.subscribed.wait(5.0)
         frames = 0
-        terminal = sys.stdout.isatty()
+        redraw = sys.stdout.isatty() and not args.once  # --once prints a plain frame
         previous_time = time.monotonic()
         while True:
             time.sleep(args.interval)
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
             frame = render(previous, current, now - previous_time, sampler.take(),
                            args.sample, sampler.dropped, sampler.error)
             previous, previous_time = current, now
-            print((CLEAR if terminal else "") + frame, flush=True)
+            print((CLEAR if redraw else "") + frame, flush=True)
             frames += 1
             if args.once or (args.count is not None and frames >= args.count):
                 return EXIT_OK
@@ -159,7 +161,7 @@ def render(previous: dict, current: dict, elapsed: float,
                      f"{max(samples):.0f}" if samples else "-"])
     lines += table(["Type", "Req/s", "Timed", "p50 µs", "p99 µs", "max µs"], rows,
                    right={1, 2, 3, 4, 5})
-    note = f"latencies: 1 request in {sample}, arrival to reply in the front"
+    note = f"latencies: 1 request in {sample}, from its arrival in its worker to the reply"
     lines.append(note + (f"; {dropped} samples lost (top fell behind)" if dropped else ""))
     if sampler_error:
         lines.append(f"latencies unavailable: {sampler_error}")

@@ -71,7 +71,7 @@ recorded while no one traces; a tracer that cannot keep up loses lines (counted 
 shown), never slows the server.
 
 exit codes: 0 stopped (Ctrl-C, --count reached), 1 error (server not running,
-permission denied), 2 usage
+permission denied, the server ended the trace: it stopped or was taken over), 2 usage
 """
 
 
@@ -123,6 +123,10 @@ def run(args: argparse.Namespace) -> int:
             shown += 1
             if args.count is not None and shown >= args.count:
                 break
+        else:  # the server closed the stream: nothing more will come
+            print(f"shardlog trace: the server at {args.socket} ended the trace (it "
+                  "stopped, or another server took over: trace again)", file=sys.stderr)
+            return EXIT_ERROR
     except control.ControlError as exc:
         print(f"shardlog trace: {exc}", file=sys.stderr)
         return EXIT_ERROR

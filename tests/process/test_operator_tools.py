@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import socket
 import subprocess
@@ -238,6 +240,17 @@ def test_trace_text_lines_and_tracing_stops_with_the_last_tracer(server, peer):
         time.sleep(0.05)
 
 
+def test_a_trace_the_server_ends_says_so_and_exits_1(server):
+    """The server stops while someone traces: the trace does not end as if Ctrl-C or
+    --count had stopped it; it says the server ended it (exit codes: --help)."""
+    trace = start_trace(server)
+    assert server.stop() == 0
+    out, err = trace.communicate(timeout=30)
+    assert trace.returncode == 1, err
+    assert f"the server at {server.control_socket} ended the trace" in err
+    assert out == ""
+
+
 def test_a_tracer_that_does_not_read_loses_lines_counted_and_never_stalls_the_server(
         server, peer):
     peer.open_log("log-a")
@@ -361,6 +374,26 @@ def test_top_once_shows_rates_latencies_progress_and_workers(server, peer):
     assert float(rows["busy"][-2]) > 0 and rows["idle"][-2] == "0.0"
     pids = server.worker_pids()
     assert rows["0"][:3] == ["0", str(pids[0]), "yes"]
+
+
+def test_top_once_on_a_terminal_prints_a_plain_frame(server):
+    """--once is for scripts and for a frame kept in the scrollback: no screen clearing,
+    even on a terminal (a live top clears before each frame)."""
+    leader, follower = pty.openpty()
+    try:
+        top = subprocess.run(
+            [sys.executable, "-m", "shardlog.cli", "top", "--once", "--interval", "0.2",
+             "--socket", str(server.control_socket)],
+            stdout=follower, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert top.returncode == 0, top.stderr
+        out = b""
+        while select.select([leader], [], [], 0.5)[0]:
+            out += os.read(leader, 1 << 16)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert b"shardlog pid" in out
+    assert b"\x1b[" not in out
 
 
 def test_top_without_a_server_or_as_non_root_exits_1(server, tmp_path):

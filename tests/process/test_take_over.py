@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -164,6 +165,47 @@ def test_the_control_socket_passes_to_the_new_server(tmp_path, peer, servers):
     assert len(group7_listeners(exclude_port=PEER_PORT)) == 2
     assert successor.stop() == 0
     assert not group7_listeners(exclude_port=PEER_PORT)
+
+
+def test_top_samples_the_new_server_after_a_take_over(tmp_path, peer, servers):
+    """top's latency sample is a trace the old server ends as it goes: top subscribes
+    again, to the server now answering at the socket, rather than show empty latency
+    columns for ever."""
+    server = ServerProcess(tmp_path / "state", workers=2).start()
+    servers.append(server)
+    peer.open_log("log-a")
+
+    def traced(by: ServerProcess) -> bool:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if control.ask(by.control_socket, {"cmd": "status"})["server"]["tracing"]:
+                return True
+            time.sleep(0.1)
+        return False
+
+    top = subprocess.Popen(
+        [sys.executable, "-m", "shardlog.cli", "top", "--socket", str(server.control_socket),
+         "--interval", "0.5", "--sample", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert traced(server)
+        successor = server.take_over()
+        servers.append(successor)
+        assert server.process.wait(30) == 0
+        assert traced(successor), "top did not subscribe to the new server"
+        for region in range(20):
+            peer.in_sync(region, uuid="log-a")
+        time.sleep(1.5)  # two frames
+    finally:
+        top.terminate()
+        out, err = top.communicate(timeout=30)
+    assert "latencies unavailable" not in out, out[-2000:]
+    frames = [frame for frame in out.split("shardlog pid ")
+              if frame.startswith(f"{successor.process.pid} ")]
+    timed = [int(line.split()[2]) for frame in frames for line in frame.splitlines()
+             if line.split()[:1] in (["IN_SYNC"], ["in_sync"])]
+    assert sum(timed) == 20, out[-3000:]  # the new server's IN_SYNCs, each timed
+    assert top.returncode in (0, -signal.SIGTERM), err
 
 
 def test_take_over_in_the_background_returns_once_serving(tmp_path, peer, servers):
