@@ -161,8 +161,8 @@ class Mover:
                 return self._refuse(outcome, str(exc), skip=from_all)
             if new is None:
                 outcome.result = ALREADY
-                outcome.reason = "on shardlog already" if self.adopting else \
-                    "on the kernel's disk log already"
+                outcome.reason = ("on shardlog already" if self.adopting else
+                                  f"on the kernel's {table.log.kind} log already")
                 return outcome
             outcome.new_table = new.line()
             if info.suspended:

@@ -76,8 +76,11 @@ def mirror_names() -> list[str]:
 
 
 def swap_table(name: str, new_table: str) -> None:
-    """Load ``new_table`` and swap it in (suspend, resume), as LVM does.  A failure
-    leaves the old table live: a load that failed is cleared, a failed suspend resumed."""
+    """Load ``new_table`` and swap it in (suspend, resume), as LVM does.  A failed load
+    or suspend leaves the old table live (what was loaded is cleared, a failed suspend
+    resumed).  A failed resume, which comes after the swap, is tried once more; if that
+    fails too the DmError says the device is left suspended, its I/O waiting: only an
+    operator can tell what to load instead."""
     dmsetup("load", name, "--table", new_table)
     try:
         dmsetup("suspend", name)
@@ -85,7 +88,14 @@ def swap_table(name: str, new_table: str) -> None:
         _quietly("clear", name)
         _quietly("resume", name)
         raise
-    dmsetup("resume", name)
+    try:
+        dmsetup("resume", name)
+    except DmError:
+        try:
+            dmsetup("resume", name)
+        except DmError as again:
+            raise DmError(f"{again}; {name} is left SUSPENDED, its I/O waiting: resume "
+                          f"it (dmsetup resume {name}) or load its old table") from again
 
 
 def clear_inactive(name: str) -> None:

@@ -160,6 +160,11 @@ def test_adopt_then_release_load_the_planned_tables(monkeypatch):
     assert move(monkeypatch).result == "already"
     assert move(monkeypatch, adopting=False).result == "released"
     assert dm.live == LVM_TABLE
+    again = move(monkeypatch, adopting=False)
+    assert (again.result, again.reason) == ("already", "on the kernel's disk log already")
+    dm.live = "0 32768 mirror core 2 256 nosync 2 254:1 0 254:2 0 1 handle_errors"
+    on_core = move(monkeypatch, adopting=False)
+    assert (on_core.result, on_core.reason) == ("already", "on the kernel's core log already")
 
 
 @pytest.mark.parametrize("attr, words", [("L-sw", "suspended"), ("LI-w", "inactive table")])
@@ -190,3 +195,27 @@ def test_a_sync_count_that_drops_is_reported_as_a_failure(monkeypatch):
     FakeDm(monkeypatch, in_sync_after=0)
     outcome = move(monkeypatch)
     assert outcome.result == "failed" and "dropped from 128 to 0" in outcome.reason
+
+
+def test_a_resume_that_fails_after_the_swap_is_tried_again_then_reported(monkeypatch):
+    """The swap happens at resume: a failed one leaves the device suspended, its I/O
+    waiting, whatever was loaded.  It is tried once more, and if that fails the error
+    says what state the device is in and what to do."""
+    calls: list[str] = []
+    resumes_failing = [2]
+
+    def dmsetup(*args: str) -> str:
+        calls.append(args[0])
+        if args[0] == "resume" and resumes_failing[0]:
+            resumes_failing[0] -= 1
+            raise dmdevices.DmError("dmsetup resume vg-m1: device-mapper: resume ioctl "
+                                    "failed: Invalid argument")
+        return ""
+
+    monkeypatch.setattr(dmdevices, "dmsetup", dmsetup)
+    resumes_failing[0] = 1
+    dmdevices.swap_table("vg-m1", "0 8 zero")  # the second resume succeeds
+    assert calls == ["load", "suspend", "resume", "resume"]
+    resumes_failing[0] = 2
+    with pytest.raises(dmdevices.DmError, match="vg-m1 is left SUSPENDED, its I/O waiting"):
+        dmdevices.swap_table("vg-m1", "0 8 zero")
