@@ -192,9 +192,11 @@ class Connection:
             return
         self.closed = True
         self.server.forget(self)
+        # Closed before the callbacks run: one may fork (a failed take-over respawns the
+        # workers), and a child must not inherit a connection its parent has let go.
+        self.sock.close()
         for callback in self.on_close:
             callback()
-        self.sock.close()
 
 
 class ControlServer:

@@ -25,7 +25,7 @@ server's workers inherit the *same* sockets.
    fingerprint (:func:`fingerprint`: a digest of the routing hash over sample uuids and
    of the socket filters, the instance-file and record formats, this protocol's number;
    the package version is only logged, an upgrade being the point), the state
-   directory and the test peer are its own, the worker count is one, it is serving, and
+   directory and the test peer are its own, the worker count is a count, it is serving, and
    no other take-over or stop is under way.  The worker count may differ (below).
 2. The old front orders HAND_OVER to every worker (frames.Kind): each finishes the batch
    it holds, reads nothing more, commits every log, closes its files and exits, *without*
@@ -144,6 +144,9 @@ PROTOCOL = 1
 METRICS_PORT_WAIT = 5.0
 #: The most descriptors one hand-over carries: the shard sockets and the control socket.
 MAX_FDS = 1024
+#: The most descriptors one message may carry (the kernel's SCM_MAX_FD): more go in
+#: several, each with a blank the JSON line ignores, the line itself with the last.
+FDS_PER_MESSAGE = 253
 _LINE_LIMIT = 1 << 16
 
 
@@ -329,6 +332,9 @@ def send_sockets(conn: socket.socket, sockets: list[socket.socket],
         fds.append(control_listener.fileno())
     conn.setblocking(True)
     try:
+        while len(fds) > FDS_PER_MESSAGE:
+            socket.send_fds(conn, [b" "], fds[:FDS_PER_MESSAGE])
+            fds = fds[FDS_PER_MESSAGE:]
         sent = socket.send_fds(conn, [line], fds)
         if sent < len(line):
             conn.sendall(line[sent:])

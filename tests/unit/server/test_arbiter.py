@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 from shardlog.server import arbiter
 from shardlog.server.arbiter import Arbiter, Giving, ServeConfig
+from shardlog.server.control import Connection, ControlServer
 from shardlog.server.slots import WorkerSlot
 from shardlog.wire.frames import FrameReader, Kind
 
@@ -125,4 +126,40 @@ def test_a_collect_in_the_loops_own_thread_does_not_wait_for_the_loop(tmp_path):
         scrape.join(10)
         assert not scrape.is_alive()
     finally:
+        front._close()
+
+
+def test_workers_respawned_when_a_take_over_fails_do_not_inherit_its_connection(
+        tmp_path, monkeypatch):
+    """The new server's connection closes (it died): the old front respawns its workers
+    from the close's callback, and the connection must be closed by then, or every
+    successor would hold it for life (and a new front waiting on it would never see its
+    end)."""
+    front = Arbiter(ServeConfig(workers=1, state_dir=tmp_path))
+    control = ControlServer(None, front.loop, {})
+    ours, theirs = socket.socketpair()
+    client = Connection(control, ours)
+    control.clients[client.fd] = client
+    front.serving = True
+    front.giving = Giving(client=client, pid=1234, started=0.0)
+    client.on_close.append(front._on_giving_connection_closed)
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    front.handed.append(WorkerSlot(0, held, None, None, control_fd=-1, events_fd=-1,
+                                   started=0.0))
+    open_at_spawn = []
+
+    def spawn(index, sock, in_flight, quick_deaths=0, restarts=0) -> WorkerSlot:
+        open_at_spawn.append(ours.fileno() != -1)  # what a fork now would inherit
+        return WorkerSlot(index, sock, in_flight,
+                          SimpleNamespace(pid=2000, is_alive=lambda: False),
+                          control_fd=-1, events_fd=-1, started=0.0)
+
+    monkeypatch.setattr(front, "_spawn", spawn)
+    try:
+        client.close()  # as at the new server's EOF
+        assert open_at_spawn == [False]
+        assert front.giving is None and [slot.index for slot in front.slots] == [0]
+    finally:
+        theirs.close()
+        held.close()
         front._close()

@@ -4,6 +4,10 @@ and deduplicated (take-overs of running servers: tests/process/test_take_over.py
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 from shardlog.server import handover, routing
@@ -91,3 +95,26 @@ def test_leftovers_go_where_the_new_filters_send_them_in_arrival_order():
             by_log.setdefault(uuid, []).append(seq)
         assert all(seqs == sorted(seqs) for seqs in by_log.values())  # each log in order
         assert leftovers.seqs == {seq_of(d) for d in leftovers.datagrams}
+
+
+def test_more_shard_sockets_than_one_message_may_carry_are_all_handed_over():
+    """The kernel passes at most 253 descriptors in one message (SCM_MAX_FD), and a
+    server has as many shard sockets as workers (by default one per CPU): 300 of them,
+    and the control socket's listener, reach the new server in their order."""
+    old, new = socket.socketpair()
+    shards = [socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(300)]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    received: list[int] = []
+    try:
+        inodes = [os.fstat(sock.fileno()).st_ino for sock in [*shards, listener]]
+        sender = threading.Thread(target=handover.send_sockets, args=(old, shards, listener))
+        sender.start()
+        message, received = handover._receive_line_and_fds(new, time.monotonic() + 10)
+        sender.join(10)
+        assert message is not None and message["sockets"] == 300 and message["control"]
+        assert [os.fstat(fd).st_ino for fd in received] == inodes
+    finally:
+        for fd in received:
+            os.close(fd)
+        for sock in (old, new, listener, *shards):
+            sock.close()
