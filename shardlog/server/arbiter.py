@@ -712,6 +712,11 @@ class Arbiter:
         elif self.vacant:
             reason = (f"shard {self.vacant[0][0].index} has no worker (one could not be "
                       "started)")
+        elif copies := [slot.index for slot in self.slots if slot.in_flight.dropping_copies]:
+            # Its socket may still hold copies of requests it answered from the last
+            # take-over's leftovers: handed on now, they would be answered again.
+            reason = (f"worker {copies[0]} is still reading past the copies the last "
+                      "take-over left in its socket: try again in a moment")
         elif self.received is not None and not self.took_over:
             reason = "this server is itself still taking over"
         else:

@@ -25,8 +25,11 @@ server's workers inherit the *same* sockets.
    fingerprint (:func:`fingerprint`: a digest of the routing hash over sample uuids and
    of the socket filters, the instance-file and record formats, this protocol's number;
    the package version is only logged, an upgrade being the point), the state
-   directory and the test peer are its own, the worker count is a count, it is serving, and
-   no other take-over or stop is under way.  The worker count may differ (below).
+   directory and the test peer are its own, the worker count is a count, it is serving,
+   no other take-over or stop is under way, every shard has a worker, and none is still
+   reading past the copies the last take-over from another worker count left in its
+   socket (inflight.py: handed on, they would be answered twice).  The worker count may
+   differ (below).
 2. The old front orders HAND_OVER to every worker (frames.Kind): each finishes the batch
    it holds, reads nothing more, commits every log, closes its files and exits, *without*
    leaving group 7.  From here requests wait queued in the sockets.

@@ -56,10 +56,14 @@ _PROGRESS = struct.Struct("=Q")  # batches finished
 _PROGRESS_AT = 0
 _STARTED = struct.Struct("=Q")  # when the batch held now was read (monotonic ns)
 _STARTED_AT = 8
+# 1 while the worker still drops copies of what a take-over from another worker count
+# handed it (handover.Leftovers): its socket may hold requests answered already.
+_DROPPING_COPIES_AT = 16
 _ENTRIES_AT = 64
 _SIZE = _ENTRIES_AT + CAPACITY * ENTRY_SIZE
-# Indexes of the counters in the view of the mapping's first 16 bytes as 8-byte words.
-PROGRESS, STARTED = _PROGRESS_AT // 8, _STARTED_AT // 8
+# Indexes of the counters in the view of the mapping's first 24 bytes as 8-byte words.
+PROGRESS, STARTED, DROPPING_COPIES = _PROGRESS_AT // 8, _STARTED_AT // 8, \
+    _DROPPING_COPIES_AT // 8
 _NO_HEADERS = array("I", bytes(4 * CAPACITY))  # every entry's nlmsg_len at 0
 
 
@@ -81,7 +85,7 @@ class InFlight:
         # one aligned store.
         self._words = view[_ENTRIES_AT:_SIZE].cast("I")
         self.headers = self._words[::ENTRY_SIZE // 4]
-        self.counters = view[:16].cast("Q")
+        self.counters = view[:24].cast("Q")
 
     # -- the worker's side -------------------------------------------------------------------
 
@@ -104,6 +108,12 @@ class InFlight:
     def batch_started(self) -> int:
         """When the batch held now was read (monotonic ns)."""
         return _STARTED.unpack_from(self._map, _STARTED_AT)[0]
+
+    @property
+    def dropping_copies(self) -> bool:
+        """Whether the worker may yet read copies of requests answered already (a
+        take-over now would hand them on as unanswered: handover.py)."""
+        return bool(self.counters[DROPPING_COPIES])
 
     @property
     def progress(self) -> int:

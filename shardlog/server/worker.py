@@ -84,7 +84,14 @@ from shardlog.log.outcome import encode
 from shardlog.observability.workercounters import Count, count_nothing, key, observe
 from shardlog.observability.workerstats import LogRows, Reporter
 from shardlog.server.handover import Leftovers
-from shardlog.server.inflight import CAPACITY, ENTRY_SIZE, PROGRESS, STARTED, InFlight
+from shardlog.server.inflight import (
+    CAPACITY,
+    DROPPING_COPIES,
+    ENTRY_SIZE,
+    PROGRESS,
+    STARTED,
+    InFlight,
+)
 from shardlog.server.nlsocket import leave_group_7
 from shardlog.server.outbox import Outbox
 from shardlog.wire import frames
@@ -158,11 +165,13 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
         reporter.requests.resend_until = max(resend_watch.values())
     worker = ShardWorker(table, shard, in_flight, peer, reporter, Outbox(events_fd))
     worker.take_over_conn = take_over_conn
-    worker.leftovers = leftovers
+    if leftovers is not None:
+        worker.take_leftovers(leftovers)
     try:
         worker.outbox.send(frames.pack(Kind.READY))
         while leftovers is not None and leftovers.datagrams:
             worker.answer_batch()  # the leftovers, before anything of the socket
+        worker.forget_leftovers_once_done()  # no copies to drop: nothing left of them
         worker.serve(control_fd)
     finally:
         count = len(table.logs)
@@ -436,8 +445,8 @@ class ShardWorker:
             if leftovers.datagrams:
                 self._hold_leftovers(leftovers, sizes)
                 return True
-            if leftovers.done:
-                self.leftovers = leftovers = None
+            if self.forget_leftovers_once_done():
+                leftovers = None
         held = len(sizes)
         # Only a wakeup's first read may stop after one datagram: the others drain.
         drain = self._drain or held or not readable
@@ -464,11 +473,15 @@ class ShardWorker:
                 self._warn("sender", "dropped a datagram from netlink port %d: only the "
                            "kernel may drive shardlog", port)
                 continue
-            if leftovers is not None and leftovers.duplicate(entries[held][:size]):
-                headers[held] = 0
-                self.reporter.active = True
-                stats.dropped["duplicate"] += 1  # its leftover was answered
-                continue
+            if leftovers is not None:
+                copy = leftovers.duplicate(entries[held][:size])
+                if self.forget_leftovers_once_done():  # read past the last copy
+                    leftovers = None
+                if copy:
+                    headers[held] = 0
+                    self.reporter.active = True
+                    stats.dropped["duplicate"] += 1  # its leftover was answered
+                    continue
             # Held since the receive wrote it: a kill from here on leaves it for the front.
             if not held:
                 self._counters[STARTED] = self._arrived = time.monotonic_ns()
@@ -476,6 +489,22 @@ class ShardWorker:
             held += 1
             if not drain:
                 return False
+        return True
+
+    def take_leftovers(self, leftovers: Leftovers) -> None:
+        """What to answer before reading the socket, and drop from it; the front is told
+        (it refuses a take-over until they are forgotten: inflight.py)."""
+        self.leftovers = leftovers
+        self._counters[DROPPING_COPIES] = 1
+
+    def forget_leftovers_once_done(self) -> bool:
+        """Forget the leftovers once nothing of them is left to answer or to drop, and
+        tell the front (it refuses a take-over until then: inflight.py); whether they
+        were forgotten now."""
+        if self.leftovers is None or not self.leftovers.done:
+            return False
+        self.leftovers = None
+        self._counters[DROPPING_COPIES] = 0
         return True
 
     def _hold_leftovers(self, leftovers: Leftovers, sizes: list[int]) -> None:

@@ -500,10 +500,11 @@ def test_a_worker_answers_its_leftovers_first_and_drops_their_copies(tmp_path):
         table = LogTable(tmp_path)
         worker = ShardWorker(table, sock, InFlight(), Peer(PEER_PORT), Reporter(),
                              Outbox(events_w))
-        worker.leftovers = handover.Leftovers(left)
+        worker.take_leftovers(handover.Leftovers(left))
         assert worker.answer_batch() == 2  # the leftovers alone, the socket untouched
+        assert worker.in_flight.dropping_copies  # a take-over now is refused
         assert worker.answer_batch() == 1  # then the socket, copies dropped
-        assert worker.leftovers is not None and worker.leftovers.done
+        assert worker.leftovers is None and not worker.in_flight.dropping_copies
         assert worker.reporter.requests.dropped["duplicate"] == 2
         replies = [peer.receive(2.0) for _ in range(3)]
         assert [reply.seq for reply in replies if reply is not None] == [100, 101, 102]

@@ -4,15 +4,17 @@ tests/process)."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import socket
 import threading
 import time
 from types import SimpleNamespace
 
-from shardlog.server import arbiter
+from shardlog.server import arbiter, handover
 from shardlog.server.arbiter import Arbiter, Giving, ServeConfig
 from shardlog.server.control import Connection, ControlServer
+from shardlog.server.inflight import DROPPING_COPIES, InFlight
 from shardlog.server.slots import WorkerSlot
 from shardlog.wire.frames import FrameReader, Kind
 
@@ -162,4 +164,35 @@ def test_workers_respawned_when_a_take_over_fails_do_not_inherit_its_connection(
     finally:
         theirs.close()
         held.close()
+        front._close()
+
+
+def test_a_take_over_waits_until_the_workers_have_read_past_the_last_ones_copies(
+        tmp_path):
+    """Right after a take-over from another worker count, a worker's socket may still
+    hold copies of requests it answered from the leftovers (its own drops them).  A
+    take-over then would hand them on as unanswered, to be answered again, after newer
+    ones: refused until the worker has read past them."""
+    front = Arbiter(ServeConfig(workers=1, state_dir=tmp_path))
+    control = ControlServer(None, front.loop, {})
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client = Connection(control, ours)
+    control.clients[client.fd] = client
+    ring = InFlight()
+    front.slots = [WorkerSlot(0, None, ring, SimpleNamespace(pid=1000), control_fd=-1,
+                              events_fd=-1, started=0.0)]
+    front.serving = True
+    request = {"cmd": "take-over", "pid": 4321, "workers": 2, "state_dir": str(tmp_path),
+               "test_peer": None, "fingerprint": handover.fingerprint()}
+    try:
+        ring.counters[DROPPING_COPIES] = 1  # as the worker's run() sets it
+        front._on_take_over_request(client, request)
+        answer = json.loads(theirs.recv(4096))
+        assert "worker 0 is still reading past the copies" in answer["error"]
+        assert front.giving is None
+    finally:
+        theirs.close()
+        ring.close()
+        front.slots = []
         front._close()
