@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 from shardlog.server import arbiter, handover
@@ -18,6 +19,17 @@ from shardlog.server.inflight import DROPPING_COPIES, InFlight
 from shardlog.server.slots import WorkerSlot
 from shardlog.wire.frames import FrameReader, Kind
 
+
+def front_with_client(tmp_path: Path) -> tuple[Arbiter, Connection, socket.socket]:
+    """A front of one worker, not started, and a control client connected to it: the
+    connection as the front holds it, and the client's own end."""
+    front = Arbiter(ServeConfig(workers=1, state_dir=tmp_path))
+    control = ControlServer(None, front.loop, {})
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client = Connection(control, ours)
+    control.clients[client.fd] = client
+    return front, client, theirs
 
 def test_a_worker_that_hands_over_after_a_failed_take_over_while_stopping_is_told_to_stop(
         tmp_path, monkeypatch):
@@ -137,11 +149,7 @@ def test_workers_respawned_when_a_take_over_fails_do_not_inherit_its_connection(
     from the close's callback, and the connection must be closed by then, or every
     successor would hold it for life (and a new front waiting on it would never see its
     end)."""
-    front = Arbiter(ServeConfig(workers=1, state_dir=tmp_path))
-    control = ControlServer(None, front.loop, {})
-    ours, theirs = socket.socketpair()
-    client = Connection(control, ours)
-    control.clients[client.fd] = client
+    front, client, theirs = front_with_client(tmp_path)
     front.serving = True
     front.giving = Giving(client=client, pid=1234, started=0.0)
     client.on_close.append(front._on_giving_connection_closed)
@@ -151,7 +159,7 @@ def test_workers_respawned_when_a_take_over_fails_do_not_inherit_its_connection(
     open_at_spawn = []
 
     def spawn(index, sock, in_flight, quick_deaths=0, restarts=0) -> WorkerSlot:
-        open_at_spawn.append(ours.fileno() != -1)  # what a fork now would inherit
+        open_at_spawn.append(client.sock.fileno() != -1)  # what a fork now would inherit
         return WorkerSlot(index, sock, in_flight,
                           SimpleNamespace(pid=2000, is_alive=lambda: False),
                           control_fd=-1, events_fd=-1, started=0.0)
@@ -173,12 +181,7 @@ def test_a_take_over_waits_until_the_workers_have_read_past_the_last_ones_copies
     hold copies of requests it answered from the leftovers (its own drops them).  A
     take-over then would hand them on as unanswered, to be answered again, after newer
     ones: refused until the worker has read past them."""
-    front = Arbiter(ServeConfig(workers=1, state_dir=tmp_path))
-    control = ControlServer(None, front.loop, {})
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    client = Connection(control, ours)
-    control.clients[client.fd] = client
+    front, client, theirs = front_with_client(tmp_path)
     ring = InFlight()
     front.slots = [WorkerSlot(0, None, ring, SimpleNamespace(pid=1000), control_fd=-1,
                               events_fd=-1, started=0.0)]

@@ -4,19 +4,18 @@ and the trace command's subscribers as the front hands worker frames to them."""
 from __future__ import annotations
 
 import os
-import socket
 import time
 
 from shardlog.observability.workerstats import LogStatus, WorkerReport
 from shardlog.server import commands
-from shardlog.server.arbiter import Arbiter, ServeConfig
 from shardlog.server.commands import StatusCommand, TraceCommand
-from shardlog.server.control import Connection, ControlServer
 from shardlog.server.slots import WorkerSlot
 from shardlog.server.worker import TRACE_ENTRY
 from shardlog.wire import frames, protocol
 from shardlog.wire.frames import Kind
 from shardlog.wire.protocol import RequestType as T
+
+from .test_arbiter import front_with_client
 
 LOG = LogStatus(uuid="LVM-a", luid=1, log_type="core", state="resumed", region_size=1024,
                 region_count=8, in_sync=8, dirty=0, recovering=None, sync_search=8,
@@ -95,12 +94,7 @@ def test_a_tracer_gone_while_a_worker_says_what_went_untraced_leaves_the_front_s
     """A worker's TRACE frame whose tag counts untraced requests, read in the wakeup in
     which the only tracing client has gone: the front tells the subscribers, then hands
     on the frame's traced requests, and neither step may find tracing stopped under it."""
-    front = Arbiter(ServeConfig(workers=1, state_dir=tmp_path))
-    control = ControlServer(None, front.loop, {})
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    client = Connection(control, ours)
-    control.clients[client.fd] = client
+    front, client, theirs = front_with_client(tmp_path)
     TraceCommand(front).subscribe(client, {"cmd": "trace"})
     assert front.tracer is not None
     theirs.close()  # the tracing tool was stopped; its EOF is not read yet
@@ -112,7 +106,7 @@ def test_a_tracer_gone_while_a_worker_says_what_went_untraced_leaves_the_front_s
     os.write(events_w, frames.pack(Kind.TRACE, 7, entry))  # 7 requests went untraced
     try:
         front._on_events(slot)
-        control.flush_streams()  # the end of the front's wakeup: the client is found gone
+        client.server.flush_streams()  # the end of the front's wakeup: the client is found gone
         assert client.closed and front.tracer is None
     finally:
         os.close(events_r)
