@@ -19,10 +19,13 @@ of a request's cost in the real kernel that is shardlog's own code; run it in th
 too (``scripts/kernel-vm run '.venv/bin/python scripts/bench_core.py'``), where every
 instruction costs 20-50x.
 
-    .venv/bin/python scripts/bench_core.py [--seconds S] [--state-dir DIR]
+    .venv/bin/python scripts/bench_core.py [--rounds N] [--seconds S] [--state-dir DIR]
 
-Prints per-request times and their ratios to the baseline; these machines are noisy, so
-only the ratios within one run mean much.
+Every figure is timed once a round, each in turn, for ``--rounds`` rounds, so that a
+machine's drift falls on all of them alike.  Prints each path's median time per request
+and the median of its per-round ratios to the same round's baseline (so not the
+quotient of the two medians); these machines are noisy, so only the ratios within one
+run mean much.
 """
 
 from __future__ import annotations
@@ -52,6 +55,11 @@ REGIONS = 65536
 TARGET = 4.0  # issue 12: each request type at most 4x the minimal echo
 
 
+# What is timed: a name, the call, calls per batch, requests per call, and its seconds a
+# round (None: --seconds).
+Contender = tuple[str, Callable[[], object], int, int, float | None]
+
+
 def timed(fn: Callable[[], object], seconds: float, batch: int) -> float:
     """Median seconds per call over repeated batches."""
     samples = []
@@ -64,16 +72,34 @@ def timed(fn: Callable[[], object], seconds: float, batch: int) -> float:
     return statistics.median(samples)
 
 
+def alternating(contenders: list[Contender], rounds: int,
+                seconds: float) -> dict[str, list[float]]:
+    """Seconds per request of each contender, timed once a round, in turn."""
+    times: dict[str, list[float]] = {name: [] for name, *_ in contenders}
+    for _ in range(rounds):
+        for name, fn, batch, requests, limit in contenders:
+            times[name].append(timed(fn, seconds if limit is None else limit, batch)
+                               / requests)
+    return times
+
+
+def median_ratio(times: list[float], baseline: list[float]) -> float:
+    """The median over rounds of a contender's time over the same round's baseline."""
+    return statistics.median(t / b for t, b in zip(times, baseline, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=1.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    parser.add_argument("--seconds", type=float, default=0.5,
+                        help="per measurement in each round")
     parser.add_argument("--state-dir", type=Path, help="default: a temporary directory")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(dir=args.state_dir) as state:
-        run(Path(state), args.seconds)
+        run(Path(state), args.rounds, args.seconds)
 
 
-def run(state_dir: Path, seconds: float) -> None:
+def run(state_dir: Path, rounds: int, seconds: float) -> None:
     table = LogTable(state_dir)
     seq = iter(range(1, 1 << 31))
 
@@ -103,37 +129,44 @@ def run(state_dir: Path, seconds: float) -> None:
     mark = request(T.MARK_REGION, protocol.pack_regions([77]))
     clear = request(T.CLEAR_REGION, protocol.pack_regions([77]))
     empty_flush = request(T.FLUSH)
-    baseline = timed(lambda: minimal_echo(in_sync), seconds, 20000)
-    print(f"baseline (minimal echo, in-process):   {baseline * 1e6:7.2f} µs")
+
     def mark_then_clear() -> None:  # each one changes a bit: neither is a no-op
         shardlog_path(mark)
         shardlog_path(clear)
 
-    rows = [
-        ("IN_SYNC", lambda: shardlog_path(in_sync), 20000, 1),
-        ("MARK_REGION / CLEAR_REGION", mark_then_clear, 10000, 2),
-        ("FLUSH, nothing new", lambda: shardlog_path(empty_flush), 20000, 1),
-    ]
-    for name, fn, batch, requests in rows:
-        cost = timed(fn, seconds, batch) / requests
-        print(f"shardlog {name:<28}  {cost * 1e6:7.2f} µs  {cost / baseline:5.1f}x baseline")
-
     # A FLUSH that carries a new mark: a core log commits it with no syscall (design.md).
     # Every one marks a region not marked before, built ahead so that the timing holds
-    # only what the server does.
+    # only what the server does.  A FLUSH costs over 1 µs, so a round's window of
+    # REGIONS / rounds / 2 µs uses at most half its share of the regions.
     flushes = iter([request(T.FLUSH, protocol.pack_regions([r])) for r in range(REGIONS)])
-    flush = timed(lambda: shardlog_path(next(flushes)), min(seconds, REGIONS * baseline / 8),
-                  200)
-    print(f"shardlog {'FLUSH with a new mark (core)':<28}  {flush * 1e6:7.2f} µs  "
-          f"{flush / baseline:5.1f}x baseline")
+    flush_window = min(seconds, REGIONS / rounds / 2 * 1e-6)
+    baseline = "baseline (minimal echo, in-process)"
+    times = alternating([
+        (baseline, lambda: minimal_echo(in_sync), 20000, 1, None),
+        ("IN_SYNC", lambda: shardlog_path(in_sync), 20000, 1, None),
+        ("MARK_REGION / CLEAR_REGION", mark_then_clear, 10000, 2, None),
+        ("FLUSH, nothing new", lambda: shardlog_path(empty_flush), 20000, 1, None),
+        ("FLUSH with a new mark (core)", lambda: shardlog_path(next(flushes)), 200, 1,
+         flush_window),
+    ], rounds, seconds)
+    print(f"{rounds} alternating rounds: median time per request, and the median of its "
+          "ratios to each round's baseline")
+    spread = times[baseline]
+    print(f"{baseline:<37}  {statistics.median(spread) * 1e6:7.2f} µs  (rounds: "
+          f"{min(spread) * 1e6:.2f}-{max(spread) * 1e6:.2f})")
+    for name, cost in times.items():
+        if name != baseline:
+            print(f"shardlog {name:<28}  {statistics.median(cost) * 1e6:7.2f} µs  "
+                  f"{median_ratio(cost, spread):5.1f}x baseline")
     print(f"\ntarget: IN_SYNC, MARK, CLEAR and an empty FLUSH each <= {TARGET:g}x baseline")
-    read_to_reply(state_dir, in_sync, seconds)
+    read_to_reply(state_dir, in_sync, rounds, seconds)
 
 
 class StandInSocket:
     """What a worker and the lean responder need of a netlink socket, in memory: every
     read returns ``datagram`` from the kernel's port, every reply is taken and dropped.
-    Its ``fileno`` is a pipe's, for the worker's readiness poll (never asked here)."""
+    Its ``fileno`` is a pipe's, for the worker's readiness poll (empty: every PROBE_EVERY-th
+    batch of one looks for more and finds none, as with one request in flight)."""
 
     def __init__(self, datagram: bytes) -> None:
         self.datagram = datagram
@@ -158,7 +191,7 @@ class StandInSocket:
         os.close(self._write_end)
 
 
-def read_to_reply(state_dir: Path, in_sync: bytes, seconds: float) -> None:
+def read_to_reply(state_dir: Path, in_sync: bytes, rounds: int, seconds: float) -> None:
     """The lean responder's loop body against a worker's batch of one, for one IN_SYNC."""
     logs: dict = {}
     ctr = f"{REGIONS * 8} core 8 nosync".encode()
@@ -186,9 +219,11 @@ def read_to_reply(state_dir: Path, in_sync: bytes, seconds: float) -> None:
     wakeup.register(ready_read, select.EPOLLIN)
     os.write(ready_write, b"x")
     try:
-        lean_cost = timed(lean_request, seconds, 20000)
-        worker_cost = timed(lambda: worker.answer_batch(readable=True), seconds, 20000)
-        wait_cost = timed(lambda: wakeup.poll(0), seconds, 20000)
+        times = alternating([
+            ("lean", lean_request, 20000, 1, None),
+            ("worker", lambda: worker.answer_batch(readable=True), 20000, 1, None),
+            ("wait", lambda: wakeup.poll(0), 20000, 1, None),
+        ], rounds, seconds)
     finally:
         table.close()
         for fd in (events_read, events_write, ready_read, ready_write):
@@ -196,12 +231,17 @@ def read_to_reply(state_dir: Path, in_sync: bytes, seconds: float) -> None:
         wakeup.close()
         worker_socket.close()
         lean_socket.close()
+    lean_times, worker_times, wait_times = times["lean"], times["worker"], times["wait"]
+    with_wait = [w + e for w, e in zip(worker_times, wait_times, strict=True)]
     print("\none IN_SYNC from read to reply, sockets aside (a stand-in socket):")
-    print(f"lean responder's loop body                {lean_cost * 1e6:7.2f} µs  1x")
-    print(f"a worker's batch of one (answer_batch)    {worker_cost * 1e6:7.2f} µs  "
-          f"{worker_cost / lean_cost:5.1f}x")
-    print(f"  + its wait, a datagram ready (epoll)    {wait_cost * 1e6:7.2f} µs  "
-          f"{(worker_cost + wait_cost) / lean_cost:5.1f}x with it")
+    print(f"lean responder's loop body                "
+          f"{statistics.median(lean_times) * 1e6:7.2f} µs  1x")
+    print(f"a worker's batch of one (answer_batch)    "
+          f"{statistics.median(worker_times) * 1e6:7.2f} µs  "
+          f"{median_ratio(worker_times, lean_times):5.1f}x")
+    print(f"  + its wait, a datagram ready (epoll)    "
+          f"{statistics.median(wait_times) * 1e6:7.2f} µs  "
+          f"{median_ratio(with_wait, lean_times):5.1f}x with it")
 
 
 if __name__ == "__main__":

@@ -30,20 +30,22 @@ Loads, the same for both:
 
 Why ratios: these 2-core machines are noisy (other jobs, frequency changes) and a figure
 in requests/s from one run says little about the next.  So every figure is set against
-a baseline measured in the same run: the servers take turns (echo, shardlog, echo, ...)
-for several rounds, only one of them subscribed to group 7 at a time, each round's ratio
-is taken against the adjacent echo round, and the medians are reported, so that drift
-hits both sides.  A server run holds three processes (front + 2 workers) and the load
-generator a fourth, on 2 cores: the throughput ratio includes that contention.  On a VM
-the serial round trip itself is bimodal: waking a process on an idle (halted) vCPU costs
-tens of microseconds, on a busy one a few, so the serial ratio depends on what else the
-machine runs; the rounds show it.
+a baseline measured in the same run: the servers take turns for several rounds (echo
+then shardlog, then shardlog then echo, ...), only one of them subscribed to group 7 at
+a time, each round's ratio is taken against the same round's echo half, and the medians
+of those ratios are reported, so that drift hits both sides.  A server run holds three
+processes (front + 2 workers) and the load generator a fourth, on 2 cores: the
+throughput ratio includes that contention.  On a VM the serial round trip itself is
+bimodal: waking a process on an idle (halted) vCPU costs tens of microseconds, on a busy
+one a few, so the serial ratio depends on what else the machine runs; the rounds show
+it.
 
-    .venv/bin/python scripts/bench_server.py [--quick] [--state-dir DIR] [--json FILE]
-                                             [--trace]
+    .venv/bin/python scripts/bench_server.py [--quick] [--rounds N] [--seconds S]
+        [--flushes N] [--logs N] [--workers N] [--state-dir DIR] [--json FILE] [--trace]
 
 ``--trace`` keeps a ``shardlog trace`` client attached to every shardlog round (its
-output thrown away): the cost of tracing every request, the tracer's CPU included.
+output thrown away): the cost of tracing every request, the tracer's CPU included (its
+own row, "tracer", in the CPU per request).
 
 Needs root (a private network namespace).  DIR (default: a temporary directory under
 the current one) must be on a disk-backed filesystem: on tmpfs fdatasync costs nothing
@@ -298,54 +300,70 @@ def measure(base_dir: Path, settings: Settings) -> Rounds:
     sock = open_load_socket()
     try:
         for number in range(1, settings.rounds + 1):
-            with running_echo_peer(LOAD_PORT) as pid:
-                results = {}
-                for load in LOADS:
-                    results[load.key] = run_one(sock, load, streams[load.key], settings,
-                                                partial(cpu_seconds, {"peer": [pid]}))
-            record(rounds.echo, results)
-            report_round(number, settings.rounds, "echo", results)
-
-            run_dir = base_dir / f"round-{number}"
-            run_dir.mkdir()
-            server = Server(run_dir, settings.workers, LOAD_PORT)
-            tracer = None
-            try:
-                server.start()
-                open_logs(sock, logs, server.state_dir / LOG_DEVICE)
-                tracer = attach_tracer(server) if settings.trace else None
-                processes = server.pids()
-                results = {}
-                sync_ns: list[int] = []
-                sync_cpu = 0.0
-                for load in LOADS:
-                    bracketed = load.kind == "diskflush"  # between two runs of bare syncs
-                    if bracketed:
-                        sync_cpu -= cpu_seconds({})["load"]
-                        sync_ns += bare_sync_ns(server.state_dir, settings.flushes // 2)
-                        sync_cpu += cpu_seconds({})["load"]
-                    results[load.key] = run_one(sock, load, streams[load.key], settings,
-                                                partial(cpu_seconds, processes))
-                    if bracketed:
-                        sync_cpu -= cpu_seconds({})["load"]
-                        sync_ns += bare_sync_ns(server.state_dir, settings.flushes // 2)
-                        sync_cpu += cpu_seconds({})["load"]
-                server.stop()
-            finally:
-                if tracer is not None:
-                    tracer.kill()
-                    tracer.wait()
-                server.kill()
-            rounds.bare_sync.append(Measured(
-                requests_per_second=len(sync_ns) / (sum(sync_ns) / 1e9),
-                p50_us=percentile_us(sync_ns, 50), p99_us=percentile_us(sync_ns, 99),
-                requests=len(sync_ns),
-                cpu_us_per_request={"load": sync_cpu * 1e6 / len(sync_ns)}))
-            record(rounds.shardlog, results)
-            report_round(number, settings.rounds, "shardlog", results, rounds.bare_sync[-1])
+            # The order alternates, so that a drift inside a round falls on both sides.
+            halves = (echo_round, shardlog_round)
+            for half in halves if number % 2 else reversed(halves):
+                half(number, sock, streams, logs, settings, base_dir, rounds)
     finally:
         sock.close()
     return rounds
+
+
+def echo_round(number: int, sock: socket.socket, streams: dict, logs: list[str],
+               settings: Settings, base_dir: Path, rounds: Rounds) -> None:
+    """One round's loads against the minimal echo peer."""
+    with running_echo_peer(LOAD_PORT) as pid:
+        results = {}
+        for load in LOADS:
+            results[load.key] = run_one(sock, load, streams[load.key], settings,
+                                        partial(cpu_seconds, {"peer": [pid]}))
+    record(rounds.echo, results)
+    report_round(number, settings.rounds, "echo", results)
+
+
+def shardlog_round(number: int, sock: socket.socket, streams: dict, logs: list[str],
+                   settings: Settings, base_dir: Path, rounds: Rounds) -> None:
+    """One round's loads against a fresh ``shardlog serve`` (and, around its disk FLUSH
+    load, the bare syncs it is set against)."""
+    run_dir = base_dir / f"round-{number}"
+    run_dir.mkdir()
+    server = Server(run_dir, settings.workers, LOAD_PORT)
+    tracer = None
+    try:
+        server.start()
+        open_logs(sock, logs, server.state_dir / LOG_DEVICE)
+        processes = server.pids()
+        if settings.trace:
+            tracer = attach_tracer(server)
+            processes["tracer"] = [tracer.pid]  # what tracing costs includes its client
+        results = {}
+        sync_ns: list[int] = []
+        sync_cpu = 0.0
+        for load in LOADS:
+            bracketed = load.kind == "diskflush"  # between two runs of bare syncs
+            if bracketed:
+                sync_cpu -= cpu_seconds({})["load"]
+                sync_ns += bare_sync_ns(server.state_dir, settings.flushes // 2)
+                sync_cpu += cpu_seconds({})["load"]
+            results[load.key] = run_one(sock, load, streams[load.key], settings,
+                                        partial(cpu_seconds, processes))
+            if bracketed:
+                sync_cpu -= cpu_seconds({})["load"]
+                sync_ns += bare_sync_ns(server.state_dir, settings.flushes // 2)
+                sync_cpu += cpu_seconds({})["load"]
+        server.stop()
+    finally:
+        if tracer is not None:
+            tracer.kill()
+            tracer.wait()
+        server.kill()
+    rounds.bare_sync.append(Measured(
+        requests_per_second=len(sync_ns) / (sum(sync_ns) / 1e9),
+        p50_us=percentile_us(sync_ns, 50), p99_us=percentile_us(sync_ns, 99),
+        requests=len(sync_ns),
+        cpu_us_per_request={"load": sync_cpu * 1e6 / len(sync_ns)}))
+    record(rounds.shardlog, results)
+    report_round(number, settings.rounds, "shardlog", results, rounds.bare_sync[-1])
 
 
 def attach_tracer(server: Server) -> subprocess.Popen:

@@ -15,10 +15,16 @@ SCRIPTS = PROJECT / "scripts"
 
 def test_the_core_benchmark_runs(tmp_path):
     result = subprocess.run(
-        [sys.executable, SCRIPTS / "bench_core.py", "--seconds", "0.05",
+        [sys.executable, SCRIPTS / "bench_core.py", "--rounds", "2", "--seconds", "0.05",
          "--state-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "FLUSH with a new mark" in result.stdout
+    assert "2 alternating rounds" in result.stdout
+    ratios = {line[:37].strip(): float(line.split()[-2].rstrip("x"))
+              for line in result.stdout.splitlines() if line.startswith("shardlog ")}
+    assert set(ratios) == {"shardlog IN_SYNC", "shardlog MARK_REGION / CLEAR_REGION",
+                           "shardlog FLUSH, nothing new",
+                           "shardlog FLUSH with a new mark (core)"}
+    assert all(ratio > 0 for ratio in ratios.values())
     assert "a worker's batch of one (answer_batch)" in result.stdout
 
 
