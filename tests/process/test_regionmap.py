@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from pathlib import Path
 
 from shardlog.storage import devices
 from shardlog.storage.devices import resolve_device
@@ -34,6 +35,15 @@ def test_a_block_device_log_is_written_with_direct_io(loop_device, tmp_path):
     rmap.resume(honor_saved=True, new_regions_clean=False)
     rmap.mark(5)
     rmap.commit()
+    # The bytes read back below would match a buffered write too (an O_DIRECT read
+    # writes the page cache back first): the open file itself must be O_DIRECT.
+    held = [fd for fd in os.listdir("/proc/self/fd")
+            if os.path.realpath(f"/proc/self/fd/{fd}") == os.path.realpath(loop_device)]
+    assert held, "the log device is not held open"
+    for fd in held:
+        flags = int(dict(line.split(":\t") for line in Path(
+            f"/proc/self/fdinfo/{fd}").read_text().splitlines())["flags"], 8)
+        assert flags & os.O_DIRECT, f"fd {fd} on the log device is not O_DIRECT"
     rmap.close()
     fd = os.open(loop_device, os.O_RDONLY | os.O_DIRECT)
     try:
