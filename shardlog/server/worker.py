@@ -165,8 +165,7 @@ def run(index: int, shard: socket.socket, control_fd: int, events_fd: int,
         reporter.requests.resend_until = max(resend_watch.values())
     worker = ShardWorker(table, shard, in_flight, peer, reporter, Outbox(events_fd))
     worker.take_over_conn = take_over_conn
-    if leftovers is not None:
-        worker.take_leftovers(leftovers)
+    worker.take_leftovers(leftovers)  # None too: a dead predecessor's flag is cleared
     try:
         worker.outbox.send(frames.pack(Kind.READY))
         while leftovers is not None and leftovers.datagrams:
@@ -491,11 +490,11 @@ class ShardWorker:
                 return False
         return True
 
-    def take_leftovers(self, leftovers: Leftovers) -> None:
-        """What to answer before reading the socket, and drop from it; the front is told
-        (it refuses a take-over until they are forgotten: inflight.py)."""
+    def take_leftovers(self, leftovers: Leftovers | None) -> None:
+        """What to answer before reading the socket, and drop from it (None: nothing);
+        the front is told (it refuses a take-over until they are forgotten: inflight.py)."""
         self.leftovers = leftovers
-        self._counters[DROPPING_COPIES] = 1
+        self._counters[DROPPING_COPIES] = leftovers is not None
 
     def forget_leftovers_once_done(self) -> bool:
         """Forget the leftovers once nothing of them is left to answer or to drop, and
