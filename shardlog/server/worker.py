@@ -257,6 +257,10 @@ class ShardWorker:
                 # While listing, only look for requests between two slices.
                 wait = 0 if report is not None else reporter.wait(now)
                 events = poller.poll(-1 if wait is None else wait)
+                if len(events) > 1:
+                    # Orders first: one given before a request was sent (tracing on for a
+                    # tracer told it is subscribed) applies to that request.
+                    events.sort(key=lambda event: event[0] != control_fd)
                 asked, ending, now = None, None, None
                 for fd, _mask in events:
                     if fd == sock_fd:

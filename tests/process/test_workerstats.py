@@ -193,6 +193,9 @@ def test_a_worker_whose_front_does_not_read_drops_its_traces_and_says_how_many(
     served.request(T.CTR, CTR)
     served.request(T.RESUME)
     served.send(Kind.TRACING, tag=1)
+    deadline = time.monotonic() + 10
+    while not served.worker.tracing and time.monotonic() < deadline:
+        time.sleep(0.01)  # the order read (else the first request can beat it)
     traced = 600  # ~370 bytes a frame: over the 64 KiB pipe and the backlog together
     for _ in range(traced):
         served.request(T.IN_SYNC, protocol.pack_u64(1))
@@ -203,9 +206,14 @@ def test_a_worker_whose_front_does_not_read_drops_its_traces_and_says_how_many(
 
     entries, untraced = 0, 0
 
-    def take_frames() -> None:
+    def take_frames(until=lambda: False) -> None:
+        """Read frames as the front does, until ``until()`` or 0.5 s with none (10 s
+        at most: the worker flushes its outbox as the pipe takes it, on a slow host
+        with pauses)."""
         nonlocal entries, untraced
-        while select.select([served.events_r], [], [], 0.5)[0]:
+        deadline = time.monotonic() + 10
+        while not until() and time.monotonic() < deadline and select.select(
+                [served.events_r], [], [], 0.5)[0]:
             for kind, tag, payload in served.reader.read(served.events_r):
                 if kind == Kind.TRACE:
                     entries += len(worker.decode_trace(payload))
@@ -214,7 +222,7 @@ def test_a_worker_whose_front_does_not_read_drops_its_traces_and_says_how_many(
     take_frames()  # the front reads again: what was queued comes, nothing says more yet
     assert entries < traced and untraced == 0
     served.request(T.IN_SYNC, protocol.pack_u64(1))  # the next frame says what was dropped
-    take_frames()
+    take_frames(until=lambda: untraced and entries + untraced >= traced + 1)
     assert untraced > 0
     assert entries + untraced == traced + 1  # every request traced or counted as dropped
 
