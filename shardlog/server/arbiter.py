@@ -825,6 +825,9 @@ class Arbiter:
         arrived = slot.in_flight.batch_started
         now_ns = time.monotonic_ns()
         lost = []
+        # The successor watches for re-sends of these alone: an earlier death's requests
+        # (re-sent and counted by then, or another shard's) would be counted again.
+        self.stats.resend_watch.clear()
         for datagram in slot.in_flight.unanswered():
             routing = protocol.peek_request(datagram)
             if routing is None:

@@ -12,12 +12,15 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+from shardlog.observability.requeststats import resend_key
 from shardlog.server import arbiter, handover
 from shardlog.server.arbiter import Arbiter, Giving, ServeConfig
 from shardlog.server.control import Connection, ControlServer
 from shardlog.server.inflight import DROPPING_COPIES, InFlight
 from shardlog.server.slots import WorkerSlot
+from shardlog.wire import protocol
 from shardlog.wire.frames import FrameReader, Kind
+from shardlog.wire.protocol import RequestType as T
 
 
 def front_with_client(tmp_path: Path) -> tuple[Arbiter, Connection, socket.socket]:
@@ -198,4 +201,27 @@ def test_a_take_over_waits_until_the_workers_have_read_past_the_last_ones_copies
         theirs.close()
         ring.close()
         front.slots = []
+        front._close()
+
+
+def test_a_successor_watches_for_re_sends_of_its_predecessors_requests_only(tmp_path):
+    """Two deaths in a row on one shard: the second successor must not count again a
+    re-send the first one counted (a GET_SYNC_COUNT is the same request each time, seq
+    aside), so it watches for what its own predecessor held, not for every death's."""
+    front = Arbiter(ServeConfig(workers=1, state_dir=tmp_path))
+    ring = InFlight()
+    slot = WorkerSlot(0, SimpleNamespace(sendto=lambda data, address: len(data)), ring,
+                      SimpleNamespace(pid=1000), control_fd=-1, events_fd=-1, started=0.0)
+    held_first = protocol.encode_request(T.GET_SYNC_COUNT, seq=7, uuid="log-a", luid=1)
+    held_next = protocol.encode_request(T.IN_SYNC, seq=9, uuid="log-a", luid=1,
+                                        data=protocol.pack_u64(3))
+    try:
+        ring.entries[0][:len(held_first)] = held_first  # held when the worker died
+        assert front._answer_eagain(slot) == 1
+        assert list(front.stats.resend_watch) == [resend_key(held_first)]
+        ring.entries[0][:len(held_next)] = held_next  # its successor died holding this
+        assert front._answer_eagain(slot) == 1
+        assert list(front.stats.resend_watch) == [resend_key(held_next)]
+    finally:
+        ring.close()
         front._close()
